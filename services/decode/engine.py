@@ -1,0 +1,119 @@
+"""The decode loop: schedule -> one forward pass for the whole batch -> sample -> deliver.
+
+Runs in its own thread. Requests are added and aborted from the event loop; both take
+effect at the next step boundary, so blocks are never freed under a running forward.
+"""
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from services.decode.scheduler import Scheduled, Scheduler
+from services.decode.sequence import Finish, Sequence
+from services.engine.block_manager import BlockManager
+from services.engine.runner import SeqChunk
+from services.engine.worker import Worker
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[list[tuple[Sequence, int, Finish | None]]], None]
+
+
+class DecodeEngine:
+    def __init__(self, worker: Worker, max_batch_size: int, max_step_tokens: int) -> None:
+        self.worker = worker
+        self.blocks: BlockManager = worker.pool.blocks
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_step_tokens)
+        self.num_steps = 0
+        self.last_step_batch_size = 0
+        self.max_step_batch_size = 0
+        # Guards the scheduler and the block manager (KV pulls allocate from the event loop).
+        self.lock = threading.Lock()
+        self._pending_aborts: list[str] = []
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deliver: Deliver | None = None
+        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+        """`deliver` is called on `loop` once per step with that step's new tokens."""
+        self._loop, self._deliver = loop, deliver
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=5)
+
+    def add(self, seq: Sequence) -> None:
+        with self.lock:
+            self.scheduler.add(seq)
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            self._pending_aborts.append(request_id)
+        self._wakeup.set()
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "num_running": len(self.scheduler.running),
+                "num_waiting": len(self.scheduler.waiting),
+                "num_free_blocks": self.blocks.num_free_blocks,
+                "num_used_blocks": self.blocks.num_used_blocks,
+                "num_steps": self.num_steps,
+                "max_step_batch_size": self.max_step_batch_size,
+                "last_step_batch_size": self.last_step_batch_size,
+            }
+
+    def _run(self) -> None:
+        while not self._stopped:
+            with self.lock:
+                for request_id in self._pending_aborts:
+                    self.scheduler.abort(request_id)
+                self._pending_aborts.clear()
+                scheduled = self.scheduler.schedule()
+            if not scheduled:
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self._step(scheduled)
+            except Exception:  # noqa: BLE001 - fail these requests, keep serving others
+                log.exception("decode step failed")
+                outputs = self._fail(scheduled)
+            assert self._loop is not None and self._deliver is not None
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _step(self, scheduled: list[Scheduled]) -> list:
+        chunks = [
+            SeqChunk(
+                item.seq.token_ids[item.seq.num_cached : item.seq.num_cached + item.num_tokens],
+                item.seq.num_cached,
+                item.seq.block_table,
+            )
+            for item in scheduled
+        ]
+        logits = self.worker.runner.forward(chunks)
+        rows = [i for i, item in enumerate(scheduled) if item.samples]
+        sampled = []
+        if rows:
+            sampled = self.worker.sampler.sample(
+                logits[rows] if len(rows) < len(scheduled) else logits,
+                [scheduled[i].seq.sampling for i in rows],
+                [len(scheduled[i].seq.token_ids) for i in rows],
+            )
+        self.num_steps += 1
+        self.last_step_batch_size = len(scheduled)
+        self.max_step_batch_size = max(self.max_step_batch_size, len(scheduled))
+        with self.lock:
+            return self.scheduler.postprocess(scheduled, sampled)
+
+    def _fail(self, scheduled: list[Scheduled]) -> list:
+        with self.lock:
+            for item in scheduled:
+                self.scheduler.abort(item.seq.request_id)
+        return [(item.seq, -1, Finish.ABORT) for item in scheduled]

@@ -1,0 +1,118 @@
+"""Continuous batching: which sequences run in the next step (pure Python, no torch).
+
+Sequences join and leave at step boundaries. Each step gives every running sequence its
+uncached tokens (one in steady decode; more after a preemption, recomputed in chunks
+under the token budget). When the pool runs dry, the newest sequence is preempted: its
+blocks are freed and it is recomputed later, never failed.
+"""
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from services.decode.sequence import Finish, Sequence
+from services.engine.block_manager import BlockManager, blocks_needed
+
+
+@dataclass(slots=True)
+class Scheduled:
+    seq: Sequence
+    num_tokens: int  # uncached tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the sequence's last token, so a new one is sampled."""
+        return self.seq.num_cached + self.num_tokens == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_step_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_step_tokens = max_step_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._release(seq, Finish.ABORT)
+                    return seq
+        return None
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.max_step_tokens
+        scheduled: list[Scheduled] = []
+        kept: deque[Sequence] = deque()
+        while self.running:
+            seq = self.running.popleft()
+            if not self._reserve(seq, victims=self.running):
+                self._preempt(seq)
+                continue
+            num_tokens = min(len(seq.token_ids) - seq.num_cached, max(budget, 1))
+            budget -= num_tokens
+            scheduled.append(Scheduled(seq, num_tokens))
+            kept.append(seq)
+        self.running = kept
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            seq = self.waiting[0]
+            if not self._reserve(seq, victims=None):
+                break
+            self.waiting.popleft()
+            num_tokens = min(len(seq.token_ids) - seq.num_cached, budget)
+            budget -= num_tokens
+            seq.joined_ns = seq.joined_ns or time.monotonic_ns()
+            scheduled.append(Scheduled(seq, num_tokens))
+            self.running.append(seq)
+        return scheduled
+
+    def postprocess(self, scheduled: list[Scheduled], sampled: list[int]) -> list[tuple]:
+        """Applies a step's results; `sampled` has one token per entry that `samples`.
+
+        Returns (seq, token_id, finish) for each sequence that got a new token.
+        """
+        outputs = []
+        tokens = iter(sampled)
+        for item in scheduled:
+            seq = item.seq
+            samples = item.samples
+            seq.num_cached += item.num_tokens
+            if not samples:
+                continue
+            token_id = next(tokens)
+            seq.token_ids.append(token_id)
+            finish = seq.stop.check(token_id, seq.num_generated, len(seq.token_ids))
+            if finish is not None:
+                self.running.remove(seq)
+                self._release(seq, finish)
+            outputs.append((seq, token_id, finish))
+        return outputs
+
+    def _reserve(self, seq: Sequence, victims: deque[Sequence] | None) -> bool:
+        """Allocates blocks for all of `seq`'s tokens, preempting the newest victims if needed."""
+        missing = blocks_needed(len(seq.token_ids), self.blocks.block_size) - len(seq.block_table)
+        while not self.blocks.can_allocate(missing):
+            if not victims:
+                return False
+            self._preempt(victims.pop())
+        if missing > 0:
+            seq.block_table.extend(self.blocks.allocate(missing))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence, finish: Finish) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.finish = finish

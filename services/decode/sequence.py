@@ -1,0 +1,48 @@
+"""A request's state inside the decode service (pure Python)."""
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.engine.sampler import SamplingParams
+
+
+class Finish(enum.Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    ABORT = "abort"
+
+
+@dataclass(slots=True)
+class StopRules:
+    max_tokens: int
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    ignore_eos: bool = False
+
+    def check(self, token_id: int, num_generated: int, num_tokens: int) -> Finish | None:
+        """Why generation ends after `token_id`, the `num_generated`-th new token, if it does."""
+        if token_id in self.eos_token_ids and not self.ignore_eos:
+            return Finish.STOP
+        if num_generated >= self.max_tokens or num_tokens >= self.max_model_len:
+            return Finish.LENGTH
+        return None
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt + generated; the last one's KV is not computed yet
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    stop: StopRules
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # leading tokens whose KV is in the cache
+    joined_ns: int = 0  # when it first joined a batch
+    finish: Finish | None = None
+    # Where the engine delivers (token_id, finish) pairs; owned by the request's handler.
+    outputs: Any = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens

@@ -1,0 +1,178 @@
+"""Decode service: pulls KV, batches generation, streams tokens with their text."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from services import cli
+from services.decode.engine import DecodeEngine
+from services.decode.kv_pull import KvPuller
+from services.decode.sequence import Finish, Sequence, StopRules
+from services.decode.text_stream import TextStream
+from services.engine import loader
+from services.engine.block_manager import blocks_needed
+from services.engine.worker import Worker
+from services.errors import InvalidArgumentError
+from services.grpc_server import serve
+from services.wire import model_info, sampling_from_pb
+from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc
+
+MAX_STOP_SEQUENCES = 16
+_FINISH_PB = {
+    None: decode_pb2.FINISH_REASON_UNSPECIFIED,
+    Finish.STOP: decode_pb2.FINISH_REASON_STOP,
+    Finish.LENGTH: decode_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def deliver(outputs: list[tuple[Sequence, int, Finish | None]]) -> None:
+    """Runs on the event loop once per step: hands each sequence its new token."""
+    for seq, token_id, finish in outputs:
+        seq.outputs.put_nowait((token_id, finish))
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, engine: DecodeEngine, address: str, tokenizer) -> None:
+        self.engine = engine
+        self.worker = engine.worker
+        self.address = address
+        self.tokenizer = tokenizer
+        self.puller = KvPuller(engine)
+
+    def _new_sequence(self, request: decode_pb2.GenerateRequest) -> Sequence:
+        config = self.worker.config
+        stopping = request.stopping
+        if stopping.max_tokens < 1:
+            raise InvalidArgumentError("stopping.max_tokens must be at least 1")
+        if len(stopping.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidArgumentError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt != request.kv_handle.num_tokens or num_prompt == 0:
+            raise InvalidArgumentError("prompt_token_ids must match the KV handle's tokens")
+        max_len = min(num_prompt + stopping.max_tokens, config.max_position_embeddings)
+        if blocks_needed(max_len, self.engine.blocks.block_size) > self.engine.blocks.num_blocks:
+            raise InvalidArgumentError(
+                f"prompt + max_tokens ({max_len} tokens) exceeds the decode KV pool "
+                f"({self.engine.blocks.num_blocks * self.engine.blocks.block_size} tokens)"
+            )
+        return Sequence(
+            request_id=request.request_id,
+            token_ids=[*request.prompt_token_ids, request.first_token_id],
+            num_prompt_tokens=num_prompt,
+            sampling=sampling_from_pb(request.sampling),
+            stop=StopRules(
+                max_tokens=stopping.max_tokens,
+                max_model_len=config.max_position_embeddings,
+                eos_token_ids=frozenset(config.eos_token_ids),
+                ignore_eos=stopping.ignore_eos,
+            ),
+            outputs=asyncio.Queue(),
+        )
+
+    async def Generate(self, request, context) -> AsyncIterator[decode_pb2.GenerateResponse]:
+        received_ns = time.monotonic_ns()
+        try:
+            seq = self._new_sequence(request)
+        except InvalidArgumentError:
+            await self.puller.release(request.kv_handle)
+            raise
+        text = TextStream(self.tokenizer, list(request.stopping.stop))
+        first = request.first_token_id
+        finish = seq.stop.check(first, 1, len(seq.token_ids))
+        response, finish = self._response(seq, text, first, finish)
+        if finish is not None:
+            await self.puller.release(request.kv_handle)
+            yield response
+            return
+        yield response
+        pulled = await self.puller.pull(request.kv_handle)
+        seq.block_table, seq.num_cached = pulled.block_ids, seq.num_prompt_tokens
+        self.engine.add(seq)
+        try:
+            first_step = True
+            while finish is None:
+                token_id, finish = await seq.outputs.get()
+                if finish is Finish.ABORT:
+                    await context.abort(grpc.StatusCode.INTERNAL, "decode step failed")
+                response, finish = self._response(seq, text, token_id, finish)
+                if first_step:
+                    response.queue_ns = seq.joined_ns - received_ns
+                    response.kv_transfer_ns = pulled.duration_ns
+                    response.kv_bytes = pulled.num_bytes
+                    first_step = False
+                yield response
+        finally:
+            if seq.finish is None:
+                # Client gone or a stop string matched: leave the batch at the next step.
+                self.engine.abort(seq.request_id)
+
+    def _response(
+        self, seq: Sequence, text: TextStream, token_id: int, finish: Finish | None
+    ) -> tuple[decode_pb2.GenerateResponse, Finish | None]:
+        delta, stopped = text.push(token_id, is_last=finish is not None)
+        if stopped:
+            finish = Finish.STOP
+        return (
+            decode_pb2.GenerateResponse(
+                token_ids=[token_id],
+                text=delta,
+                finish_reason=_FINISH_PB[finish],
+                num_generated=seq.num_generated,
+            ),
+            finish,
+        )
+
+    async def Abort(self, request, context):
+        self.engine.abort(request.request_id)
+        return decode_pb2.AbortResponse(aborted=True)
+
+    async def Info(self, request, context):
+        return common_pb2.InfoResponse(
+            service="decode",
+            instance=self.address,
+            model=model_info(
+                self.worker.config,
+                self.worker.dtype_name,
+                str(self.worker.device),
+                self.worker.pool.block_size,
+            ),
+            limits=common_pb2.Limits(
+                max_batch_size=self.engine.scheduler.max_batch_size,
+                num_kv_blocks=self.worker.pool.num_blocks,
+                max_model_len=self.worker.config.max_position_embeddings,
+            ),
+            stats=common_pb2.Stats(**self.engine.stats()),
+        )
+
+
+def main() -> None:
+    parser = cli.engine_parser("Decode service", default_port=50053, kv_cache_tokens=65536)
+    parser.add_argument("--max-batch-size", type=int, default=64, help="sequences per step")
+    parser.add_argument(
+        "--max-step-tokens", type=int, default=2048, help="token budget of one step (recompute)"
+    )
+    args = parser.parse_args()
+    cli.setup_logging(args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    worker = Worker(args.model, args.kv_cache_tokens, args.block_size, args.device, args.dtype)
+    tokenizer = loader.load_tokenizer(args.model)
+    engine = DecodeEngine(worker, args.max_batch_size, args.max_step_tokens)
+
+    def register(server: grpc.aio.Server, address: str) -> list[str]:
+        engine.start(asyncio.get_running_loop(), deliver)
+        servicer = DecodeServicer(engine, address, tokenizer)
+        decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
+        return [decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name]
+
+    async def stop() -> None:
+        engine.stop()
+
+    asyncio.run(serve("decode", f"{args.host}:{args.port}", register, on_stop=stop))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Llama-architecture decoder (RMSNorm, rotary, GQA, SwiGLU) over a paged KV cache.
+
+The model is shape-agnostic about batching: it takes a flat run of new tokens from any
+number of sequences plus `AttentionMetadata` saying where each token's K/V goes and
+which cached blocks each sequence attends to. Prefill and decode use the same forward.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.config import ModelConfig
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot (block * block_size + offset) per token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] blocks of each sequence, in order
+    attn_mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_blocks * block_size] bool
+    # [num_tokens] row of each token in the padded [num_seqs * max_query_len] query layout;
+    # None when every sequence has exactly one query token (a pure decode step).
+    query_rows: torch.Tensor | None
+    max_query_len: int
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotate-half rotary embedding with a precomputed cos/sin table."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, num_heads, head_dim]
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [num_tokens, 1, head_dim / 2]
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions)
+        k = rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+
+        # kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        out = self._attend(q, k_cache, v_cache, meta)
+        return self.o_proj(out)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_seqs, max_q = meta.block_tables.shape[0], meta.max_query_len
+        group = self.num_heads // self.num_kv_heads
+        hd, kvh = self.head_dim, self.num_kv_heads
+        if meta.query_rows is None:
+            q_pad = q
+        else:
+            q_pad = q.new_zeros(num_seqs * max_q, self.num_heads, hd)
+            q_pad[meta.query_rows] = q
+        # Queries of one KV head's group are stacked so K/V are never repeated per head.
+        q_grouped = (
+            q_pad.view(num_seqs, max_q, kvh, group, hd)
+            .permute(0, 2, 3, 1, 4)
+            .reshape(num_seqs, kvh, group * max_q, hd)
+        )
+        # [num_seqs, max_blocks, block_size, kvh, hd] -> [num_seqs, kvh, context, hd]
+        keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+        values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+        mask = meta.attn_mask
+        if group > 1:
+            mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).flatten(2, 3)
+        out = F.scaled_dot_product_attention(q_grouped, keys, values, attn_mask=mask)
+        # [num_seqs, kvh, group * max_q, hd] -> [num_seqs * max_q, num_heads * hd]
+        out = out.view(num_seqs, kvh, group, max_q, hd).permute(0, 3, 1, 2, 4)
+        out = out.reshape(num_seqs * max_q, self.num_heads * hd)
+        return out if meta.query_rows is None else out[meta.query_rows]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, rotary, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, kvh, hd]
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,  # [num_logits] tokens whose next-token logits are wanted
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+            x = layer(x, positions, self.rotary, layer_cache, meta)
+        x = self.norm(x[logits_indices])
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()  # [num_logits, vocab_size]
+
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Loads Hugging Face Llama names, fusing q/k/v and gate/up into single matmuls."""
+        own: dict[str, torch.Tensor] = {}
+        for i in range(self.config.num_layers):
+            p = f"model.layers.{i}."
+            attn, mlp = p + "self_attn.", p + "mlp."
+            own[f"layers.{i}.input_layernorm.weight"] = weights[p + "input_layernorm.weight"]
+            own[f"layers.{i}.post_attention_layernorm.weight"] = weights[
+                p + "post_attention_layernorm.weight"
+            ]
+            own[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
+                [weights[attn + f"{n}_proj.weight"] for n in "qkv"]
+            )
+            own[f"layers.{i}.self_attn.o_proj.weight"] = weights[attn + "o_proj.weight"]
+            own[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
+                [weights[mlp + "gate_proj.weight"], weights[mlp + "up_proj.weight"]]
+            )
+            own[f"layers.{i}.mlp.down_proj.weight"] = weights[mlp + "down_proj.weight"]
+        own["embed_tokens.weight"] = weights["model.embed_tokens.weight"]
+        own["norm.weight"] = weights["model.norm.weight"]
+        if self.lm_head is not None:
+            own["lm_head.weight"] = weights["lm_head.weight"]
+        self.load_state_dict(own, strict=True, assign=True)
+
+
+def build_model(
+    config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device
+) -> LlamaModel:
+    """Builds on the meta device (no throwaway init) and assigns the loaded weights."""
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    model.load_hf_weights(weights)
+    model.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
+    return model.to(device).eval()

@@ -1,0 +1,108 @@
+"""Bootstrap shared by the tokenizer, prefill and decode services.
+
+Every service gets grpc.health.v1, reflection, one interceptor that maps exceptions to
+status codes, and a clean stop on SIGINT/SIGTERM (health turns NOT_SERVING first).
+"""
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, ServiceError):
+        await context.abort(exc.code, str(exc))
+    log.exception("unhandled error in %s", type(exc).__name__)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping a servicer into status codes instead of opaque UNKNOWN."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                try:
+                    return await inner(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every error gets a status
+                    await _abort(context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def stream(request, context) -> AsyncIterator:
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+async def serve(
+    name: str,
+    address: str,
+    register: Callable[[grpc.aio.Server, str], list[str]],
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serves until SIGINT/SIGTERM.
+
+    `register(server, bound_address)` adds the servicers and returns their full names; the
+    bound address has the real port when `address` asked for port 0.
+    """
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[ErrorInterceptor()])
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"{name}: cannot bind {address}")
+    host = address.rsplit(":", 1)[0]
+    service_names = register(server, f"{host}:{port}")
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    await server.start()
+    for service in ["", *service_names]:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    print(f"{name} serving on {host}:{port}", flush=True)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2.0)
+    if on_stop is not None:
+        await on_stop()

@@ -1,0 +1,224 @@
+"""Prefill scheduling: chunked, batched forward passes and pinned KV handles.
+
+One engine thread runs forward passes; gRPC handlers on the event loop submit jobs and
+take handles. `_lock` guards the job queues, the handles and the block manager.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.engine.block_manager import blocks_needed
+from services.engine.runner import SeqChunk
+from services.engine.sampler import SamplingParams
+from services.engine.worker import Worker
+from services.errors import ResourceExhaustedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PrefillResult:
+    handle_id: str
+    first_token_id: int
+    num_blocks: int
+    queue_ns: int
+    compute_ns: int
+
+
+@dataclass(slots=True)
+class PrefillJob:
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    arrival_ns: int = field(default_factory=time.monotonic_ns)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    first_run_ns: int = 0
+    compute_ns: int = 0
+
+
+@dataclass(slots=True)
+class Handle:
+    block_ids: list[int]
+    num_tokens: int
+    expires_at: float  # time.monotonic()
+
+
+class PrefillEngine:
+    def __init__(self, worker: Worker, max_prefill_tokens: int, lease_s: float) -> None:
+        self.worker = worker
+        self.blocks = worker.pool.blocks
+        self.max_prefill_tokens = max_prefill_tokens
+        self.lease_s = lease_s
+        self.num_steps = 0
+        self._waiting: deque[PrefillJob] = deque()
+        self._running: list[PrefillJob] = []  # admitted: blocks held, chunks left to run
+        self._handles: dict[str, Handle] = {}
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=5)
+
+    def submit(self, job: PrefillJob) -> None:
+        if blocks_needed(len(job.token_ids), self.blocks.block_size) > self.blocks.num_blocks:
+            raise ResourceExhaustedError(
+                f"prompt of {len(job.token_ids)} tokens exceeds the prefill KV pool "
+                f"({self.blocks.num_blocks * self.blocks.block_size} tokens)"
+            )
+        with self._lock:
+            self._waiting.append(job)
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            for queue in (self._waiting, self._running):
+                for job in list(queue):
+                    if job.request_id == request_id:
+                        queue.remove(job)
+                        self.blocks.free(job.block_table)
+
+    def take_handle(self, handle_id: str) -> Handle | None:
+        """Hands the handle's blocks to the caller, who frees them with `free_blocks`."""
+        with self._lock:
+            return self._handles.pop(handle_id, None)
+
+    def release(self, handle_id: str) -> bool:
+        with self._lock:
+            handle = self._handles.pop(handle_id, None)
+            if handle is not None:
+                self.blocks.free(handle.block_ids)
+        return handle is not None
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        with self._lock:
+            self.blocks.free(block_ids)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "num_running": len(self._running),
+                "num_waiting": len(self._waiting),
+                "num_free_blocks": self.blocks.num_free_blocks,
+                "num_used_blocks": self.blocks.num_used_blocks,
+                "num_steps": self.num_steps,
+                "num_pinned_handles": len(self._handles),
+            }
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._expire_handles()
+            batch = self._schedule()
+            if not batch:
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                self._run(batch)
+            except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                log.exception("prefill step failed")
+                for job, _ in batch:
+                    self._finish(job, exc)
+
+    def _schedule(self) -> list[tuple[PrefillJob, SeqChunk]]:
+        """Fills the token budget: partly prefilled prompts first, then new ones."""
+        budget = self.max_prefill_tokens
+        batch = []
+        with self._lock:
+            while self._waiting and self._admit(self._waiting[0]):
+                self._running.append(self._waiting.popleft())
+            for job in self._running:
+                if budget == 0:
+                    break
+                end = min(len(job.token_ids), job.num_computed + budget)
+                chunk = SeqChunk(job.token_ids[job.num_computed : end], job.num_computed, job.block_table)
+                budget -= end - job.num_computed
+                batch.append((job, chunk))
+        return batch
+
+    def _admit(self, job: PrefillJob) -> bool:
+        num_blocks = blocks_needed(len(job.token_ids), self.blocks.block_size)
+        if not self.blocks.can_allocate(num_blocks):
+            return False
+        job.block_table = self.blocks.allocate(num_blocks)
+        return True
+
+    def _run(self, batch: list[tuple[PrefillJob, SeqChunk]]) -> None:
+        start = time.monotonic_ns()
+        logits = self.worker.runner.forward([chunk for _, chunk in batch])
+        done = [i for i, (job, chunk) in enumerate(batch) if self._completes(job, chunk)]
+        first_tokens = []
+        if done:
+            first_tokens = self.worker.sampler.sample(
+                logits[done],
+                [batch[i][0].sampling for i in done],
+                [len(batch[i][0].token_ids) for i in done],
+            )
+        elapsed = time.monotonic_ns() - start
+        self.num_steps += 1
+        for job, chunk in batch:
+            job.first_run_ns = job.first_run_ns or start
+            job.compute_ns += elapsed
+            job.num_computed += len(chunk.token_ids)
+        for i, token_id in zip(done, first_tokens, strict=True):
+            self._finish(batch[i][0], token_id)
+
+    @staticmethod
+    def _completes(job: PrefillJob, chunk: SeqChunk) -> bool:
+        return chunk.start_pos + len(chunk.token_ids) == len(job.token_ids)
+
+    def _finish(self, job: PrefillJob, outcome: int | Exception) -> None:
+        with self._lock:
+            if job not in self._running:
+                return  # aborted meanwhile; abort() freed its blocks
+            self._running.remove(job)
+            if isinstance(outcome, Exception):
+                self.blocks.free(job.block_table)
+                result: PrefillResult | Exception = outcome
+            else:
+                handle_id = uuid.uuid4().hex
+                expires = time.monotonic() + self.lease_s
+                self._handles[handle_id] = Handle(job.block_table, len(job.token_ids), expires)
+                result = PrefillResult(
+                    handle_id=handle_id,
+                    first_token_id=outcome,
+                    num_blocks=len(job.block_table),
+                    queue_ns=job.first_run_ns - job.arrival_ns,
+                    compute_ns=job.compute_ns,
+                )
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, self)
+
+    def _expire_handles(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [hid for hid, h in self._handles.items() if h.expires_at <= now]
+            for handle_id in expired:
+                self.blocks.free(self._handles.pop(handle_id).block_ids)
+        if expired:
+            log.warning("freed %d KV handles whose lease expired", len(expired))
+
+
+def _resolve(future: asyncio.Future, result: "PrefillResult | Exception", engine: PrefillEngine) -> None:
+    if future.cancelled():
+        # The caller is gone: nobody will pull these blocks.
+        if isinstance(result, PrefillResult):
+            engine.release(result.handle_id)
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

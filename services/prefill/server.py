@@ -1,0 +1,141 @@
+"""Prefill service: computes prompts' KV, samples first tokens, serves KV to decode."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from services import cli
+from services.engine.worker import Worker
+from services.errors import InvalidArgumentError, NotFoundError
+from services.grpc_server import serve
+from services.wire import model_info, sampling_from_pb
+from services.prefill.engine import PrefillEngine, PrefillJob
+from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+KV_CHUNK_BYTES = 1 << 20  # per message, far below the gRPC message limit
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, engine: PrefillEngine, address: str) -> None:
+        self.engine = engine
+        self.worker = engine.worker
+        self.address = address
+
+    async def Prefill(self, request, context):
+        config = self.worker.config
+        if not request.token_ids:
+            raise InvalidArgumentError("token_ids is empty")
+        if len(request.token_ids) >= config.max_position_embeddings:
+            raise InvalidArgumentError(
+                f"prompt has {len(request.token_ids)} tokens; the context window is "
+                f"{config.max_position_embeddings}"
+            )
+        if any(t < 0 or t >= config.vocab_size for t in request.token_ids):
+            raise InvalidArgumentError(f"token ids must be in [0, {config.vocab_size})")
+        loop = asyncio.get_running_loop()
+        job = PrefillJob(
+            request.request_id, list(request.token_ids), sampling_from_pb(request.sampling),
+            loop.create_future(), loop,
+        )
+        self.engine.submit(job)
+        try:
+            result = await job.future
+        except asyncio.CancelledError:
+            self.engine.abort(request.request_id)
+            raise
+        handle = common_pb2.KvHandle(
+            prefill_address=self.address,
+            handle_id=result.handle_id,
+            num_tokens=len(job.token_ids),
+            num_blocks=result.num_blocks,
+            block_size=self.worker.pool.block_size,
+            lease_ms=int(self.engine.lease_s * 1000),
+        )
+        return prefill_pb2.PrefillResponse(
+            kv_handle=handle,
+            first_token_id=result.first_token_id,
+            queue_ns=result.queue_ns,
+            compute_ns=result.compute_ns,
+        )
+
+    async def PullKv(self, request, context) -> AsyncIterator[prefill_pb2.KvChunk]:
+        handle = self.engine.take_handle(request.handle_id)
+        if handle is None:
+            raise NotFoundError(f"no KV handle {request.handle_id!r} (expired or pulled)")
+        try:
+            for chunk in kv_chunks(self.worker.pool.cache, handle.block_ids, self.worker.dtype_name):
+                yield chunk
+        finally:
+            self.engine.free_blocks(handle.block_ids)
+
+    async def Release(self, request, context):
+        return prefill_pb2.ReleaseResponse(released=self.engine.release(request.handle_id))
+
+    async def Info(self, request, context):
+        stats = self.engine.stats()
+        return common_pb2.InfoResponse(
+            service="prefill",
+            instance=self.address,
+            model=model_info(
+                self.worker.config, self.worker.dtype_name, str(self.worker.device),
+                self.worker.pool.block_size,
+            ),
+            limits=common_pb2.Limits(
+                max_prefill_tokens=self.engine.max_prefill_tokens,
+                num_kv_blocks=self.worker.pool.num_blocks,
+                max_model_len=self.worker.config.max_position_embeddings,
+            ),
+            stats=common_pb2.Stats(**stats),
+        )
+
+
+def kv_chunks(cache: torch.Tensor, block_ids: list[int], dtype: str):
+    """Yields each layer's K and V for runs of blocks, as raw bytes with their shape."""
+    # cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_bytes = cache[0, 0, 0].numel() * cache.element_size()
+    per_chunk = max(1, KV_CHUNK_BYTES // (2 * block_bytes))
+    index = torch.tensor(block_ids, device=cache.device)
+    for layer in range(cache.shape[0]):
+        for offset in range(0, len(block_ids), per_chunk):
+            ids = index[offset : offset + per_chunk]
+            k = cache[layer, 0, ids].cpu()
+            v = cache[layer, 1, ids].cpu()
+            yield prefill_pb2.KvChunk(
+                layer=layer,
+                block_offset=offset,
+                num_blocks=len(ids),
+                dtype=dtype,
+                shape=list(k.shape),
+                k=k.view(torch.uint8).numpy().tobytes(),
+                v=v.view(torch.uint8).numpy().tobytes(),
+            )
+
+
+def main() -> None:
+    parser = cli.engine_parser("Prefill service", default_port=50052, kv_cache_tokens=32768)
+    parser.add_argument(
+        "--max-prefill-tokens", type=int, default=2048, help="token budget of one forward pass"
+    )
+    parser.add_argument("--kv-lease-s", type=float, default=30.0, help="seconds a handle is kept")
+    args = parser.parse_args()
+    cli.setup_logging(args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    worker = Worker(args.model, args.kv_cache_tokens, args.block_size, args.device, args.dtype)
+    engine = PrefillEngine(worker, args.max_prefill_tokens, args.kv_lease_s)
+    engine.start()
+
+    def register(server: grpc.aio.Server, address: str) -> list[str]:
+        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(engine, address), server)
+        return [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
+
+    async def stop() -> None:
+        engine.stop()
+
+    asyncio.run(serve("prefill", f"{args.host}:{args.port}", register, on_stop=stop))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Protobuf and gRPC stubs generated from `protos/` by `python -m services.rpc.generate`."""

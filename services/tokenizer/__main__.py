@@ -1,0 +1,3 @@
+from services.tokenizer.server import main
+
+main()

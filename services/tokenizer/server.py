@@ -1,0 +1,116 @@
+"""Tokenizer service: text and chat messages to token ids, and back. Stateless."""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from services import cli
+from services.engine import loader
+from services.engine.config import ModelConfig
+from services.engine.tokenizer import Tokenizer
+from services.errors import InvalidArgumentError
+from services.grpc_server import serve
+from services.rpc import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from services.wire import model_info
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, tokenizer: Tokenizer, config: ModelConfig, address: str, threads: int) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.address = address
+        # The tokenizers library releases the GIL, so a few threads tokenize in parallel.
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
+
+    async def _run(self, fn, *args) -> tuple[object, int, int]:
+        """Runs fn off the event loop; returns (result, queue_ns, duration_ns)."""
+        submitted = time.monotonic_ns()
+        started = 0
+
+        def timed():
+            nonlocal started
+            started = time.monotonic_ns()
+            return fn(*args)
+
+        result = await asyncio.get_running_loop().run_in_executor(self._pool, timed)
+        return result, started - submitted, time.monotonic_ns() - started
+
+    async def Tokenize(self, request, context):
+        if request.WhichOneof("input") == "token_ids":
+            ids = list(request.token_ids.ids)
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise InvalidArgumentError(
+                    f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})"
+                )
+            return tokenizer_pb2.TokenizeResponse(token_ids=ids)
+        ids, queue_ns, duration_ns = await self._run(
+            self.tokenizer.encode, request.text, request.add_special_tokens
+        )
+        return tokenizer_pb2.TokenizeResponse(
+            token_ids=ids, prompt=request.text, queue_ns=queue_ns, duration_ns=duration_ns
+        )
+
+    async def RenderChat(self, request, context):
+        if not request.messages:
+            raise InvalidArgumentError("messages must not be empty")
+        messages = []
+        for i, message in enumerate(request.messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidArgumentError(f"messages[{i}].role must be one of {CHAT_ROLES}")
+            entry = {"role": message.role, "content": message.content}
+            if message.name:
+                entry["name"] = message.name
+            messages.append(entry)
+        (prompt, ids), queue_ns, duration_ns = await self._run(
+            self._render_and_encode, messages, request.add_generation_prompt
+        )
+        return tokenizer_pb2.TokenizeResponse(
+            token_ids=ids, prompt=prompt, queue_ns=queue_ns, duration_ns=duration_ns
+        )
+
+    def _render_and_encode(self, messages: list[dict], add_generation_prompt: bool):
+        try:
+            prompt = self.tokenizer.render_chat(messages, add_generation_prompt)
+        except Exception as exc:  # the template may raise on what it cannot render
+            raise InvalidArgumentError(f"chat template failed: {exc}") from exc
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    async def Detokenize(self, request, context):
+        ids = list(request.token_ids)
+        if any(not 0 <= t < self.config.vocab_size for t in ids):
+            raise InvalidArgumentError(f"token ids must be in [0, {self.config.vocab_size})")
+        text = self.tokenizer.decode(ids, skip_special_tokens=request.skip_special_tokens)
+        return tokenizer_pb2.DetokenizeResponse(text=text)
+
+    async def Info(self, request, context):
+        return common_pb2.InfoResponse(
+            service="tokenizer",
+            instance=self.address,
+            model=model_info(self.config, dtype="", device="cpu", block_size=0),
+            limits=common_pb2.Limits(max_model_len=self.config.max_position_embeddings),
+        )
+
+
+def main() -> None:
+    parser = cli.base_parser("Tokenizer service", default_port=50051)
+    parser.add_argument("--threads", type=int, default=2, help="tokenizing threads")
+    args = parser.parse_args()
+    cli.setup_logging(args.log_level)
+    tokenizer = loader.load_tokenizer(args.model)
+    config = loader.load_config(args.model)
+
+    def register(server: grpc.aio.Server, address: str) -> list[str]:
+        servicer = TokenizerServicer(tokenizer, config, address, args.threads)
+        tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server)
+        return [tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name]
+
+    asyncio.run(serve("tokenizer", f"{args.host}:{args.port}", register))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Continuous batching without a model: who runs, in what order, and preemption."""
+
+from services.decode.scheduler import Scheduler
+from services.decode.sequence import Finish, Sequence, StopRules
+from services.engine.block_manager import BlockManager
+from services.engine.sampler import SamplingParams
+
+EOS = 2
+
+
+def make_seq(request_id: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
+    # A sequence as decode receives it: prompt plus the first token sampled by prefill.
+    return Sequence(
+        request_id=request_id,
+        token_ids=list(range(10, 10 + prompt_len)) + [5],
+        num_prompt_tokens=prompt_len,
+        sampling=SamplingParams(temperature=0.0),
+        stop=StopRules(max_tokens=max_tokens, max_model_len=1000, eos_token_ids=frozenset({EOS})),
+    )
+
+
+def pulled(blocks: BlockManager, seq: Sequence) -> Sequence:
+    """Gives the sequence the blocks its prompt's KV was pulled into."""
+    seq.block_table = blocks.allocate(-(-seq.num_prompt_tokens // blocks.block_size))
+    seq.num_cached = seq.num_prompt_tokens
+    return seq
+
+
+def test_requests_join_at_step_boundaries_and_share_one_step():
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64)
+    a = pulled(blocks, make_seq("a", 4))
+    scheduler.add(a)
+    step = scheduler.schedule()
+    assert [(s.seq.request_id, s.num_tokens) for s in step] == [("a", 1)]
+    # Position 4 starts a new block: the step reserved it.
+    assert a.block_table == [0, 1]
+    scheduler.postprocess(step, [7])
+    b = pulled(blocks, make_seq("b", 3))
+    scheduler.add(b)
+    step = scheduler.schedule()
+    assert [(s.seq.request_id, s.num_tokens) for s in step] == [("a", 1), ("b", 1)]
+    assert all(s.samples for s in step)
+
+
+def test_finish_on_eos_max_tokens_and_release_blocks():
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64)
+    a = pulled(blocks, make_seq("a", 4))
+    b = pulled(blocks, make_seq("b", 4, max_tokens=2))
+    scheduler.add(a)
+    scheduler.add(b)
+    outputs = scheduler.postprocess(scheduler.schedule(), [EOS, 9])
+    assert [(seq.request_id, tok, fin) for seq, tok, fin in outputs] == [
+        ("a", EOS, Finish.STOP),
+        ("b", 9, Finish.LENGTH),
+    ]
+    assert not scheduler.running
+    assert blocks.num_free_blocks == 16
+
+
+def test_batch_size_limit_keeps_the_rest_waiting():
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=2, max_step_tokens=64)
+    for name in "abc":
+        scheduler.add(pulled(blocks, make_seq(name, 2)))
+    assert [s.seq.request_id for s in scheduler.schedule()] == ["a", "b"]
+    assert [s.request_id for s in scheduler.waiting] == ["c"]
+
+
+def test_full_pool_preempts_the_newest_and_recomputes_it_in_chunks():
+    blocks = BlockManager(num_blocks=5, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=3)
+    a = pulled(blocks, make_seq("a", 4))  # block [0]
+    b = pulled(blocks, make_seq("b", 7))  # blocks [1, 2]
+    scheduler.add(a)
+    scheduler.add(b)
+    steps = []
+    while scheduler.num_preemptions == 0:
+        step = scheduler.schedule()
+        steps.append([s.seq.request_id for s in step])
+        scheduler.postprocess(step, [7] * sum(s.samples for s in step))
+    # a and b share steps until a's 9th token needs a third block: b, the newest, yields.
+    assert steps[:-1] == [["a", "b"]] * 4 and steps[-1] == ["a"]
+    assert a.block_table == [0, 3, 4]  # b freed [1, 2, 4] tail first and b.block_table == [] and b.num_cached == 0
+    assert [s.request_id for s in scheduler.waiting] == ["b"]
+    # Once a finishes, b is recomputed from scratch under the 3-token budget, then samples.
+    a.stop.max_tokens = a.num_generated + 1
+    scheduler.postprocess(scheduler.schedule(), [7])
+    assert not scheduler.running or scheduler.running[0] is b
+    chunks = []
+    while True:
+        step = scheduler.schedule()
+        assert [s.seq.request_id for s in step] == ["b"]
+        chunks.append(step[0].num_tokens)
+        if step[0].samples:
+            break
+        scheduler.postprocess(step, [])
+    assert chunks[:-1] == [3] * (len(chunks) - 1) and sum(chunks) == len(b.token_ids)
+
+
+def test_abort_frees_blocks_of_running_and_waiting():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=1, max_step_tokens=64)
+    scheduler.add(pulled(blocks, make_seq("a", 4)))
+    scheduler.add(pulled(blocks, make_seq("b", 4)))
+    scheduler.schedule()
+    assert scheduler.abort("b").finish is Finish.ABORT
+    assert scheduler.abort("a").finish is Finish.ABORT
+    assert scheduler.abort("missing") is None
+    assert blocks.num_free_blocks == 8
