@@ -1,0 +1,34 @@
+"""`python -m frontend --port 8000 --tokenizer HOST:PORT --prefill HOST:PORT --decode HOST:PORT`.
+
+One uvicorn worker: the in-flight count and the gRPC channels are per process. On SIGTERM
+uvicorn stops accepting, lets open requests finish (up to --graceful-shutdown-s), then runs
+the lifespan shutdown, which closes the channels.
+"""
+
+import logging
+import sys
+
+import uvicorn
+
+from frontend.app import create_app
+from frontend.config import parse_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        workers=1,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=config.graceful_shutdown_s,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,46 @@
+"""The FastAPI app: `create_app(config)` wires routes, errors and the stage clients."""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from frontend.config import FrontendConfig
+from frontend.context import build_state
+from frontend.errors import install_error_handlers
+from frontend.routes import chat, completions, system
+
+# Fireworks serves the same API under /inference/v1 as well.
+API_PREFIXES = ("/v1", "/inference/v1")
+
+
+def create_app(config: FrontendConfig) -> FastAPI:
+    state = build_state(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # grpc.aio channels bind to the loop that creates them: this one.
+        state.stages.start()
+        warm_up = asyncio.create_task(state.stages.warm_up())
+        try:
+            yield
+        finally:
+            warm_up.cancel()
+            await state.stages.close()
+
+    app = FastAPI(
+        title="llmserve",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.frontend = state
+    for prefix in API_PREFIXES:
+        app.include_router(completions.router, prefix=prefix)
+        app.include_router(chat.router, prefix=prefix)
+        app.include_router(system.router, prefix=prefix)
+    app.include_router(system.health_router)
+    install_error_handlers(app)
+    return app

@@ -1,0 +1,61 @@
+"""Frontend settings and the command line that fills them."""
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class FrontendConfig:
+    tokenizer_address: str = "127.0.0.1:50051"
+    prefill_address: str = "127.0.0.1:50052"
+    decode_address: str = "127.0.0.1:50053"
+    # None: use the model_id that the stages report in Info.
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    # Open streams get this long to finish on SIGTERM before they are cut.
+    graceful_shutdown_s: int = 30
+    info_timeout_s: float = 5.0
+    health_timeout_s: float = 2.0
+    # Tokenizing is cheap; a stage that takes this long is stuck, not busy.
+    tokenize_timeout_s: float = 60.0
+    release_timeout_s: float = 5.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> FrontendConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m frontend",
+        description="HTTP frontend (OpenAI/Fireworks API) over the tokenizer, prefill and "
+        "decode gRPC stages.",
+    )
+    defaults = FrontendConfig()
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--tokenizer", default=defaults.tokenizer_address, help="host:port")
+    parser.add_argument("--prefill", default=defaults.prefill_address, help="host:port")
+    parser.add_argument("--decode", default=defaults.decode_address, help="host:port")
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model name clients send; defaults to the model_id the stages report",
+    )
+    parser.add_argument("--log-level", default=defaults.log_level)
+    parser.add_argument(
+        "--graceful-shutdown-s",
+        type=int,
+        default=defaults.graceful_shutdown_s,
+        help="seconds open requests get to finish after SIGTERM",
+    )
+    args = parser.parse_args(argv)
+    return FrontendConfig(
+        tokenizer_address=args.tokenizer,
+        prefill_address=args.prefill,
+        decode_address=args.decode,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        graceful_shutdown_s=args.graceful_shutdown_s,
+    )

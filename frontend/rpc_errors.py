@@ -1,0 +1,55 @@
+"""gRPC status -> ApiError, the one mapping for every stage call."""
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import grpc
+
+from frontend.errors import (
+    SERVER_ERROR,
+    ApiError,
+    internal_error,
+    invalid_request,
+    stage_unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+_BAD_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
+_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def stage_error(
+    stage: str, exc: grpc.aio.AioRpcError, param: str | None = None, quiet: bool = False
+) -> ApiError:
+    """`quiet` logs a stage that is down at debug level, for polls that expect it."""
+    code, details = exc.code(), exc.details() or ""
+    if code in _BAD_INPUT:
+        return invalid_request(details or f"The {stage} stage rejected the request.", param)
+    if code in _DOWN:
+        logger.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "%s stage %s: %s",
+            stage,
+            code.name,
+            details,
+        )
+        return stage_unavailable(stage)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ApiError(
+            503,
+            f"The {stage} stage is overloaded: {details}",
+            type=SERVER_ERROR,
+            code="overloaded",
+        )
+    logger.error("%s stage failed with %s: %s", stage, code.name, details)
+    return internal_error()
+
+
+@contextlib.contextmanager
+def rpc_errors(stage: str, param: str | None = None, quiet: bool = False) -> Iterator[None]:
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise stage_error(stage, exc, param, quiet) from None

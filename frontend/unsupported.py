@@ -1,0 +1,111 @@
+"""Request fields the API references document that this server does not implement yet.
+
+Each is rejected with a 400 naming it, unless it carries its neutral value: clients (the
+OpenAI and Fireworks SDKs, LangChain, ...) send defaults such as `logprobs: false` or
+`frequency_penalty: 0`, which ask for nothing we lack. Fields in none of these tables and
+not in the request schema are unknown, and pydantic rejects them.
+"""
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from frontend.errors import invalid_request
+
+# name -> the values that ask for nothing (None stands for JSON null).
+COMMON_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "echo_last": (None, 0),
+    "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "min_p": (None, 0),
+    "typical_p": (None, 1),
+    "mirostat_target": (None,),
+    "mirostat_lr": (None,),
+    "response_format": (None, {"type": "text"}),
+    "raw_output": (None, False),
+    "return_token_ids": (None, False),
+    "prompt_cache_max_len": (None,),
+    "prompt_cache_isolation_key": (None,),
+    "prompt_cache_key": (None,),
+    "speculation": (None,),
+    "prediction": (None,),
+    "metadata": (None, {}),
+    "reasoning_effort": (None,),
+    "reasoning_history": (None,),
+    "thinking": (None,),
+    "safe_tokenization": (None,),
+    "service_tier": (None, "auto", "default"),
+}
+
+COMPLETION_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
+    **COMMON_UNSUPPORTED,
+    "images": (None, []),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+}
+
+CHAT_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
+    **COMMON_UNSUPPORTED,
+    "tools": (None, []),
+    # Without tools both choices mean "answer in text", which is all we do.
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "prompt_truncate_len": (None,),
+    "store": (None, False),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "web_search_options": (None,),
+    "verbosity": (None,),
+}
+
+# Inside one chat message.
+MESSAGE_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
+    "tool_calls": (None, []),
+    "tool_call_id": (None,),
+    "function_call": (None,),
+}
+
+
+def is_neutral(value: Any, neutrals: tuple[Any, ...]) -> bool:
+    # Type-aware: in Python `False == 0` and `1 == True`, but `logprobs: 0` is not `false`.
+    for neutral in neutrals:
+        if neutral is None or isinstance(neutral, bool) or isinstance(value, bool):
+            if value is neutral:
+                return True
+        elif isinstance(neutral, int | float):
+            if isinstance(value, int | float) and value == neutral:
+                return True
+        elif type(value) is type(neutral) and value == neutral:
+            return True
+    return False
+
+
+def unsupported_message(name: str, neutrals: tuple[Any, ...]) -> str:
+    accepted = [json.dumps(v) for v in neutrals if v is not None]
+    hint = f" (only {' or '.join(accepted)} is accepted)" if accepted else ""
+    return f"'{name}' is not supported yet{hint}."
+
+
+def drop_neutral_fields(
+    data: dict[str, Any], table: Mapping[str, tuple[Any, ...]], prefix: str = ""
+) -> dict[str, Any]:
+    """Returns `data` without the table's fields; raises 400 if one asks for something."""
+    kept = {}
+    for name, value in data.items():
+        neutrals = table.get(name)
+        if neutrals is None:
+            kept[name] = value
+        elif not is_neutral(value, neutrals):
+            raise invalid_request(
+                unsupported_message(name, neutrals),
+                param=prefix + name,
+                code="unsupported_parameter",
+            )
+    return kept

@@ -1,0 +1,60 @@
+"""Fixtures shared by the suite: the real four-process stack, started by the launcher."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 240
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen
+    http_url: str
+    addresses: dict[str, str] = field(default_factory=dict)
+    output: list[str] = field(default_factory=list)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def start_stack(*extra: str) -> Stack:
+    """Starts the launcher on free ports and waits until it reports every stage healthy."""
+    cmd = [sys.executable, "-m", "services.launcher", "--port", "0", "--grpc-ports", "0,0,0",
+           "--startup-timeout", str(STARTUP_TIMEOUT_S), *extra]
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    stack = Stack(process, http_url="")
+    assert process.stdout is not None
+    for line in process.stdout:
+        stack.output.append(line)
+        if line.startswith("ready: "):
+            _, name, _, address = line.split()
+            stack.addresses[name] = address
+        if line.startswith("serving the API on "):
+            stack.http_url = line.split()[4].removesuffix("/v1")
+            break
+    if not stack.http_url:
+        process.kill()
+        pytest.fail("stack did not start:\n" + "".join(stack.output[-40:]))
+    # Keep draining the pipe so that the services never block on it.
+    threading.Thread(target=lambda: stack.output.extend(process.stdout), daemon=True).start()
+    return stack
+
+
+@pytest.fixture(scope="session")
+def stack():
+    stack = start_stack()
+    yield stack
+    stack.stop()

@@ -1,0 +1,138 @@
+"""The real four-process stack, driven by the official `openai` and `fireworks-ai` clients."""
+
+import asyncio
+
+import grpc
+import openai
+import pytest
+from fireworks import Fireworks
+
+from services.rpc import common_pb2, decode_pb2_grpc
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def test_chat_answers_paris(client, model):
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=32
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+    usage = reply.usage
+    assert usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_stream_equals_non_stream(client, model):
+    kwargs = dict(model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+                  max_tokens=32)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1 and final[0].choices[0].finish_reason == "stop"
+    assert final[0].usage is not None and final[0].usage.completion_tokens > 0
+
+
+def test_completion_length_limit(client, model):
+    reply = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5,
+                                      temperature=0)
+    assert reply.object == "text_completion"
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+
+
+def test_completion_stream(client, model):
+    kwargs = dict(model=model, prompt="The three primary colors are", max_tokens=12, temperature=0)
+    whole = client.completions.create(**kwargs).choices[0].text
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices
+    )
+    assert streamed == whole and whole
+
+
+def test_stop_string_is_excluded(client, model):
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=32, stop=["Paris"],
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert "Paris" not in reply.choices[0].message.content
+
+
+def test_seed_reproduces_sampling(client, model):
+    kwargs = dict(model=model, prompt="My favourite animal is", max_tokens=16, temperature=1.0,
+                  seed=1234)
+    first = client.completions.create(**kwargs).choices[0].text
+    assert client.completions.create(**kwargs).choices[0].text == first
+
+
+def test_errors_have_the_openai_shape(client, model):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                       temperature=5)
+    assert err.value.body["param"] == "temperature"
+
+
+def test_fireworks_client(stack, model):
+    client = Fireworks(base_url=stack.http_url, api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=32
+    )
+    assert "Paris" in reply.choices[0].message.content
+    completion = client.completions.create(model=model, prompt="1, 2, 3,", max_tokens=6,
+                                           temperature=0)
+    assert completion.choices[0].text
+    streamed = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=32, stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == reply.choices[0].message.content
+
+
+def test_sixteen_concurrent_streams_are_batched(stack, model):
+    client = openai.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
+    prompts = [f"Count from {i} to {i + 20}, separated by commas." for i in range(16)]
+
+    async def stream(prompt: str) -> tuple[str, str]:
+        chunks = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
+            max_tokens=24, stream=True,
+        )
+        text, finish = "", None
+        async for chunk in chunks:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    async def run_all():
+        return await asyncio.gather(*(stream(p) for p in prompts))
+
+    results = asyncio.run(run_all())
+    # Each concurrent answer equals the same request made alone (greedy is deterministic).
+    sync = openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
+    for prompt, (text, finish) in zip(prompts[:3], results[:3]):
+        alone = sync.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=24
+        ).choices[0]
+        assert (text, finish) == (alone.message.content, alone.finish_reason)
+    assert all(text and finish in ("stop", "length") for text, finish in results)
+    with grpc.insecure_channel(stack.addresses["decode"]) as channel:
+        info = decode_pb2_grpc.DecodeStub(channel).Info(common_pb2.InfoRequest())
+    assert info.stats.max_step_batch_size > 1
+    assert info.stats.num_running == 0

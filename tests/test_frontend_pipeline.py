@@ -1,0 +1,263 @@
+"""The frontend against fake stages over real gRPC: response shapes, SSE, limits, metrics."""
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from frontend.app import create_app
+from frontend.config import FrontendConfig
+from tests.test_frontend_fake_stages import (
+    BOS,
+    MAX_MODEL_LEN,
+    MODEL_ID,
+    FakeStages,
+    start_fake_stages,
+)
+
+USER = [{"role": "user", "content": "hi"}]
+STAGE_HEADERS = {
+    "fireworks-tokenizer-queue-duration": "0.000001",
+    "fireworks-tokenizer-duration": "0.000002",
+    "fireworks-prefill-queue-duration": "0.000003",
+    "fireworks-prefill-duration": "0.000004",
+    "fireworks-generation-queue-duration": "0.000005",
+    "fireworks-kv-transfer-duration": "0.000006",
+    "fireworks-cached-prompt-tokens": "0",
+    "fireworks-backend-host": "fake-decode",
+}
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[FakeStages]:
+    stages = start_fake_stages()
+    yield stages
+    stages.stop()
+
+
+@pytest.fixture(scope="module")
+def client(fakes: FakeStages) -> Iterator[TestClient]:
+    config = FrontendConfig(
+        tokenizer_address=fakes.addresses["tokenizer"],
+        prefill_address=fakes.addresses["prefill"],
+        decode_address=fakes.addresses["decode"],
+    )
+    with TestClient(create_app(config)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(autouse=True)
+def normal_decode(fakes: FakeStages) -> None:
+    fakes.decode.mode = "normal"
+
+
+def _events(text: str) -> list[Any]:
+    frames = [f for f in text.split("\n\n") if f]
+    assert all(f.startswith("data: ") for f in frames)
+    assert frames[-1] == "data: [DONE]"
+    return [json.loads(f.removeprefix("data: ")) for f in frames[:-1]]
+
+
+def _eventually(check: Any, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return check()
+
+
+def test_completion(client: TestClient, fakes: FakeStages) -> None:
+    body = {"model": MODEL_ID, "prompt": "hello", "max_tokens": 5}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["id"].startswith("cmpl-")
+    assert result["object"] == "text_completion"
+    assert result["model"] == MODEL_ID
+    assert result["choices"] == [
+        {"index": 0, "text": "abcde", "logprobs": None, "finish_reason": "length"}
+    ]
+    assert result["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
+    assert "perf_metrics" not in result
+    for name, value in STAGE_HEADERS.items():
+        assert response.headers[name] == value
+    assert response.headers["fireworks-prompt-tokens"] == "6"
+    for name in ("server-time-to-first-token", "server-processing-time"):
+        assert float(response.headers[f"fireworks-{name}"]) > 0
+    assert fakes.prefill.requests[-1].token_ids == [BOS, *map(ord, "hello")]
+    assert fakes.decode.requests[-1].kv_handle.handle_id == f"kv-{result['id']}"
+
+
+def test_completion_passes_sampling_and_stop(client: TestClient, fakes: FakeStages) -> None:
+    body = {
+        "model": "accounts/fireworks/models/" + MODEL_ID,
+        "prompt": [5, 6, 7],
+        "temperature": 0.5,
+        "top_p": 0.25,
+        "top_k": 7,
+        "seed": 42,
+        "stop": ["d"],
+        "ignore_eos": True,
+        "perf_metrics_in_response": True,
+    }
+    response = client.post("/v1/completions", json=body)
+    result = response.json()
+    assert result["choices"][0]["text"] == "abc"
+    assert result["choices"][0]["finish_reason"] == "stop"
+    sampling = fakes.prefill.requests[-1].sampling
+    assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (
+        0.5,
+        0.25,
+        7,
+        42,
+    )
+    assert fakes.decode.requests[-1].sampling == sampling
+    stopping = fakes.decode.requests[-1].stopping
+    assert (list(stopping.stop), stopping.ignore_eos, stopping.max_tokens) == (["d"], True, 16)
+    assert fakes.prefill.requests[-1].token_ids == [5, 6, 7]
+    perf = result["perf_metrics"]
+    assert {f"fireworks-{k}": v for k, v in perf.items()} == {
+        k: v for k, v in response.headers.items() if k.startswith("fireworks-")
+    }
+
+
+def test_defaults_when_unset(client: TestClient, fakes: FakeStages) -> None:
+    client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "x"})
+    sampling = fakes.prefill.requests[-1].sampling
+    assert (sampling.temperature, sampling.top_p, sampling.top_k) == (1.0, 1.0, 0)
+    assert fakes.decode.requests[-1].stopping.max_tokens == 16
+
+
+def test_completion_stream(client: TestClient) -> None:
+    body = {
+        "model": MODEL_ID,
+        "prompt": "hello",
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "perf_metrics_in_response": True,
+    }
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = _events(response.text)
+    *deltas, final, usage_only = events
+    assert {e["id"] for e in events} == {events[0]["id"]}
+    assert all(e["object"] == "text_completion" for e in events)
+    assert "".join(e["choices"][0]["text"] for e in deltas) == "abc"
+    assert all(e["choices"][0]["finish_reason"] is None for e in deltas)
+    assert final["choices"][0]["finish_reason"] == "length"
+    usage = {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert final["usage"] == usage
+    assert final["perf_metrics"]["prompt-tokens"] == "6"
+    assert "server-processing-time" in final["perf_metrics"]
+    assert usage_only["choices"] == [] and usage_only["usage"] == usage
+
+
+def test_chat(client: TestClient, fakes: FakeStages) -> None:
+    response = client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": USER})
+    result = response.json()
+    assert result["id"].startswith("chatcmpl-")
+    assert result["object"] == "chat.completion"
+    prompt_tokens = 1 + len("user:hi\n")
+    room = MAX_MODEL_LEN - prompt_tokens
+    # Default chat max_tokens: the rest of the window (below the 2048 cap here).
+    assert fakes.decode.requests[-1].stopping.max_tokens == room
+    choice = result["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert len(choice["message"]["content"]) == room
+    assert choice["finish_reason"] == "length"
+    assert result["usage"]["prompt_tokens"] == prompt_tokens
+
+
+def test_chat_stream(client: TestClient) -> None:
+    body = {"model": MODEL_ID, "messages": USER, "max_tokens": 2, "stream": True}
+    events = _events(client.post("/v1/chat/completions", json=body).text)
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [e["choices"][0]["delta"] for e in events[1:-1]] == [{"content": "a"}, {"content": "b"}]
+    final = events[-1]
+    assert final["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert final["usage"]["completion_tokens"] == 2
+    assert "perf_metrics" not in final
+
+
+def test_max_tokens_lowered_to_fit(client: TestClient, fakes: FakeStages) -> None:
+    body = {"model": MODEL_ID, "prompt": "hello", "max_tokens": 1000}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    assert fakes.decode.requests[-1].stopping.max_tokens == MAX_MODEL_LEN - 6
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "x" * MAX_MODEL_LEN}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 99}]}, "messages"),
+        (
+            "/v1/completions",
+            {"prompt": "hello", "max_tokens": 60, "context_length_exceeded_behavior": "error"},
+            "max_tokens",
+        ),
+    ],
+)
+def test_context_length_exceeded(
+    client: TestClient, path: str, body: dict[str, Any], param: str
+) -> None:
+    response = client.post(path, json={"model": MODEL_ID, **body})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, "context_length_exceeded")
+
+
+def test_tokenizer_rejection_is_400(client: TestClient) -> None:
+    response = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": [1, 999]})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "token id out of range"
+    assert response.json()["error"]["param"] == "prompt"
+
+
+def test_decode_down_is_503_and_releases_the_kv(client: TestClient, fakes: FakeStages) -> None:
+    fakes.decode.mode = "unavailable"
+    response = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "hi"})
+    assert response.status_code == 503
+    assert "decode" in response.json()["error"]["message"]
+    handle_id = fakes.decode.requests[-1].kv_handle.handle_id
+    assert _eventually(lambda: handle_id in fakes.prefill.released)
+
+
+def test_health_and_models(client: TestClient) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json()["stages"] == dict.fromkeys(("tokenizer", "prefill", "decode"), "SERVING")
+    models = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == [MODEL_ID]
+    assert client.post("/v1/completions", json={"model": "x", "prompt": "a"}).status_code == 404
+
+
+def test_frontend_started_before_the_stages(fakes: FakeStages) -> None:
+    ports = {}
+    for stage in ("tokenizer", "prefill", "decode"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports[stage] = sock.getsockname()[1]
+    config = FrontendConfig(
+        tokenizer_address=f"127.0.0.1:{ports['tokenizer']}",
+        prefill_address=f"127.0.0.1:{ports['prefill']}",
+        decode_address=f"127.0.0.1:{ports['decode']}",
+    )
+    with TestClient(create_app(config)) as client:
+        # No served name configured: it comes from Info, which cannot be fetched yet.
+        assert client.get("/v1/models").status_code == 503
+        late = start_fake_stages(ports)
+        try:
+            assert _eventually(lambda: client.get("/v1/models").status_code == 200)
+            assert client.get("/v1/models").json()["data"][0]["id"] == MODEL_ID
+            body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}
+            assert _eventually(lambda: client.post("/v1/completions", json=body).status_code == 200)
+        finally:
+            late.stop()
