@@ -127,9 +127,12 @@ class Generation:
             raise internal_error()
         if not self._claimed:
             self._claimed = True
+            self.metrics.first_token_at_ns = now
+        if delta.queue_ns:
+            # Decode streams prefill's token before pulling the KV; the message after the
+            # sequence joined the batch carries the queue and transfer times.
             self.metrics.generation_queue_ns = delta.queue_ns
             self.metrics.kv_transfer_ns = delta.kv_transfer_ns
-            self.metrics.first_token_at_ns = now
         self.metrics.last_token_at_ns = now
         self.num_generated = delta.num_generated or self.num_generated + len(delta.token_ids)
         self.finish_reason = delta.finish_reason
