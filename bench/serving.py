@@ -12,6 +12,7 @@ GGUF) is measured in the same run with the same requests.
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import pathlib
 import subprocess
@@ -23,11 +24,22 @@ from dataclasses import asdict, dataclass
 import httpx
 
 TOPICS = [
-    "a lighthouse keeper", "a robot learning to paint", "the history of bread", "a trip to Mars",
-    "a dragon who is afraid of heights", "the ocean at night", "a city made of glass",
-    "an old clock", "a chess tournament", "a forest in winter", "a jazz musician",
-    "the first snowfall", "a lost cat finding home", "a library at midnight",
-    "a mountain village", "a time traveller's mistake",
+    "a lighthouse keeper",
+    "a robot learning to paint",
+    "the history of bread",
+    "a trip to Mars",
+    "a dragon who is afraid of heights",
+    "the ocean at night",
+    "a city made of glass",
+    "an old clock",
+    "a chess tournament",
+    "a forest in winter",
+    "a jazz musician",
+    "the first snowfall",
+    "a lost cat finding home",
+    "a library at midnight",
+    "a mountain village",
+    "a time traveller's mistake",
 ]
 
 
@@ -62,7 +74,9 @@ def percentile(values: list[float], q: float) -> float:
 async def one_request(client: httpx.AsyncClient, model: str, index: int, max_tokens: int):
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": f"Write a long story about {TOPICS[index % 16]}."}],
+        "messages": [
+            {"role": "user", "content": f"Write a long story about {TOPICS[index % 16]}."}
+        ],
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "stream": True,
@@ -84,7 +98,7 @@ async def one_request(client: httpx.AsyncClient, model: str, index: int, max_tok
     end = time.perf_counter()
     if not arrivals:
         raise RuntimeError("no tokens streamed")
-    itl = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    itl = [b - a for a, b in itertools.pairwise(arrivals)]
     return RequestResult(arrivals[0] - start, itl, num_tokens or len(arrivals), end - start)
 
 
@@ -127,8 +141,17 @@ def served_model(url: str) -> str:
 def launched_stack(model: str, port: int):
     """Runs our launcher on free gRPC ports; yields the HTTP base URL."""
     root = pathlib.Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "services.launcher", "--model", model, "--port", str(port),
-           "--grpc-ports", "0,0,0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.launcher",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--grpc-ports",
+        "0,0,0",
+    ]
     process = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -183,8 +206,10 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    print(f"wrote {out}; summary: " + "; ".join(
-        f"c={r.concurrency} {r.output_tokens_per_s:.1f} tok/s" for r in results))
+    print(
+        f"wrote {out}; summary: "
+        + "; ".join(f"c={r.concurrency} {r.output_tokens_per_s:.1f} tok/s" for r in results)
+    )
 
 
 if __name__ == "__main__":

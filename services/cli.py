@@ -20,7 +20,9 @@ def base_parser(description: str, default_port: int) -> argparse.ArgumentParser:
     return parser
 
 
-def engine_parser(description: str, default_port: int, kv_cache_tokens: int) -> argparse.ArgumentParser:
+def engine_parser(
+    description: str, default_port: int, kv_cache_tokens: int
+) -> argparse.ArgumentParser:
     parser = base_parser(description, default_port)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -33,4 +35,6 @@ def engine_parser(description: str, default_port: int, kv_cache_tokens: int) -> 
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )

@@ -119,7 +119,9 @@ def start(args: argparse.Namespace) -> list[Child]:
     http_port = args.port or free_port(args.host)
     addresses = {
         name: f"{args.host}:{port}"
-        for name, port in zip(("tokenizer", "prefill", "decode", "frontend"), [*ports, http_port])
+        for name, port in zip(
+            ("tokenizer", "prefill", "decode", "frontend"), [*ports, http_port], strict=True
+        )
     }
     common = ["--model", args.model, "--host", args.host]
     engine_extra = args.engine_args.split()
@@ -132,7 +134,9 @@ def start(args: argparse.Namespace) -> list[Child]:
     frontend_args = ["--host", args.host, "--port", str(http_port)]
     for name in ("tokenizer", "prefill", "decode"):
         frontend_args += [f"--{name}", addresses[name]]
-    children.append(Child("frontend", addresses["frontend"], spawn("frontend", "frontend", frontend_args)))
+    children.append(
+        Child("frontend", addresses["frontend"], spawn("frontend", "frontend", frontend_args))
+    )
     return children
 
 

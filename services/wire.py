@@ -8,7 +8,9 @@ from services.rpc import common_pb2
 NON_REASONING_NOTE = "reasoning_effort has no effect: the model is not a reasoning model"
 
 
-def model_info(config: ModelConfig, dtype: str, device: str, block_size: int) -> common_pb2.ModelInfo:
+def model_info(
+    config: ModelConfig, dtype: str, device: str, block_size: int
+) -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(
         model_id=config.model_id,
         architecture=config.architecture,

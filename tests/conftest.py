@@ -29,10 +29,24 @@ class Stack:
 
 def start_stack(*extra: str) -> Stack:
     """Starts the launcher on free ports and waits until it reports every stage healthy."""
-    cmd = [sys.executable, "-m", "services.launcher", "--port", "0", "--grpc-ports", "0,0,0",
-           "--startup-timeout", str(STARTUP_TIMEOUT_S), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.launcher",
+        "--port",
+        "0",
+        "--grpc-ports",
+        "0,0,0",
+        "--startup-timeout",
+        str(STARTUP_TIMEOUT_S),
+        *extra,
+    ]
     process = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     stack = Stack(process, http_url="")

@@ -34,8 +34,9 @@ def test_chat_answers_paris(client, model):
 
 
 def test_chat_stream_equals_non_stream(client, model):
-    kwargs = dict(model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0,
-                  max_tokens=32)
+    kwargs = dict(
+        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=32
+    )
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
     chunks = list(client.chat.completions.create(**kwargs, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
@@ -46,8 +47,9 @@ def test_chat_stream_equals_non_stream(client, model):
 
 
 def test_completion_length_limit(client, model):
-    reply = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5,
-                                      temperature=0)
+    reply = client.completions.create(
+        model=model, prompt="Once upon a time", max_tokens=5, temperature=0
+    )
     assert reply.object == "text_completion"
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 5
@@ -64,26 +66,33 @@ def test_completion_stream(client, model):
 
 def test_stop_string_is_excluded(client, model):
     reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0,
-        max_tokens=32, stop=["Paris"],
+        model=model,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=32,
+        stop=["Paris"],
     )
     assert reply.choices[0].finish_reason == "stop"
     assert "Paris" not in reply.choices[0].message.content
 
 
 def test_seed_reproduces_sampling(client, model):
-    kwargs = dict(model=model, prompt="My favourite animal is", max_tokens=16, temperature=1.0,
-                  seed=1234)
+    kwargs = dict(
+        model=model, prompt="My favourite animal is", max_tokens=16, temperature=1.0, seed=1234
+    )
     first = client.completions.create(**kwargs).choices[0].text
     assert client.completions.create(**kwargs).choices[0].text == first
 
 
 def test_errors_have_the_openai_shape(client, model):
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
-                                       temperature=5)
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], temperature=5
+        )
     assert err.value.body["param"] == "temperature"
 
 
@@ -93,12 +102,16 @@ def test_fireworks_client(stack, model):
         model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=32
     )
     assert "Paris" in reply.choices[0].message.content
-    completion = client.completions.create(model=model, prompt="1, 2, 3,", max_tokens=6,
-                                           temperature=0)
+    completion = client.completions.create(
+        model=model, prompt="1, 2, 3,", max_tokens=6, temperature=0
+    )
     assert completion.choices[0].text
     streamed = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0,
-        max_tokens=32, stream=True,
+        model=model,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=32,
+        stream=True,
     )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == reply.choices[0].message.content
@@ -110,8 +123,11 @@ def test_sixteen_concurrent_streams_are_batched(stack, model):
 
     async def stream(prompt: str) -> tuple[str, str]:
         chunks = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
-            max_tokens=24, stream=True,
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=24,
+            stream=True,
         )
         text, finish = "", None
         async for chunk in chunks:
@@ -126,9 +142,12 @@ def test_sixteen_concurrent_streams_are_batched(stack, model):
     results = asyncio.run(run_all())
     # Each concurrent answer equals the same request made alone (greedy is deterministic).
     sync = openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
-    for prompt, (text, finish) in zip(prompts[:3], results[:3]):
+    for prompt, (text, finish) in zip(prompts[:3], results[:3], strict=True):
         alone = sync.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=24
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=24,
         ).choices[0]
         assert (text, finish) == (alone.message.content, alone.finish_reason)
     assert all(text and finish in ("stop", "length") for text, finish in results)

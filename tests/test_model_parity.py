@@ -40,7 +40,9 @@ def tokenizer():
 def runner():
     config = loader.load_config("default")
     model = build_model(config, loader.load_weights("default", torch.float32), torch.device("cpu"))
-    pool = KVPool(config, num_tokens=8192, block_size=16, dtype=torch.float32, device=torch.device("cpu"))
+    pool = KVPool(
+        config, num_tokens=8192, block_size=16, dtype=torch.float32, device=torch.device("cpu")
+    )
     return ModelRunner(model, pool, torch.device("cpu"))
 
 
@@ -55,7 +57,9 @@ def reference():
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    rendered = tokenizer.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    rendered = tokenizer.render_chat(
+        [{"role": "user", "content": text}], add_generation_prompt=True
+    )
     return tokenizer.encode(rendered)
 
 
@@ -64,25 +68,27 @@ def generate_batched(runner: ModelRunner, prompts: list[list[int]]):
     blocks = runner.pool.blocks
     tables = [blocks.allocate(-(-(len(p) + NUM_NEW_TOKENS) // 16)) for p in prompts]
     seqs = [list(p) for p in prompts]
-    chunks = [SeqChunk(list(p), 0, t) for p, t in zip(prompts, tables)]
+    chunks = [SeqChunk(list(p), 0, t) for p, t in zip(prompts, tables, strict=True)]
     step_logits = []
     for _ in range(NUM_NEW_TOKENS):
         logits = runner.forward(chunks)
         step_logits.append(logits)
-        for seq, token in zip(seqs, logits.argmax(-1).tolist()):
+        for seq, token in zip(seqs, logits.argmax(-1).tolist(), strict=True):
             seq.append(token)
-        chunks = [SeqChunk([s[-1]], len(s) - 1, t) for s, t in zip(seqs, tables)]
+        chunks = [SeqChunk([s[-1]], len(s) - 1, t) for s, t in zip(seqs, tables, strict=True)]
     for table in tables:
         blocks.free(table)
     # [num_prompts, NUM_NEW_TOKENS, vocab]
-    return [s[len(p) :] for s, p in zip(seqs, prompts)], torch.stack(step_logits, dim=1)
+    return [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)], torch.stack(
+        step_logits, dim=1
+    )
 
 
 def test_greedy_tokens_and_logits_match_transformers(tokenizer, runner, reference):
     prompts = [chat_prompt_ids(tokenizer, text) for text in PROMPTS[:4]]
     prompts += [tokenizer.encode(text) for text in PROMPTS[4:]]
     ours, our_logits = generate_batched(runner, prompts)
-    for i, (prompt, tokens) in enumerate(zip(prompts, ours)):
+    for i, (prompt, tokens) in enumerate(zip(prompts, ours, strict=True)):
         with torch.no_grad():
             forced = reference(torch.tensor([prompt + tokens])).logits[0]
         # Logits that predicted each of our tokens: positions len(prompt)-1 .. end-1.

@@ -79,8 +79,12 @@ class KvPuller:
                 ids = index[chunk.block_offset : chunk.block_offset + chunk.num_blocks]
                 for kv, data in ((0, chunk.k), (1, chunk.v)):
                     tensor = torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
-                    self.cache[chunk.layer, kv, ids] = tensor.to(self.cache.device, self.cache.dtype)
+                    self.cache[chunk.layer, kv, ids] = tensor.to(
+                        self.cache.device, self.cache.dtype
+                    )
                 num_bytes += len(chunk.k) + len(chunk.v)
         except grpc.aio.AioRpcError as exc:
-            raise UnavailableError(f"KV pull from {handle.prefill_address} failed: {exc.details()}")
+            raise UnavailableError(
+                f"KV pull from {handle.prefill_address} failed: {exc.details()}"
+            ) from exc
         return num_bytes

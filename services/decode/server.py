@@ -17,8 +17,8 @@ from services.engine.block_manager import blocks_needed
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError
 from services.grpc_server import serve
-from services.wire import model_info, sampling_from_pb
 from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc
+from services.wire import model_info, sampling_from_pb
 
 MAX_STOP_SEQUENCES = 16
 _FINISH_PB = {

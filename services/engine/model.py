@@ -80,18 +80,13 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
 
         # kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = self._attend(q, k_cache, v_cache, meta)
+        kv_slots = kv_cache.view(2, -1, self.num_kv_heads, self.head_dim)
+        kv_slots.index_copy_(1, meta.slot_mapping, torch.stack((k, v)))
+        out = self._attend(q, kv_cache, meta)
         return self.o_proj(out)
 
     def _attend(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_seqs, max_q = meta.block_tables.shape[0], meta.max_query_len
         group = self.num_heads // self.num_kv_heads
@@ -107,9 +102,10 @@ class Attention(nn.Module):
             .permute(0, 2, 3, 1, 4)
             .reshape(num_seqs, kvh, group * max_q, hd)
         )
-        # [num_seqs, max_blocks, block_size, kvh, hd] -> [num_seqs, kvh, context, hd]
-        keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
-        values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+        # One gather for K and V: [2, num_seqs * max_blocks, block_size * kvh * hd], then
+        # [2, num_seqs, context, kvh, hd] -> K and V as [num_seqs, kvh, context, hd].
+        blocks = kv_cache.flatten(2).index_select(1, meta.block_tables.flatten())
+        keys, values = blocks.view(2, num_seqs, -1, kvh, hd).transpose(2, 3).unbind(0)
         mask = meta.attn_mask
         if group > 1:
             mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).flatten(2, 3)

@@ -50,7 +50,10 @@ class ModelRunner:
         num_blocks = [-(-(c.start_pos + len(c.token_ids)) // bs) for c in chunks]
         max_blocks = max(num_blocks)
         # Padding entries point at block 0; the mask keeps them out of attention.
-        tables = [c.block_table[:n] + [0] * (max_blocks - n) for c, n in zip(chunks, num_blocks)]
+        tables = [
+            c.block_table[:n] + [0] * (max_blocks - n)
+            for c, n in zip(chunks, num_blocks, strict=True)
+        ]
         # Query positions per padded row; padding rows attend to key 0 only (never all-masked).
         query_pos = [
             list(range(c.start_pos, c.start_pos + len(c.token_ids)))

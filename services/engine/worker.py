@@ -3,8 +3,6 @@
 import logging
 import time
 
-import torch
-
 from services.engine import loader
 from services.engine.config import ModelConfig
 from services.engine.device import choose_device, choose_dtype

@@ -145,7 +145,9 @@ class PrefillEngine:
                 if budget == 0:
                     break
                 end = min(len(job.token_ids), job.num_computed + budget)
-                chunk = SeqChunk(job.token_ids[job.num_computed : end], job.num_computed, job.block_table)
+                chunk = SeqChunk(
+                    job.token_ids[job.num_computed : end], job.num_computed, job.block_table
+                )
                 budget -= end - job.num_computed
                 batch.append((job, chunk))
         return batch
@@ -212,7 +214,9 @@ class PrefillEngine:
             log.warning("freed %d KV handles whose lease expired", len(expired))
 
 
-def _resolve(future: asyncio.Future, result: "PrefillResult | Exception", engine: PrefillEngine) -> None:
+def _resolve(
+    future: asyncio.Future, result: "PrefillResult | Exception", engine: PrefillEngine
+) -> None:
     if future.cancelled():
         # The caller is gone: nobody will pull these blocks.
         if isinstance(result, PrefillResult):

@@ -10,9 +10,9 @@ from services import cli
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError, NotFoundError
 from services.grpc_server import serve
-from services.wire import model_info, sampling_from_pb
 from services.prefill.engine import PrefillEngine, PrefillJob
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
+from services.wire import model_info, sampling_from_pb
 
 KV_CHUNK_BYTES = 1 << 20  # per message, far below the gRPC message limit
 
@@ -36,8 +36,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise InvalidArgumentError(f"token ids must be in [0, {config.vocab_size})")
         loop = asyncio.get_running_loop()
         job = PrefillJob(
-            request.request_id, list(request.token_ids), sampling_from_pb(request.sampling),
-            loop.create_future(), loop,
+            request.request_id,
+            list(request.token_ids),
+            sampling_from_pb(request.sampling),
+            loop.create_future(),
+            loop,
         )
         self.engine.submit(job)
         try:
@@ -65,7 +68,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if handle is None:
             raise NotFoundError(f"no KV handle {request.handle_id!r} (expired or pulled)")
         try:
-            for chunk in kv_chunks(self.worker.pool.cache, handle.block_ids, self.worker.dtype_name):
+            for chunk in kv_chunks(
+                self.worker.pool.cache, handle.block_ids, self.worker.dtype_name
+            ):
                 yield chunk
         finally:
             self.engine.free_blocks(handle.block_ids)
@@ -79,7 +84,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             service="prefill",
             instance=self.address,
             model=model_info(
-                self.worker.config, self.worker.dtype_name, str(self.worker.device),
+                self.worker.config,
+                self.worker.dtype_name,
+                str(self.worker.device),
                 self.worker.pool.block_size,
             ),
             limits=common_pb2.Limits(

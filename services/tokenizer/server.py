@@ -19,7 +19,9 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
-    def __init__(self, tokenizer: Tokenizer, config: ModelConfig, address: str, threads: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, config: ModelConfig, address: str, threads: int
+    ) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.address = address
