@@ -8,7 +8,7 @@ import grpc
 import torch
 
 from services.decode.engine import DecodeEngine
-from services.errors import InvalidArgumentError, UnavailableError
+from services.errors import UnavailableError
 from services.grpc_server import CHANNEL_OPTIONS
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
 
@@ -45,11 +45,6 @@ class KvPuller:
             pass
 
     async def pull(self, handle: common_pb2.KvHandle) -> PulledKv:
-        if handle.block_size != self.engine.blocks.block_size:
-            raise InvalidArgumentError(
-                f"KV block size {handle.block_size} differs from decode's "
-                f"{self.engine.blocks.block_size}"
-            )
         block_ids = await self._allocate(handle.num_blocks)
         start = time.monotonic_ns()
         try:

@@ -1,6 +1,7 @@
 """Decode service: pulls KV, batches generation, streams tokens with their text."""
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -41,6 +42,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.address = address
         self.tokenizer = tokenizer
         self.puller = KvPuller(engine)
+        # Requests with a Generate stream open, by request id, for Abort.
+        self._active: dict[str, Sequence] = {}
 
     def _new_sequence(self, request: decode_pb2.GenerateRequest) -> Sequence:
         config = self.worker.config
@@ -49,9 +52,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidArgumentError("stopping.max_tokens must be at least 1")
         if len(stopping.stop) > MAX_STOP_SEQUENCES:
             raise InvalidArgumentError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        self._check_prompt(request)
         num_prompt = len(request.prompt_token_ids)
-        if num_prompt != request.kv_handle.num_tokens or num_prompt == 0:
-            raise InvalidArgumentError("prompt_token_ids must match the KV handle's tokens")
         max_len = min(num_prompt + stopping.max_tokens, config.max_position_embeddings)
         if blocks_needed(max_len, self.engine.blocks.block_size) > self.engine.blocks.num_blocks:
             raise InvalidArgumentError(
@@ -72,6 +74,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             outputs=asyncio.Queue(),
         )
 
+    def _check_prompt(self, request: decode_pb2.GenerateRequest) -> None:
+        """Before anything is pulled: the handle must hold the prompt in decode's block size,
+        and every id must be in the vocabulary (a bad id would fail the whole batch's step)."""
+        handle, block_size = request.kv_handle, self.engine.blocks.block_size
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt != handle.num_tokens or num_prompt == 0:
+            raise InvalidArgumentError("prompt_token_ids must match the KV handle's tokens")
+        if handle.block_size != block_size:
+            raise InvalidArgumentError(
+                f"KV block size {handle.block_size} differs from decode's {block_size}"
+            )
+        if handle.num_blocks != blocks_needed(num_prompt, block_size):
+            raise InvalidArgumentError(
+                f"a KV handle for {num_prompt} tokens has {blocks_needed(num_prompt, block_size)} "
+                f"blocks, not {handle.num_blocks}"
+            )
+        vocab_size = self.worker.config.vocab_size
+        token_ids = [*request.prompt_token_ids, request.first_token_id]
+        if any(not 0 <= t < vocab_size for t in token_ids):
+            raise InvalidArgumentError(f"token ids must be in [0, {vocab_size})")
+
     async def Generate(self, request, context) -> AsyncIterator[decode_pb2.GenerateResponse]:
         received_ns = time.monotonic_ns()
         try:
@@ -79,6 +102,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         except InvalidArgumentError:
             await self.puller.release(request.kv_handle)
             raise
+        self._active[seq.request_id] = seq
+        try:
+            # aclosing: a cancelled call closes the inner generator now, not when collected.
+            responses = self._generate(seq, request, context, received_ns)
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
+        finally:
+            if self._active.get(seq.request_id) is seq:
+                del self._active[seq.request_id]
+
+    async def _generate(
+        self, seq: Sequence, request, context, received_ns: int
+    ) -> AsyncIterator[decode_pb2.GenerateResponse]:
         text = TextStream(self.tokenizer, list(request.stopping.stop))
         first = request.first_token_id
         finish = seq.stop.check(first, 1, len(seq.token_ids))
@@ -95,6 +132,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             first_step = True
             while finish is None:
                 token_id, finish = await seq.outputs.get()
+                if token_id is None:
+                    await context.abort(grpc.StatusCode.CANCELLED, "aborted by an Abort call")
                 if finish is Finish.ABORT:
                     await context.abort(grpc.StatusCode.INTERNAL, "decode step failed")
                 response, finish = self._response(seq, text, token_id, finish)
@@ -106,7 +145,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 yield response
         finally:
             if seq.finish is None:
-                # Client gone or a stop string matched: leave the batch at the next step.
+                # Client gone, a stop string matched or Abort called: leave the batch at the
+                # next step.
                 self.engine.abort(seq.request_id)
 
     def _response(
@@ -126,7 +166,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         )
 
     async def Abort(self, request, context):
-        self.engine.abort(request.request_id)
+        seq = self._active.get(request.request_id)
+        if seq is None:
+            return decode_pb2.AbortResponse(aborted=False)
+        # Ends the request's stream; its handler then takes the sequence out of the batch.
+        seq.outputs.put_nowait((None, Finish.ABORT))
         return decode_pb2.AbortResponse(aborted=True)
 
     async def Info(self, request, context):

@@ -1,0 +1,51 @@
+"""The default model run directly in the test process, to check what the services compute."""
+
+import torch
+
+from services.engine import loader
+from services.engine.kv_pool import KVPool
+from services.engine.model import build_model
+from services.engine.runner import ModelRunner, SeqChunk
+
+
+class Reference:
+    """The default model run directly (float32, CPU), as the services run it."""
+
+    def __init__(self, num_tokens: int = 4096, block_size: int = 16) -> None:
+        self.config = loader.load_config("default")
+        weights = loader.load_weights("default", torch.float32)
+        cpu = torch.device("cpu")
+        model = build_model(self.config, weights, cpu)
+        self.pool = KVPool(self.config, num_tokens, block_size, torch.float32, cpu)
+        self.runner = ModelRunner(model, self.pool, cpu)
+        self.block_size = block_size
+
+    def _allocate(self, num_tokens: int) -> list[int]:
+        return self.pool.blocks.allocate(-(-num_tokens // self.block_size))
+
+    def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """Greedy tokens after `prompt`: the whole prompt in one pass, then one per step."""
+        table = self._allocate(len(prompt) + max_tokens)
+        eos = set(self.config.eos_token_ids)
+        tokens: list[int] = []
+        chunk = SeqChunk(list(prompt), 0, table)
+        try:
+            while len(tokens) < max_tokens and not eos.intersection(tokens[-1:]):
+                with torch.no_grad():
+                    tokens.append(int(self.runner.forward([chunk]).argmax(-1)))
+                chunk = SeqChunk(tokens[-1:], len(prompt) + len(tokens) - 1, table)
+        finally:
+            self.pool.blocks.free(table)
+        return tokens
+
+    def prompt_kv(self, prompt: list[int]) -> torch.Tensor:
+        """The prompt's KV: [num_layers, 2, num_tokens, num_kv_heads, head_dim]."""
+        table = self._allocate(len(prompt))
+        try:
+            with torch.no_grad():
+                self.runner.forward([SeqChunk(list(prompt), 0, table)])
+            # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+            kv = self.pool.cache[:, :, table].clone()
+        finally:
+            self.pool.blocks.free(table)
+        return kv.flatten(2, 3)[:, :, : len(prompt)]

@@ -1,0 +1,57 @@
+"""Session fixtures for the service tests, a plugin: `pytest_plugins = ["tests.grpc_fixtures"]`.
+
+The services start once per session (model loading dominates) and stop with SIGTERM at the
+end, which must be clean: exit code 0 or -SIGTERM, no child left, the ports closed.
+"""
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from services.engine import loader
+from services.engine.tokenizer import Tokenizer
+from tests.engine_reference import Reference
+from tests.grpc_stack import (
+    DECODE_KV_TOKENS,
+    ENGINE_ARGS,
+    MAX_BATCH,
+    PREFILL_KV_TOKENS,
+    Stack,
+    port_open,
+    start_service,
+)
+
+
+@pytest.fixture(scope="session")
+def services_stack() -> Iterator[Stack]:
+    kv = "--kv-cache-tokens"
+    services = {
+        "tokenizer": start_service("tokenizer", "--threads", "1"),
+        "prefill": start_service("prefill", *ENGINE_ARGS, kv, str(PREFILL_KV_TOKENS)),
+        "decode": start_service(
+            "decode", *ENGINE_ARGS, kv, str(DECODE_KV_TOKENS), "--max-batch-size", str(MAX_BATCH)
+        ),
+        # Frees an unpulled handle after one second.
+        "prefill_short": start_service("prefill", *ENGINE_ARGS, kv, "512", "--kv-lease-s", "1"),
+    }
+    try:
+        for service in services.values():
+            service.wait_ready()
+        stack = Stack(services)
+        yield stack
+        stack.close()
+    finally:
+        codes = {name: service.stop() for name, service in services.items()}
+    assert all(code in (0, -signal.SIGTERM) for code in codes.values()), codes
+    assert not [s.address for s in services.values() if port_open(s.address)]
+
+
+@pytest.fixture(scope="session")
+def engine_reference() -> Reference:
+    return Reference()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer() -> Tokenizer:
+    return loader.load_tokenizer("default")
