@@ -143,10 +143,12 @@ def start(args: argparse.Namespace) -> list[Child]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def on_sigterm(signum, frame) -> None:
+    def on_stop_signal(signum, frame) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # Installed explicitly: a launcher started in the background inherits SIGINT ignored.
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
     children = start(args)
     try:
         wait_healthy(children, args.startup_timeout)
