@@ -46,9 +46,26 @@ LengthBehavior = Literal["truncate", "error"] | None
 
 
 class _GenerationRequest(_Strict):
-    """Validators shared by both endpoints; each subclass declares its fields in doc order."""
+    """The fields and validators both endpoints share; subclasses add the prompt or messages."""
 
-    @field_validator("n", check_fields=False)
+    model: str
+    max_tokens: MaxTokens = None
+    max_completion_tokens: MaxTokens = None
+    n: int | None = None
+    seed: Seed = None
+    stop: list[str] = Field(default_factory=list)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    user: str | None = None
+    # Fireworks extensions.
+    top_k: TopK = None
+    ignore_eos: bool | None = None
+    context_length_exceeded_behavior: LengthBehavior = None
+    perf_metrics_in_response: bool | None = None
+
+    @field_validator("n")
     @classmethod
     def _only_one_choice(cls, value: int | None) -> int | None:
         if value is not None and not 1 <= value <= MAX_N:
@@ -57,7 +74,7 @@ class _GenerationRequest(_Strict):
             raise unsupported("n > 1 is not supported yet.")
         return value
 
-    @field_validator("stop", mode="before", check_fields=False)
+    @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value: Any) -> list[str]:
         if value is None:
@@ -73,23 +90,7 @@ class _GenerationRequest(_Strict):
 
 
 class CompletionRequest(_GenerationRequest):
-    model: str
     prompt: str | TokenIds
-    max_tokens: MaxTokens = None
-    n: int | None = None
-    seed: Seed = None
-    stop: list[str] = Field(default_factory=list)
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    temperature: Temperature = None
-    top_p: TopP = None
-    user: str | None = None
-    # Fireworks extensions.
-    top_k: TopK = None
-    max_completion_tokens: MaxTokens = None
-    ignore_eos: bool | None = None
-    context_length_exceeded_behavior: LengthBehavior = None
-    perf_metrics_in_response: bool | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -124,22 +125,6 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str
-    max_completion_tokens: MaxTokens = None
-    max_tokens: MaxTokens = None
-    n: int | None = None
-    seed: Seed = None
-    stop: list[str] = Field(default_factory=list)
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    temperature: Temperature = None
-    top_p: TopP = None
-    user: str | None = None
-    # Fireworks extensions.
-    top_k: TopK = None
-    ignore_eos: bool | None = None
-    context_length_exceeded_behavior: LengthBehavior = None
-    perf_metrics_in_response: bool | None = None
 
 
 def normalize_prompt(value: Any) -> str | TokenIds:

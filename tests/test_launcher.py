@@ -1,7 +1,6 @@
 """The launcher starts four healthy processes and leaves none behind when stopped."""
 
 import os
-import pathlib
 import signal
 import time
 
@@ -9,19 +8,7 @@ import httpx
 import pytest
 
 from tests.conftest import start_stack
-
-
-def child_pids(pid: int) -> list[int]:
-    children = pathlib.Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in children.read_text().split()]
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+from tests.grpc_stack import alive, child_pids
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
