@@ -2,11 +2,19 @@
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from frontend.errors import internal_error, invalid_request
 from frontend.metrics import RequestMetrics
-from frontend.stage_types import ChatTurn, Prefilled, Sampling, Stopping, TokenDelta, Tokenized
+from frontend.stage_types import (
+    ChatTurn,
+    Prefilled,
+    PromptCache,
+    Sampling,
+    Stopping,
+    TokenDelta,
+    Tokenized,
+)
 from frontend.stages import DecodeStream, StageClients
 
 logger = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ class GenerationSettings:
     ignore_eos: bool = False
     # context_length_exceeded_behavior="error": refuse instead of lowering max_tokens.
     error_on_overflow: bool = False
+    cache: PromptCache = field(default_factory=PromptCache)
 
 
 @dataclass(slots=True)
@@ -190,7 +199,10 @@ class Pipeline:
         max_tokens = fit_max_tokens(
             len(tokenized.token_ids), settings, limits.max_model_len, source.param
         )
-        prefilled = await self._stages.prefill(request_id, tokenized.token_ids, settings.sampling)
+        prefilled = await self._stages.prefill(
+            request_id, tokenized.token_ids, settings.sampling, settings.cache
+        )
+        metrics.cached_prompt_tokens = prefilled.num_cached_tokens
         metrics.prefill_queue_ns = prefilled.queue_ns
         metrics.prefill_ns = prefilled.compute_ns
         stopping = Stopping(max_tokens, settings.stop, settings.ignore_eos)

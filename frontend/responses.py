@@ -6,11 +6,12 @@ from typing import Any, Protocol
 JsonObject = dict[str, Any]
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> JsonObject:
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int) -> JsonObject:
     return {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
     }
 
 

@@ -64,6 +64,8 @@ class _GenerationRequest(_Strict):
     ignore_eos: bool | None = None
     context_length_exceeded_behavior: LengthBehavior = None
     perf_metrics_in_response: bool | None = None
+    prompt_cache_isolation_key: str | None = None
+    prompt_cache_max_len: Annotated[int | None, Field(ge=0, le=INT32_MAX)] = None
 
     @field_validator("n")
     @classmethod

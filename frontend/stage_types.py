@@ -1,12 +1,15 @@
-"""What the frontend sends to and gets from the stages, free of protobuf.
+"""What the frontend sends to and gets from the stages.
 
-`frontend.stages` converts these at the RPC edge; everything above it sees only dataclasses.
+`frontend.stages` converts these at the RPC edge; everything above it sees dataclasses. The
+one protobuf message here is the KV handle, which the frontend carries from prefill to
+decode without looking inside.
 """
 
 from dataclasses import dataclass, field
 
-STAGE_NAMES = ("tokenizer", "prefill", "decode")
+from services.rpc import common_pb2
 
+STAGE_NAMES = ("tokenizer", "prefill", "decode")
 
 @dataclass(slots=True)
 class ChatTurn:
@@ -38,21 +41,21 @@ class Stopping:
 
 
 @dataclass(slots=True)
-class KvHandle:
-    prefill_address: str
-    handle_id: str
-    num_tokens: int
-    num_blocks: int
-    block_size: int
-    lease_ms: int
-
-
-@dataclass(slots=True)
 class Prefilled:
-    kv_handle: KvHandle
+    # Opaque to the frontend: prefill's answer, handed to decode as it came.
+    kv_handle: common_pb2.KvHandle
     first_token_id: int
     queue_ns: int
     compute_ns: int
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class PromptCache:
+    """How the prompt may use the prefix cache: a salt that isolates it, a length cap."""
+
+    isolation_key: str = ""
+    max_tokens: int | None = None  # None: no cap
 
 
 @dataclass(slots=True)

@@ -17,9 +17,9 @@ from frontend.rpc_errors import rpc_errors
 from frontend.stage_types import (
     STAGE_NAMES,
     ChatTurn,
-    KvHandle,
     ModelLimits,
     Prefilled,
+    PromptCache,
     Sampling,
     Stopping,
     TokenDelta,
@@ -143,18 +143,26 @@ class StageClients:
             )
         return Tokenized(list(response.token_ids), response.queue_ns, response.duration_ns)
 
-    async def prefill(self, request_id: str, token_ids: list[int], sampling: Sampling) -> Prefilled:
+    async def prefill(
+        self, request_id: str, token_ids: list[int], sampling: Sampling, cache: PromptCache
+    ) -> Prefilled:
         self.start()
         request = prefill_pb2.PrefillRequest(
-            request_id=request_id, token_ids=token_ids, sampling=_sampling_pb(sampling)
+            request_id=request_id,
+            token_ids=token_ids,
+            sampling=_sampling_pb(sampling),
+            cache_salt=cache.isolation_key,
+            cache_max_tokens=cache.max_tokens,  # None leaves the optional field unset
         )
         with rpc_errors("prefill"):
             response = await self._prefill.Prefill(request)
-        h = response.kv_handle
-        handle = KvHandle(
-            h.prefill_address, h.handle_id, h.num_tokens, h.num_blocks, h.block_size, h.lease_ms
+        return Prefilled(
+            response.kv_handle,
+            response.first_token_id,
+            response.queue_ns,
+            response.compute_ns,
+            response.num_cached_tokens,
         )
-        return Prefilled(handle, response.first_token_id, response.queue_ns, response.compute_ns)
 
     def generate(
         self,
@@ -165,17 +173,9 @@ class StageClients:
         stopping: Stopping,
     ) -> DecodeStream:
         self.start()
-        h = prefilled.kv_handle
         request = decode_pb2.GenerateRequest(
             request_id=request_id,
-            kv_handle=common_pb2.KvHandle(
-                prefill_address=h.prefill_address,
-                handle_id=h.handle_id,
-                num_tokens=h.num_tokens,
-                num_blocks=h.num_blocks,
-                block_size=h.block_size,
-                lease_ms=h.lease_ms,
-            ),
+            kv_handle=prefilled.kv_handle,
             prompt_token_ids=prompt_token_ids,
             first_token_id=prefilled.first_token_id,
             sampling=_sampling_pb(sampling),

@@ -43,7 +43,11 @@ async def sse_events(
             if delta.text:
                 yield sse(shape.delta_chunk(delta.text))
             if delta.finish_reason is not None:
-                totals = usage(generation.num_prompt_tokens, generation.num_generated)
+                totals = usage(
+                    generation.num_prompt_tokens,
+                    generation.num_generated,
+                    generation.metrics.cached_prompt_tokens,
+                )
                 final = shape.final_chunk(delta.finish_reason, totals)
                 if perf_metrics_in_response:
                     final["perf_metrics"] = generation.metrics.as_dict()

@@ -29,8 +29,6 @@ COMMON_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
     "response_format": (None, {"type": "text"}),
     "raw_output": (None, False),
     "return_token_ids": (None, False),
-    "prompt_cache_max_len": (None,),
-    "prompt_cache_isolation_key": (None,),
     "prompt_cache_key": (None,),
     "speculation": (None,),
     "prediction": (None,),

@@ -4,6 +4,7 @@ import argparse
 import logging
 
 from services.engine.loader import DEFAULT_MODEL
+from services.engine.worker import WorkerOptions
 
 
 def base_parser(description: str, default_port: int) -> argparse.ArgumentParser:
@@ -27,11 +28,33 @@ def engine_parser(
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument(
-        "--kv-cache-tokens", type=int, default=kv_cache_tokens, help="KV pool size in tokens"
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--kv-cache-tokens", type=int, help=f"KV pool size in tokens (default {kv_cache_tokens})"
     )
+    size.add_argument(
+        "--kv-cache-memory-fraction",
+        type=float,
+        help="KV pool size as a share of the free device (or host) memory at start",
+    )
+    parser.set_defaults(default_kv_cache_tokens=kv_cache_tokens)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     return parser
+
+
+def worker_options(args: argparse.Namespace, shared_kv: bool = False) -> WorkerOptions:
+    tokens = args.kv_cache_tokens
+    if tokens is None and args.kv_cache_memory_fraction is None:
+        tokens = args.default_kv_cache_tokens
+    return WorkerOptions(
+        model=args.model,
+        kv_cache_tokens=tokens,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        block_size=args.block_size,
+        device=args.device,
+        dtype=args.dtype,
+        shared_kv=shared_kv,
+    )
 
 
 def setup_logging(level: str) -> None:

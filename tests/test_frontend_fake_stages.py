@@ -68,7 +68,11 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
         self.requests.append(request)
         handle = common_pb2.KvHandle(handle_id=f"kv-{request.request_id}", num_tokens=3)
         return prefill_pb2.PrefillResponse(
-            kv_handle=handle, first_token_id=ord("a"), queue_ns=3000, compute_ns=4000
+            kv_handle=handle,
+            first_token_id=ord("a"),
+            queue_ns=3000,
+            compute_ns=4000,
+            num_cached_tokens=2,
         )
 
     def Release(self, request, context):  # noqa: N802

@@ -27,7 +27,7 @@ STAGE_HEADERS = {
     "fireworks-prefill-duration": "0.000004",
     "fireworks-generation-queue-duration": "0.000005",
     "fireworks-kv-transfer-duration": "0.000006",
-    "fireworks-cached-prompt-tokens": "0",
+    "fireworks-cached-prompt-tokens": "2",
     "fireworks-backend-host": "fake-decode",
 }
 
@@ -82,7 +82,12 @@ def test_completion(client: TestClient, fakes: FakeStages) -> None:
     assert result["choices"] == [
         {"index": 0, "text": "abcde", "logprobs": None, "finish_reason": "length"}
     ]
-    assert result["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
+    assert result["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 5,
+        "total_tokens": 11,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
     assert "perf_metrics" not in result
     for name, value in STAGE_HEADERS.items():
         assert response.headers[name] == value
@@ -152,7 +157,12 @@ def test_completion_stream(client: TestClient) -> None:
     assert "".join(e["choices"][0]["text"] for e in deltas) == "abc"
     assert all(e["choices"][0]["finish_reason"] is None for e in deltas)
     assert final["choices"][0]["finish_reason"] == "length"
-    usage = {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    usage = {
+        "prompt_tokens": 6,
+        "completion_tokens": 3,
+        "total_tokens": 9,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
     assert final["usage"] == usage
     assert final["perf_metrics"]["prompt-tokens"] == "6"
     assert "server-processing-time" in final["perf_metrics"]

@@ -19,7 +19,7 @@ from frontend.metrics import RequestMetrics
 from frontend.pipeline import GenerationSettings, PromptSource
 from frontend.responses import ResponseShape, usage
 from frontend.schemas import ChatCompletionRequest, CompletionRequest
-from frontend.stage_types import Sampling
+from frontend.stage_types import PromptCache, Sampling
 from frontend.streaming import SSEResponse, sse_events
 
 T = TypeVar("T")
@@ -68,6 +68,10 @@ def settings_from(
         stop=request.stop,
         ignore_eos=bool(request.ignore_eos),
         error_on_overflow=request.context_length_exceeded_behavior == "error",
+        cache=PromptCache(
+            isolation_key=request.prompt_cache_isolation_key or "",
+            max_tokens=request.prompt_cache_max_len,
+        ),
     )
 
 
@@ -118,7 +122,11 @@ async def respond(
     finally:
         generation.close()
         state.in_flight.leave()
-    totals = usage(completion.num_prompt_tokens, completion.num_completion_tokens)
+    totals = usage(
+        completion.num_prompt_tokens,
+        completion.num_completion_tokens,
+        metrics.cached_prompt_tokens,
+    )
     body = shape.body(completion.text, completion.finish_reason, totals)
     if job.perf_metrics_in_response:
         body["perf_metrics"] = metrics.as_dict()

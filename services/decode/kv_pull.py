@@ -1,4 +1,9 @@
-"""Pulls a prompt's KV blocks from the prefill instance named in its handle."""
+"""Brings a prompt's KV into decode's pool, moving only the blocks decode does not hold.
+
+Leading blocks found in decode's own prefix cache (same hash chain as prefill's) are
+reused. The rest is copied straight out of prefill's pool when it is mapped in shared
+memory on this host, else streamed over gRPC (PullKv).
+"""
 
 import asyncio
 import time
@@ -8,6 +13,7 @@ import grpc
 import torch
 
 from services.decode.engine import DecodeEngine
+from services.engine import shm_storage
 from services.errors import UnavailableError
 from services.grpc_server import CHANNEL_OPTIONS
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -19,15 +25,19 @@ _BLOCK_WAIT_S = 0.005
 @dataclass(slots=True)
 class PulledKv:
     block_ids: list[int]
+    num_reused_blocks: int
     num_bytes: int
     duration_ns: int
+    transport: str  # "grpc", "shm" or "none"
 
 
 class KvPuller:
     def __init__(self, engine: DecodeEngine) -> None:
         self.engine = engine
+        self.blocks = engine.blocks
         self.cache = engine.worker.pool.cache
         self._stubs: dict[str, prefill_pb2_grpc.PrefillStub] = {}
+        self._shared_pools: dict[tuple[str, str], torch.Tensor | None] = {}
 
     def stub(self, address: str) -> prefill_pb2_grpc.PrefillStub:
         if address not in self._stubs:
@@ -44,39 +54,98 @@ class KvPuller:
         except grpc.aio.AioRpcError:
             pass
 
-    async def pull(self, handle: common_pb2.KvHandle) -> PulledKv:
-        block_ids = await self._allocate(handle.num_blocks)
+    async def pull(self, handle: common_pb2.KvHandle, prompt_ids: list[int]) -> PulledKv:
+        with self.engine.lock:
+            reused = self.blocks.match_prefix(list(handle.block_hashes), prompt_ids)
         start = time.monotonic_ns()
+        new_blocks: list[int] = []
         try:
-            num_bytes = await self._receive(handle, block_ids)
+            new_blocks = await self._allocate(handle.num_blocks - len(reused))
+            if not new_blocks:
+                await self.release(handle)
+                num_bytes, transport = 0, "none"
+            elif (source := self._shared_pool(handle)) is not None:
+                num_bytes = await self._copy_shared(handle, source, len(reused), new_blocks)
+                transport = "shm"
+            else:
+                num_bytes = await self._stream(handle, len(reused), new_blocks)
+                transport = "grpc"
         except BaseException:
             with self.engine.lock:
-                self.engine.blocks.free(block_ids)
+                self.blocks.free(reused + new_blocks)
             raise
-        return PulledKv(block_ids, num_bytes, time.monotonic_ns() - start)
+        block_ids = reused + new_blocks
+        self._register(handle, prompt_ids, block_ids, len(reused))
+        duration = time.monotonic_ns() - start
+        return PulledKv(block_ids, len(reused), num_bytes, duration, transport)
+
+    def _register(self, handle, prompt_ids: list[int], block_ids: list[int], start: int) -> None:
+        size = self.blocks.block_size
+        with self.engine.lock:
+            for i in range(start, len(handle.block_hashes)):
+                tokens = prompt_ids[i * size : (i + 1) * size]
+                self.blocks.register(block_ids[i], handle.block_hashes[i], tokens)
 
     async def _allocate(self, num_blocks: int) -> list[int]:
         # Waits while the pool is full; running sequences finish and free blocks.
         while True:
             with self.engine.lock:
-                if self.engine.blocks.can_allocate(num_blocks):
-                    return self.engine.blocks.allocate(num_blocks)
+                if self.blocks.can_allocate(num_blocks):
+                    return self.blocks.allocate(num_blocks)
             await asyncio.sleep(_BLOCK_WAIT_S)
 
-    async def _receive(self, handle: common_pb2.KvHandle, block_ids: list[int]) -> int:
+    def _shared_pool(self, handle: common_pb2.KvHandle) -> torch.Tensor | None:
+        if not handle.shm_path or self.cache.device.type != "cpu":
+            return None
+        key = (handle.shm_path, handle.shm_pool_id)
+        if key not in self._shared_pools:
+            self._shared_pools[key] = shm_storage.open_readonly(*key)
+        return self._shared_pools[key]
+
+    async def _copy_shared(
+        self, handle: common_pb2.KvHandle, source: torch.Tensor, first: int, dst_blocks: list[int]
+    ) -> int:
+        src = torch.tensor(list(handle.block_ids)[first:], dtype=torch.long)
+        dst = torch.tensor(dst_blocks, dtype=torch.long)
+
+        def copy() -> int:
+            # [layers, 2, blocks, block_size, kv_heads, head_dim], blocks picked on dim 2
+            moved = source.index_select(2, src)
+            self.cache.index_copy_(2, dst, moved.to(self.cache.dtype))
+            return moved.numel() * moved.element_size()
+
+        try:
+            num_bytes = await asyncio.to_thread(copy)
+        finally:
+            # The blocks were pinned from the handle's creation until this Release: if it
+            # finds the handle, nothing overwrote them while they were copied.
+            released = await self._release_pinned(handle)
+        if not released:
+            raise UnavailableError(f"KV handle {handle.handle_id!r} is unknown or expired")
+        return num_bytes
+
+    async def _release_pinned(self, handle: common_pb2.KvHandle) -> bool:
+        request = prefill_pb2.ReleaseRequest(handle_id=handle.handle_id)
+        try:
+            reply = await self.stub(handle.prefill_address).Release(request, timeout=5)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.released
+
+    async def _stream(self, handle: common_pb2.KvHandle, first: int, dst_blocks: list[int]) -> int:
         num_bytes = 0
-        index = torch.tensor(block_ids, device=self.cache.device)
-        request = prefill_pb2.PullKvRequest(handle_id=handle.handle_id)
+        index = torch.tensor(dst_blocks, device=self.cache.device)
+        request = prefill_pb2.PullKvRequest(handle_id=handle.handle_id, first_block=first)
         try:
             async for chunk in self.stub(handle.prefill_address).PullKv(request):
                 dtype = getattr(torch, chunk.dtype)
                 shape = tuple(chunk.shape)
-                ids = index[chunk.block_offset : chunk.block_offset + chunk.num_blocks]
+                offset = chunk.block_offset - first
+                ids = index[offset : offset + chunk.num_blocks]
                 for kv, data in ((0, chunk.k), (1, chunk.v)):
                     tensor = torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
-                    self.cache[chunk.layer, kv, ids] = tensor.to(
-                        self.cache.device, self.cache.dtype
-                    )
+                    tensor = tensor.to(self.cache.device, self.cache.dtype)
+                    self.cache[chunk.layer, kv, ids] = tensor
                 num_bytes += len(chunk.k) + len(chunk.v)
         except grpc.aio.AioRpcError as exc:
             raise UnavailableError(

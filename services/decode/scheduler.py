@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from services.decode.sequence import Finish, Sequence
+from services.engine.block_hash import hash_block
 from services.engine.block_manager import BlockManager, blocks_needed
 
 
@@ -83,6 +84,7 @@ class Scheduler:
             seq = item.seq
             samples = item.samples
             seq.num_cached += item.num_tokens
+            self._cache_full_blocks(seq)
             if not samples:
                 continue
             token_id = next(tokens)
@@ -93,6 +95,15 @@ class Scheduler:
                 self._release(seq, finish)
             outputs.append((seq, token_id, finish))
         return outputs
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Offers each block the sequence has just filled to the prefix cache."""
+        hashes, size = seq.block_hashes, self.blocks.block_size
+        while hashes and (len(hashes) + 1) * size <= seq.num_cached:
+            i = len(hashes)
+            tokens = seq.token_ids[i * size : (i + 1) * size]
+            hashes.append(hash_block(hashes[-1], tokens))
+            self.blocks.register(seq.block_table[i], hashes[-1], tokens)
 
     def _reserve(self, seq: Sequence, victims: deque[Sequence] | None) -> bool:
         """Allocates blocks for all of `seq`'s tokens, preempting the newest victims if needed."""

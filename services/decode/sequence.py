@@ -42,6 +42,9 @@ class Sequence:
     finish: Finish | None = None
     # Where the engine delivers (token_id, finish) pairs; owned by the request's handler.
     outputs: Any = None
+    # Prefix-cache hashes of the sequence's full blocks so far; generated blocks extend the
+    # chain as they fill. Empty: the sequence's blocks are not offered to the cache.
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_generated(self) -> int:

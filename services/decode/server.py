@@ -35,6 +35,13 @@ def deliver(outputs: list[tuple[Sequence, int, Finish | None]]) -> None:
         seq.outputs.put_nowait((token_id, finish))
 
 
+def _extendable_chain(handle: common_pb2.KvHandle, block_size: int) -> list[bytes]:
+    """The prompt's hash chain when it covers every full prompt block, so that generated
+    blocks can extend it; else nothing (the request capped what may be cached)."""
+    hashes = list(handle.block_hashes)
+    return hashes if len(hashes) == handle.num_tokens // block_size else []
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, engine: DecodeEngine, address: str, tokenizer) -> None:
         self.engine = engine
@@ -72,6 +79,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 ignore_eos=stopping.ignore_eos,
             ),
             outputs=asyncio.Queue(),
+            block_hashes=_extendable_chain(request.kv_handle, self.engine.blocks.block_size),
         )
 
     def _check_prompt(self, request: decode_pb2.GenerateRequest) -> None:
@@ -125,7 +133,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             yield response
             return
         yield response
-        pulled = await self.puller.pull(request.kv_handle)
+        pulled = await self.puller.pull(request.kv_handle, seq.token_ids[: seq.num_prompt_tokens])
         seq.block_table, seq.num_cached = pulled.block_ids, seq.num_prompt_tokens
         self.engine.add(seq)
         try:
@@ -141,6 +149,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     response.queue_ns = seq.joined_ns - received_ns
                     response.kv_transfer_ns = pulled.duration_ns
                     response.kv_bytes = pulled.num_bytes
+                    response.kv_transport = pulled.transport
+                    response.num_reused_blocks = pulled.num_reused_blocks
                     first_step = False
                 yield response
         finally:
@@ -202,7 +212,7 @@ def main() -> None:
     cli.setup_logging(args.log_level)
     if args.threads:
         torch.set_num_threads(args.threads)
-    worker = Worker(args.model, args.kv_cache_tokens, args.block_size, args.device, args.dtype)
+    worker = Worker(cli.worker_options(args))
     tokenizer = loader.load_tokenizer(args.model)
     engine = DecodeEngine(worker, args.max_batch_size, args.max_step_tokens)
 

@@ -1,6 +1,17 @@
-"""Paged KV block bookkeeping: pure Python, no torch, so it is tested without a model."""
+"""Paged KV block bookkeeping with a prefix cache: pure Python, no torch, so it is tested
+without a model.
 
-from collections import deque
+Every block is in exactly one of three states:
+- in use: `ref_counts[b] > 0`; it may also hold a registered hash;
+- cached: ref 0 but still holding a registered hash, waiting in the LRU eviction queue;
+- never-cached free: ref 0, no hash, in the free list.
+Cached blocks count as free: `allocate` evicts them lazily, only once the free list is
+empty, so their KV stays reusable for as long as nobody needs the memory.
+"""
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -11,36 +22,63 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-class BlockManager:
-    """Hands out fixed-size KV blocks with reference counts.
+@dataclass(slots=True)
+class _CacheEntry:
+    block_hash: bytes
+    token_ids: tuple[int, ...]  # exactly block_size ids, compared on every hit
 
-    A block is free exactly when its reference count is zero; `n > 1` forks and
-    pinned handles share blocks by holding references.
+
+class BlockManager:
+    """Hands out fixed-size KV blocks with reference counts and a prefix cache.
+
+    `n > 1` forks and pinned handles share blocks by holding references. Callers that
+    never `register` blocks see the plain allocator: no block ever becomes cached.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
+        self.num_queries = 0  # blocks asked for by match_prefix
+        self.num_hits = 0  # blocks match_prefix returned
+        # FIFO: untouched blocks lowest id first, then freed blocks in release order.
         self._free: deque[int] = deque(range(num_blocks))
+        # Cached ref-0 blocks, least recently freed first: the eviction order.
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        # Invariant: _by_hash[h] == b  <=>  _entries[b].block_hash == h.
+        self._entries: dict[int, _CacheEntry] = {}
+        self._by_hash: dict[bytes, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks `allocate` can hand out now, evictable cached ones included."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Unreferenced blocks still holding a hash (each one evictable)."""
+        return len(self._evictable)
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+        return num_blocks <= self.num_free_blocks
 
     def allocate(self, num_blocks: int) -> list[int]:
-        if num_blocks > len(self._free):
-            raise NoFreeBlocksError(f"need {num_blocks} blocks, {len(self._free)} free")
-        block_ids = [self._free.popleft() for _ in range(num_blocks)]
-        for block_id in block_ids:
+        """Fresh blocks with ref 1: never-cached ones first, then the LRU cached ones."""
+        if num_blocks > self.num_free_blocks:
+            raise NoFreeBlocksError(f"need {num_blocks} blocks, {self.num_free_blocks} free")
+        block_ids = []
+        for _ in range(num_blocks):
+            if self._free:
+                block_id = self._free.popleft()
+            else:
+                block_id, _ = self._evictable.popitem(last=False)
+                self._forget(block_id)
             self.ref_counts[block_id] = 1
+            block_ids.append(block_id)
         return block_ids
 
     def share(self, block_ids: list[int]) -> None:
@@ -49,9 +87,73 @@ class BlockManager:
             self.ref_counts[block_id] += 1
 
     def free(self, block_ids: list[int]) -> None:
-        # Tail first, so that the most recently written blocks are reused first.
+        # Tail first: a sequence's last blocks are reused (or evicted) before its prefix,
+        # which is the part other requests are most likely to share.
         for block_id in reversed(block_ids):
             assert self.ref_counts[block_id] > 0, f"block {block_id} freed twice"
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
-                self._free.append(block_id)
+                if block_id in self._entries:
+                    self._evictable[block_id] = None
+                else:
+                    self._free.append(block_id)
+
+    def match_prefix(self, block_hashes: Sequence[bytes], token_ids: Sequence[int]) -> list[int]:
+        """Blocks holding the longest cached run of leading `block_hashes`, each referenced.
+
+        `token_ids` are the tokens the hashes were computed from; a hit also needs the
+        stored ids to equal them, so a hash collision can never serve another prompt's KV.
+        Stops at the first miss: a later block is useless without its prefix.
+        """
+        block_ids: list[int] = []
+        for index, block_hash in enumerate(block_hashes):
+            block_id = self._by_hash.get(block_hash)
+            if block_id is None:
+                break
+            start = index * self.block_size
+            if self._entries[block_id].token_ids != tuple(
+                token_ids[start : start + self.block_size]
+            ):
+                break
+            block_ids.append(block_id)
+        for block_id in block_ids:
+            if self.ref_counts[block_id] == 0:
+                del self._evictable[block_id]
+            self.ref_counts[block_id] += 1
+        self.num_queries += len(block_hashes)
+        self.num_hits += len(block_ids)
+        return block_ids
+
+    def register(self, block_id: int, block_hash: bytes, token_ids: Sequence[int]) -> None:
+        """Offers an in-use, full, computed block to later `match_prefix` calls.
+
+        The first block registered under a hash keeps it; a later duplicate stays
+        unregistered and is simply freed into the free list when released.
+        """
+        assert self.ref_counts[block_id] > 0, f"block {block_id} is free"
+        assert len(token_ids) == self.block_size, f"block {block_id} is not full"
+        entry = self._entries.get(block_id)
+        if entry is not None:
+            # A block's tokens never change while it is allocated, so neither may its hash.
+            assert entry.block_hash == block_hash, f"block {block_id} registered twice"
+            return
+        if block_hash in self._by_hash:
+            return
+        self._entries[block_id] = _CacheEntry(block_hash, tuple(token_ids))
+        self._by_hash[block_hash] = block_id
+
+    def reset_prefix_cache(self) -> int:
+        """Drops the hashes of all unreferenced blocks; returns how many were dropped.
+
+        Referenced blocks keep theirs: their owners may still rely on them being shared.
+        """
+        num_dropped = len(self._evictable)
+        for block_id in self._evictable:
+            self._forget(block_id)
+            self._free.append(block_id)
+        self._evictable.clear()
+        return num_dropped
+
+    def _forget(self, block_id: int) -> None:
+        entry = self._entries.pop(block_id)
+        del self._by_hash[entry.block_hash]

@@ -36,3 +36,14 @@ def choose_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a KV pool could still take: free GPU memory, or MemAvailable on the host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")

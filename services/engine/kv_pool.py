@@ -2,6 +2,7 @@
 
 import torch
 
+from services.engine import shm_storage
 from services.engine.block_manager import BlockManager
 from services.engine.config import ModelConfig
 
@@ -19,22 +20,22 @@ class KVPool:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        shared_memory: bool = False,
     ) -> None:
+        """`shared_memory` (CPU only) puts the cache where decode on this host can map it."""
         num_blocks = max(1, num_tokens // block_size)
         self.block_size = block_size
         self.blocks = BlockManager(num_blocks, block_size)
-        # Zeroed: masked-out slots must hold finite values, or NaN leaks through attention.
         # [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
-        self.cache = torch.zeros(
-            config.num_layers,
-            2,
-            num_blocks,
-            block_size,
-            config.num_kv_heads,
-            config.head_dim,
-            dtype=dtype,
-            device=device,
-        )
+        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.shared: shm_storage.SharedStorage | None = None
+        if shared_memory and device.type == "cpu":
+            self.shared = shm_storage.create(shape, dtype)
+            self.cache = self.shared.tensor
+        else:
+            self.cache = torch.empty(shape, dtype=dtype, device=device)
+        # Zeroed: masked-out slots must hold finite values, or NaN leaks through attention.
+        self.cache.zero_()
 
     @property
     def num_blocks(self) -> int:

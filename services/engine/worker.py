@@ -2,11 +2,14 @@
 
 import logging
 import time
+from dataclasses import dataclass
+
+import torch
 
 from services.engine import loader
 from services.engine.config import ModelConfig
-from services.engine.device import choose_device, choose_dtype
-from services.engine.kv_pool import KVPool
+from services.engine.device import choose_device, choose_dtype, free_memory_bytes
+from services.engine.kv_pool import KVPool, kv_bytes_per_token
 from services.engine.model import LlamaModel, build_model
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
@@ -14,30 +17,50 @@ from services.engine.sampler import Sampler
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class WorkerOptions:
+    model: str
+    kv_cache_tokens: int | None = None  # KV pool size in tokens ...
+    kv_cache_memory_fraction: float | None = None  # ... or as a share of free memory
+    block_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    shared_kv: bool = False  # pool in host shared memory (prefill, for same-host decode)
+
+
+def kv_pool_tokens(options: WorkerOptions, bytes_per_token: int, device: torch.device) -> int:
+    if options.kv_cache_tokens is not None:
+        return options.kv_cache_tokens
+    fraction = options.kv_cache_memory_fraction
+    if fraction is None or not 0 < fraction <= 1:
+        raise ValueError("give --kv-cache-tokens, or --kv-cache-memory-fraction in (0, 1]")
+    return int(free_memory_bytes(device) * fraction) // bytes_per_token
+
+
 class Worker:
-    def __init__(
-        self,
-        model_spec: str,
-        kv_cache_tokens: int,
-        block_size: int = 16,
-        device: str = "auto",
-        dtype: str = "auto",
-    ) -> None:
+    def __init__(self, options: WorkerOptions) -> None:
         start = time.monotonic()
-        self.device = choose_device(device)
-        self.dtype = choose_dtype(self.device, dtype)
-        self.config: ModelConfig = loader.load_config(model_spec)
-        weights = loader.load_weights(model_spec, self.dtype)
+        self.device = choose_device(options.device)
+        self.dtype = choose_dtype(self.device, options.dtype)
+        self.config: ModelConfig = loader.load_config(options.model)
+        weights = loader.load_weights(options.model, self.dtype)
         self.model: LlamaModel = build_model(self.config, weights, self.device)
-        self.pool = KVPool(self.config, kv_cache_tokens, block_size, self.dtype, self.device)
+        del weights
+        num_tokens = kv_pool_tokens(
+            options, kv_bytes_per_token(self.config, self.dtype), self.device
+        )
+        self.pool = KVPool(
+            self.config, num_tokens, options.block_size, self.dtype, self.device, options.shared_kv
+        )
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self.sampler = Sampler(self.device)
         log.info(
-            "loaded %s (%s, %s) with %d KV blocks in %.1fs",
+            "loaded %s (%s, %s) with %d KV blocks of %d tokens in %.1fs",
             self.config.model_id,
             self.dtype,
             self.device,
             self.pool.num_blocks,
+            options.block_size,
             time.monotonic() - start,
         )
 

@@ -16,7 +16,7 @@ from services.engine.block_manager import blocks_needed
 from services.engine.runner import SeqChunk
 from services.engine.sampler import SamplingParams
 from services.engine.worker import Worker
-from services.errors import ResourceExhaustedError
+from services.errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 class PrefillResult:
     handle_id: str
     first_token_id: int
-    num_blocks: int
+    block_ids: list[int]
+    num_cached_tokens: int
     queue_ns: int
     compute_ns: int
 
@@ -35,13 +36,21 @@ class PrefillJob:
     request_id: str
     token_ids: list[int]
     sampling: SamplingParams
+    # Chained hashes of the prompt's cacheable full blocks (salted, capped by the request).
+    block_hashes: list[bytes]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     arrival_ns: int = field(default_factory=time.monotonic_ns)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
+    num_cached_tokens: int = 0
+    num_registered_blocks: int = 0
     first_run_ns: int = 0
     compute_ns: int = 0
+
+    @property
+    def num_remaining(self) -> int:
+        return len(self.token_ids) - self.num_computed
 
 
 @dataclass(slots=True)
@@ -76,8 +85,8 @@ class PrefillEngine:
 
     def submit(self, job: PrefillJob) -> None:
         if blocks_needed(len(job.token_ids), self.blocks.block_size) > self.blocks.num_blocks:
-            raise ResourceExhaustedError(
-                f"prompt of {len(job.token_ids)} tokens exceeds the prefill KV pool "
+            raise InvalidArgumentError(
+                f"prompt of {len(job.token_ids)} tokens can never fit the prefill KV pool "
                 f"({self.blocks.num_blocks * self.blocks.block_size} tokens)"
             )
         with self._lock:
@@ -115,6 +124,9 @@ class PrefillEngine:
                 "num_waiting": len(self._waiting),
                 "num_free_blocks": self.blocks.num_free_blocks,
                 "num_used_blocks": self.blocks.num_used_blocks,
+                "num_cached_blocks": self.blocks.num_cached_blocks,
+                "prefix_cache_queried_blocks": self.blocks.num_queries,
+                "prefix_cache_hit_blocks": self.blocks.num_hits,
                 "num_steps": self.num_steps,
                 "num_pinned_handles": len(self._handles),
             }
@@ -135,13 +147,14 @@ class PrefillEngine:
                     self._finish(job, exc)
 
     def _schedule(self) -> list[tuple[PrefillJob, SeqChunk]]:
-        """Fills the token budget: partly prefilled prompts first, then new ones."""
+        """Fills the token budget, fewest remaining tokens first: a short prompt that arrives
+        behind a long one runs in the next pass, and the long one takes what is left."""
         budget = self.max_prefill_tokens
         batch = []
         with self._lock:
             while self._waiting and self._admit(self._waiting[0]):
                 self._running.append(self._waiting.popleft())
-            for job in self._running:
+            for job in sorted(self._running, key=lambda j: j.num_remaining):
                 if budget == 0:
                     break
                 end = min(len(job.token_ids), job.num_computed + budget)
@@ -153,11 +166,30 @@ class PrefillEngine:
         return batch
 
     def _admit(self, job: PrefillJob) -> bool:
-        num_blocks = blocks_needed(len(job.token_ids), self.blocks.block_size)
-        if not self.blocks.can_allocate(num_blocks):
+        """Reuses the longest cached prefix and allocates blocks for the rest of the prompt."""
+        block_size = self.blocks.block_size
+        hits = self.blocks.match_prefix(job.block_hashes, job.token_ids)
+        if hits and len(hits) * block_size >= len(job.token_ids):
+            # The last prompt token is always computed: its logits give the first token.
+            self.blocks.free(hits[-1:])
+            hits = hits[:-1]
+        missing = blocks_needed(len(job.token_ids), block_size) - len(hits)
+        if not self.blocks.can_allocate(missing):
+            self.blocks.free(hits)
             return False
-        job.block_table = self.blocks.allocate(num_blocks)
+        job.block_table = hits + self.blocks.allocate(missing)
+        job.num_computed = job.num_cached_tokens = len(hits) * block_size
+        job.num_registered_blocks = len(hits)
         return True
+
+    def _register_computed_blocks(self, job: PrefillJob) -> None:
+        """Offers each newly completed full block to the prefix cache."""
+        block_size = self.blocks.block_size
+        num_full = min(job.num_computed // block_size, len(job.block_hashes))
+        for i in range(job.num_registered_blocks, num_full):
+            tokens = job.token_ids[i * block_size : (i + 1) * block_size]
+            self.blocks.register(job.block_table[i], job.block_hashes[i], tokens)
+        job.num_registered_blocks = max(job.num_registered_blocks, num_full)
 
     def _run(self, batch: list[tuple[PrefillJob, SeqChunk]]) -> None:
         start = time.monotonic_ns()
@@ -172,10 +204,13 @@ class PrefillEngine:
             )
         elapsed = time.monotonic_ns() - start
         self.num_steps += 1
-        for job, chunk in batch:
-            job.first_run_ns = job.first_run_ns or start
-            job.compute_ns += elapsed
-            job.num_computed += len(chunk.token_ids)
+        with self._lock:
+            for job, chunk in batch:
+                job.first_run_ns = job.first_run_ns or start
+                job.compute_ns += elapsed
+                job.num_computed += len(chunk.token_ids)
+                if job in self._running:  # not aborted while the pass ran
+                    self._register_computed_blocks(job)
         for i, token_id in zip(done, first_tokens, strict=True):
             self._finish(batch[i][0], token_id)
 
@@ -198,7 +233,8 @@ class PrefillEngine:
                 result = PrefillResult(
                     handle_id=handle_id,
                     first_token_id=outcome,
-                    num_blocks=len(job.block_table),
+                    block_ids=job.block_table,
+                    num_cached_tokens=job.num_cached_tokens,
                     queue_ns=job.first_run_ns - job.arrival_ns,
                     compute_ns=job.compute_ns,
                 )

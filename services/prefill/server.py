@@ -7,6 +7,7 @@ import grpc
 import torch
 
 from services import cli
+from services.engine.block_hash import hash_blocks
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError, NotFoundError
 from services.grpc_server import serve
@@ -34,13 +35,20 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             )
         if any(t < 0 or t >= config.vocab_size for t in request.token_ids):
             raise InvalidArgumentError(f"token ids must be in [0, {config.vocab_size})")
+        if request.HasField("cache_max_tokens") and request.cache_max_tokens < 0:
+            raise InvalidArgumentError("cache_max_tokens must be >= 0")
+        token_ids = list(request.token_ids)
+        max_cached = request.cache_max_tokens if request.HasField("cache_max_tokens") else None
         loop = asyncio.get_running_loop()
         job = PrefillJob(
-            request.request_id,
-            list(request.token_ids),
-            sampling_from_pb(request.sampling),
-            loop.create_future(),
-            loop,
+            request_id=request.request_id,
+            token_ids=token_ids,
+            sampling=sampling_from_pb(request.sampling),
+            block_hashes=hash_blocks(
+                token_ids, self.worker.pool.block_size, request.cache_salt, max_cached
+            ),
+            future=loop.create_future(),
+            loop=loop,
         )
         self.engine.submit(job)
         try:
@@ -52,24 +60,36 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             prefill_address=self.address,
             handle_id=result.handle_id,
             num_tokens=len(job.token_ids),
-            num_blocks=result.num_blocks,
+            num_blocks=len(result.block_ids),
             block_size=self.worker.pool.block_size,
             lease_ms=int(self.engine.lease_s * 1000),
+            block_hashes=job.block_hashes,
         )
+        shared = self.worker.pool.shared
+        if shared is not None:
+            handle.shm_path, handle.shm_pool_id = shared.path, shared.pool_id
+            handle.block_ids.extend(result.block_ids)
         return prefill_pb2.PrefillResponse(
             kv_handle=handle,
             first_token_id=result.first_token_id,
             queue_ns=result.queue_ns,
             compute_ns=result.compute_ns,
+            num_cached_tokens=result.num_cached_tokens,
         )
 
     async def PullKv(self, request, context) -> AsyncIterator[prefill_pb2.KvChunk]:
         handle = self.engine.take_handle(request.handle_id)
         if handle is None:
             raise NotFoundError(f"no KV handle {request.handle_id!r} (expired or pulled)")
+        if not 0 <= request.first_block <= len(handle.block_ids):
+            self.engine.free_blocks(handle.block_ids)
+            raise InvalidArgumentError(f"first_block must be in [0, {len(handle.block_ids)}]")
         try:
             for chunk in kv_chunks(
-                self.worker.pool.cache, handle.block_ids, self.worker.dtype_name
+                self.worker.pool.cache,
+                handle.block_ids,
+                request.first_block,
+                self.worker.dtype_name,
             ):
                 yield chunk
         finally:
@@ -98,14 +118,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
 
 
-def kv_chunks(cache: torch.Tensor, block_ids: list[int], dtype: str):
-    """Yields each layer's K and V for runs of blocks, as raw bytes with their shape."""
+def kv_chunks(cache: torch.Tensor, block_ids: list[int], first_block: int, dtype: str):
+    """Yields each layer's K and V for runs of blocks from `first_block` on, as raw bytes."""
     # cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
     block_bytes = cache[0, 0, 0].numel() * cache.element_size()
     per_chunk = max(1, KV_CHUNK_BYTES // (2 * block_bytes))
     index = torch.tensor(block_ids, device=cache.device)
     for layer in range(cache.shape[0]):
-        for offset in range(0, len(block_ids), per_chunk):
+        for offset in range(first_block, len(block_ids), per_chunk):
             ids = index[offset : offset + per_chunk]
             k = cache[layer, 0, ids].cpu()
             v = cache[layer, 1, ids].cpu()
@@ -126,11 +146,16 @@ def main() -> None:
         "--max-prefill-tokens", type=int, default=2048, help="token budget of one forward pass"
     )
     parser.add_argument("--kv-lease-s", type=float, default=30.0, help="seconds a handle is kept")
+    parser.add_argument(
+        "--no-shared-kv",
+        action="store_true",
+        help="keep the KV pool out of shared memory: decode always pulls over gRPC",
+    )
     args = parser.parse_args()
     cli.setup_logging(args.log_level)
     if args.threads:
         torch.set_num_threads(args.threads)
-    worker = Worker(args.model, args.kv_cache_tokens, args.block_size, args.device, args.dtype)
+    worker = Worker(cli.worker_options(args, shared_kv=not args.no_shared_kv))
     engine = PrefillEngine(worker, args.max_prefill_tokens, args.kv_lease_s)
     engine.start()
 
