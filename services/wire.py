@@ -1,14 +1,14 @@
 """Conversions between protobuf messages and internal types, shared by the services."""
 
 from services.engine.config import ModelConfig
-from services.engine.sampler import SamplingParams
+from services.engine.sampling_params import SampledToken, SamplingParams, validate
+from services.engine.tokenizer import Tokenizer
 from services.errors import InvalidArgumentError
 from services.rpc import common_pb2
 
 # Accepted by the API but without effect on a model without these abilities.
-# The API's range; the frontend enforces it for HTTP callers, this for direct gRPC ones.
-MAX_TEMPERATURE = 2.0
 NON_REASONING_NOTE = "reasoning_effort has no effect: the model is not a reasoning model"
+DEFAULT_MIROSTAT_LR = 0.1
 
 
 def model_info(
@@ -27,17 +27,53 @@ def model_info(
     )
 
 
-def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
-    # Comparisons written so that NaN fails them too.
-    if not 0.0 <= pb.temperature <= MAX_TEMPERATURE:
-        raise InvalidArgumentError(f"sampling.temperature must be in [0, {MAX_TEMPERATURE}]")
-    if not 0.0 <= pb.top_p <= 1.0:
-        raise InvalidArgumentError("sampling.top_p must be in [0, 1] (0 means 1)")
-    if pb.top_k < 0:
-        raise InvalidArgumentError("sampling.top_k must be >= 0")
-    return SamplingParams(
+def sampling_from_pb(pb: common_pb2.SamplingParams, vocab_size: int) -> SamplingParams:
+    """Proto defaults (0) mean "off" where the field has a neutral value; ranges are
+    checked here for direct gRPC callers (the frontend checks them for HTTP ones)."""
+    params = SamplingParams(
         temperature=pb.temperature,
         top_p=pb.top_p or 1.0,
         top_k=pb.top_k,
         seed=pb.seed if pb.HasField("seed") else None,
+        min_p=pb.min_p,
+        typical_p=pb.typical_p or 1.0,
+        frequency_penalty=pb.frequency_penalty,
+        presence_penalty=pb.presence_penalty,
+        repetition_penalty=pb.repetition_penalty or 1.0,
+        mirostat_target=pb.mirostat_target if pb.HasField("mirostat_target") else None,
+        mirostat_lr=pb.mirostat_lr or DEFAULT_MIROSTAT_LR,
+        logit_bias=dict(pb.logit_bias),
+        logprobs=pb.logprobs,
+        top_logprobs=pb.top_logprobs,
     )
+    try:
+        validate(params, vocab_size)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"sampling: {exc}") from exc
+    return params
+
+
+def token_logprob_pb(sampled: SampledToken, tokenizer: Tokenizer) -> common_pb2.TokenLogprob:
+    """The sampled token's raw logprob and alternatives, each with its text and bytes."""
+    text, raw = token_text(sampled.token_id, tokenizer)
+    return common_pb2.TokenLogprob(
+        token_id=sampled.token_id,
+        logprob=sampled.logprob or 0.0,
+        token=text,
+        token_bytes=raw,
+        top=[top_logprob_pb(token_id, logprob, tokenizer) for token_id, logprob in sampled.top],
+    )
+
+
+def top_logprob_pb(token_id: int, logprob: float, tokenizer: Tokenizer) -> common_pb2.TopLogprob:
+    text, raw = token_text(token_id, tokenizer)
+    return common_pb2.TopLogprob(token_id=token_id, logprob=logprob, token=text, token_bytes=raw)
+
+
+def token_text(token_id: int, tokenizer: Tokenizer) -> tuple[str, bytes]:
+    """A single token's bytes and their text; a partial UTF-8 character shows as U+FFFD."""
+    if tokenizer.is_byte_level:
+        raw = tokenizer.piece_bytes()[token_id]
+        return raw.decode("utf-8", errors="replace"), raw
+    text = tokenizer.decode([token_id])
+    return text, text.encode()

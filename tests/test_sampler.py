@@ -2,9 +2,17 @@
 
 import math
 
+import pytest
 import torch
 
-from services.engine.sampler import Sampler, SamplingParams, _apply_top_k, _apply_top_p
+from services.engine.sampler import Sampler, SamplingParams
+from services.engine.sampling_filters import (
+    apply_filters,
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    apply_typical_p,
+)
 
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
 LOGITS = PROBS.log()
@@ -16,13 +24,13 @@ def kept(logits: torch.Tensor) -> list[int]:
 
 def test_top_k_keeps_exactly_the_k_most_likely():
     rows = LOGITS.repeat(3, 1)
-    out = _apply_top_k(rows, [1, 3, 0])
+    out = apply_top_k(rows, [1, 3, 0])
     assert [kept(r) for r in out] == [[0], [0, 1, 2], [0, 1, 2, 3, 4]]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p_and_renormalises():
     rows = LOGITS.repeat(4, 1)
-    out = _apply_top_p(rows, torch.tensor([0.5, 0.6, 0.9, 1.0]))
+    out = apply_top_p(rows, [0.5, 0.6, 0.9, 1.0])
     assert [kept(r) for r in out] == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3, 4]]
     renormalised = out[2].softmax(-1)[:3]
     assert torch.allclose(renormalised, PROBS[:3] / PROBS[:3].sum())
@@ -68,3 +76,58 @@ def test_seeded_rows_do_not_depend_on_their_batch():
     ]
     assert in_batch == alone
     assert len(set(alone)) > 1  # positions draw differently
+
+
+def test_min_p_keeps_tokens_at_least_min_p_times_the_top_and_renormalises():
+    rows = LOGITS.repeat(3, 1)
+    # Thresholds 0.1, 0.175 and 0.5 * p_max = 0.5.
+    out = apply_min_p(rows, [0.2, 0.35, 1.0])
+    assert [kept(r) for r in out] == [[0, 1, 2], [0, 1], [0]]
+    assert torch.allclose(out[0].softmax(-1)[:3], PROBS[:3] / PROBS[:3].sum())
+    assert torch.allclose(out[1].softmax(-1)[:2], torch.tensor([2 / 3, 1 / 3]))
+
+
+def test_typical_p_keeps_the_tokens_whose_surprise_is_closest_to_the_entropy():
+    # Entropy of PROBS is 1.2691 nats; |-ln p - H| per token is
+    # 0.5760, 0.1172, 0.6280, 1.3902, 2.2375, so the typical order is 1, 0, 2, 3, 4 with
+    # cumulative mass 0.25, 0.75, 0.90, 0.97, 1.0. The most likely token is not the most typical.
+    rows = LOGITS.repeat(4, 1)
+    out = apply_typical_p(rows, [0.2, 0.5, 0.8, 0.95])
+    assert [kept(r) for r in out] == [[1], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert torch.allclose(out[1].softmax(-1)[:2], torch.tensor([2 / 3, 1 / 3]))
+
+
+def test_filters_touch_only_the_rows_that_ask():
+    rows = LOGITS.repeat(3, 1)
+    params = [SamplingParams(min_p=0.2), SamplingParams(), SamplingParams(typical_p=0.2)]
+    out = apply_filters(rows, params)
+    assert [kept(r) for r in out] == [[0, 1, 2], [0, 1, 2, 3, 4], [1]]
+
+
+def test_min_p_of_one_is_greedy():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 1000, generator=generator) * 3
+    top2 = logits.topk(2, dim=-1).values
+    assert ((top2[:, 0] - top2[:, 1]) > 0.01).all()  # no near ties, so 0.999 behaves like 1
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    for min_p in (1.0, 0.999):
+        params = [SamplingParams(temperature=1.0, min_p=min_p)] * 16
+        assert sampler.sample(logits, params, [0] * 16) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (SamplingParams(min_p=0.2), PROBS[:3] / PROBS[:3].sum()),
+        (SamplingParams(typical_p=0.5), torch.tensor([2 / 3, 1 / 3])),
+        (SamplingParams(top_k=4, top_p=0.9), PROBS[:3] / PROBS[:3].sum()),
+    ],
+)
+def test_the_race_draws_from_the_filtered_renormalised_distribution(params, expected):
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    num_draws = 4000
+    draws = sampler.sample(LOGITS.repeat(num_draws, 1), [params] * num_draws, [0] * num_draws)
+    freq = torch.bincount(torch.tensor(draws), minlength=5).float() / num_draws
+    expected = torch.cat([expected, torch.zeros(5 - len(expected))])
+    tolerance = 5 * torch.sqrt(expected * (1 - expected) / num_draws)
+    assert ((freq - expected).abs() <= tolerance).all(), freq

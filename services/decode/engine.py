@@ -13,11 +13,13 @@ from services.decode.scheduler import Scheduled, Scheduler
 from services.decode.sequence import Finish, Sequence
 from services.engine.block_manager import BlockManager
 from services.engine.runner import SeqChunk
+from services.engine.sampling_params import SampledToken, TokenHistory
 from services.engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[list[tuple[Sequence, int, Finish | None]]], None]
+Deliver = Callable[[list[tuple[Sequence, SampledToken | None, Finish | None]]], None]
+_NO_HISTORY = TokenHistory((), ())
 
 
 class DecodeEngine:
@@ -102,22 +104,29 @@ class DecodeEngine:
             for item in scheduled
         ]
         logits = self.worker.runner.forward(chunks)
-        rows = [i for i, item in enumerate(scheduled) if item.samples]
-        sampled = []
-        if rows:
-            sampled = self.worker.sampler.sample(
+        seqs = [item.seq for item in scheduled if item.samples]
+        sampled: list[SampledToken] = []
+        if seqs:
+            rows = [i for i, item in enumerate(scheduled) if item.samples]
+            sampled = self.worker.sampler.sample_tokens(
                 logits[rows] if len(rows) < len(scheduled) else logits,
-                [scheduled[i].seq.sampling for i in rows],
-                [len(scheduled[i].seq.token_ids) for i in rows],
+                [seq.sampling for seq in seqs],
+                [len(seq.token_ids) for seq in seqs],
+                [seq.history() if seq.sampling.needs_history else _NO_HISTORY for seq in seqs],
+                [seq.mirostat for seq in seqs],
             )
         self.num_steps += 1
         self.last_step_batch_size = len(scheduled)
         self.max_step_batch_size = max(self.max_step_batch_size, len(scheduled))
         with self.lock:
-            return self.scheduler.postprocess(scheduled, sampled)
+            outputs = self.scheduler.postprocess(scheduled, [t.token_id for t in sampled])
+        # Every sampled sequence gets exactly one output, in order.
+        return [
+            (seq, token, finish) for (seq, _, finish), token in zip(outputs, sampled, strict=True)
+        ]
 
     def _fail(self, scheduled: list[Scheduled]) -> list:
         with self.lock:
             for item in scheduled:
                 self.scheduler.abort(item.seq.request_id)
-        return [(item.seq, -1, Finish.ABORT) for item in scheduled]
+        return [(item.seq, None, Finish.ABORT) for item in scheduled]

@@ -4,7 +4,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.engine.sampler import SamplingParams
+from services.engine.sampling_params import MirostatState, SamplingParams, TokenHistory
 
 
 class Finish(enum.Enum):
@@ -45,6 +45,11 @@ class Sequence:
     # Prefix-cache hashes of the sequence's full blocks so far; generated blocks extend the
     # chain as they fill. Empty: the sequence's blocks are not offered to the cache.
     block_hashes: list[bytes] = field(default_factory=list)
+    mirostat: MirostatState | None = None
+
+    def history(self) -> TokenHistory:
+        prompt_len = self.num_prompt_tokens
+        return TokenHistory(self.token_ids[:prompt_len], self.token_ids[prompt_len:])
 
     @property
     def num_generated(self) -> int:

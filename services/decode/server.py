@@ -15,11 +15,12 @@ from services.decode.sequence import Finish, Sequence, StopRules
 from services.decode.text_stream import TextStream
 from services.engine import loader
 from services.engine.block_manager import blocks_needed
+from services.engine.sampling_params import MirostatState, SampledToken
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError
 from services.grpc_server import serve
 from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc
-from services.wire import model_info, sampling_from_pb
+from services.wire import model_info, sampling_from_pb, token_logprob_pb
 
 MAX_STOP_SEQUENCES = 16
 _FINISH_PB = {
@@ -29,10 +30,14 @@ _FINISH_PB = {
 }
 
 
-def deliver(outputs: list[tuple[Sequence, int, Finish | None]]) -> None:
+# What the Abort RPC puts in a sequence's output queue (the engine never sends it).
+_CANCELLED = (None, None)
+
+
+def deliver(outputs: list[tuple[Sequence, SampledToken | None, Finish | None]]) -> None:
     """Runs on the event loop once per step: hands each sequence its new token."""
-    for seq, token_id, finish in outputs:
-        seq.outputs.put_nowait((token_id, finish))
+    for seq, token, finish in outputs:
+        seq.outputs.put_nowait((token, finish))
 
 
 def _extendable_chain(handle: common_pb2.KvHandle, block_size: int) -> list[bytes]:
@@ -71,7 +76,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             request_id=request.request_id,
             token_ids=[*request.prompt_token_ids, request.first_token_id],
             num_prompt_tokens=num_prompt,
-            sampling=sampling_from_pb(request.sampling),
+            sampling=sampling_from_pb(request.sampling, config.vocab_size),
             stop=StopRules(
                 max_tokens=stopping.max_tokens,
                 max_model_len=config.max_position_embeddings,
@@ -80,6 +85,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             ),
             outputs=asyncio.Queue(),
             block_hashes=_extendable_chain(request.kv_handle, self.engine.blocks.block_size),
+            mirostat=(
+                MirostatState(request.mirostat_mu) if request.HasField("mirostat_mu") else None
+            ),
         )
 
     def _check_prompt(self, request: decode_pb2.GenerateRequest) -> None:
@@ -128,6 +136,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         first = request.first_token_id
         finish = seq.stop.check(first, 1, len(seq.token_ids))
         response, finish = self._response(seq, text, first, finish)
+        if seq.sampling.wants_logprobs:
+            response.logprobs.append(request.first_token_logprob)
         if finish is not None:
             await self.puller.release(request.kv_handle)
             yield response
@@ -139,12 +149,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         try:
             first_step = True
             while finish is None:
-                token_id, finish = await seq.outputs.get()
-                if token_id is None:
+                token, finish = await seq.outputs.get()
+                if (token, finish) == _CANCELLED:
                     await context.abort(grpc.StatusCode.CANCELLED, "aborted by an Abort call")
-                if finish is Finish.ABORT:
+                if token is None:
                     await context.abort(grpc.StatusCode.INTERNAL, "decode step failed")
-                response, finish = self._response(seq, text, token_id, finish)
+                response, finish = self._response(seq, text, token.token_id, finish)
+                if seq.sampling.wants_logprobs:
+                    response.logprobs.append(token_logprob_pb(token, self.tokenizer))
                 if first_step:
                     response.queue_ns = seq.joined_ns - received_ns
                     response.kv_transfer_ns = pulled.duration_ns
@@ -180,7 +192,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if seq is None:
             return decode_pb2.AbortResponse(aborted=False)
         # Ends the request's stream; its handler then takes the sequence out of the batch.
-        seq.outputs.put_nowait((None, Finish.ABORT))
+        seq.outputs.put_nowait(_CANCELLED)
         return decode_pb2.AbortResponse(aborted=True)
 
     async def Info(self, request, context):

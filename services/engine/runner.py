@@ -15,6 +15,12 @@ class SeqChunk:
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
+    # Logits for every token of the chunk (prompt logprobs), not only the last one.
+    all_logits: bool = False
+
+    @property
+    def num_logits(self) -> int:
+        return len(self.token_ids) if self.all_logits else 1
 
 
 class ModelRunner:
@@ -25,8 +31,9 @@ class ModelRunner:
         self.block_size = pool.block_size
 
     def forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Runs all chunks in one pass; returns [len(chunks), vocab] next-token logits."""
-        input_ids, positions, slots, last_indices = [], [], [], []
+        """Runs all chunks in one pass; returns [sum(num_logits), vocab] next-token logits,
+        chunk by chunk: one row per chunk, or one per token for `all_logits` chunks."""
+        input_ids, positions, slots, logit_indices = [], [], [], []
         bs = self.block_size
         for chunk in chunks:
             table = chunk.block_table
@@ -34,14 +41,14 @@ class ModelRunner:
                 slots.append(table[pos // bs] * bs + pos % bs)
             positions.extend(range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids)))
             input_ids.extend(chunk.token_ids)
-            last_indices.append(len(input_ids) - 1)
+            logit_indices.extend(range(len(input_ids) - chunk.num_logits, len(input_ids)))
         meta = self._attention_metadata(chunks, slots)
         return self.model(
             self._tensor(input_ids),
             self._tensor(positions),
             self.pool.cache,
             meta,
-            self._tensor(last_indices),
+            self._tensor(logit_indices),
         )
 
     def _attention_metadata(self, chunks: list[SeqChunk], slots: list[int]) -> AttentionMetadata:

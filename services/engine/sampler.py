@@ -1,29 +1,50 @@
-"""Batched next-token sampling: greedy, temperature, top-k, top-p, seeded draws."""
+"""Batched next-token sampling, one token per row, on the device the logits live on.
 
-from dataclasses import dataclass
+Each row goes through these steps, in this order:
+  1. logprobs, when asked, come from log_softmax of the raw logits, before anything below;
+  2. logit_bias is added;
+  3. repetition_penalty over prompt and output tokens: positive logits divided, negative
+     ones multiplied (once per distinct token);
+  4. frequency_penalty * count + presence_penalty * (count > 0) over output tokens,
+     subtracted;
+  5. greedy rows (temperature 0 or top_k 1) take the argmax here and stop;
+  6. temperature;
+  7. mirostat v2 for rows with mirostat_target, which then skip steps 8-11;
+  8. top-k, 9. top-p, 10. min-p (p < min_p * p_max dropped), 11. typical-p;
+ 12. an exponential race draws from what is left; rows with a seed draw from a generator
+     seeded by (seed, position), so a seeded request's output does not depend on its batch.
+Features no row asks for cost nothing; those some rows ask for run on those rows only.
+"""
 
 import torch
 
+from services.engine import mirostat as mirostat_v2
+from services.engine.logits_processors import apply_logit_bias, apply_penalties
+from services.engine.logprobs import token_logprobs
+from services.engine.sampling_filters import apply_filters
+from services.engine.sampling_params import (
+    MirostatState,
+    SampledToken,
+    SamplingParams,
+    TokenHistory,
+    validate,
+)
+
+__all__ = [
+    "MirostatState",
+    "SampledToken",
+    "Sampler",
+    "SamplingParams",
+    "TokenHistory",
+    "validate",
+]
+
 # Keeps (seed, position) pairs apart when folded into one generator seed.
 _POSITION_STRIDE = 1_000_003
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables
-    seed: int | None = None
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+_NO_HISTORY = TokenHistory(prompt_ids=(), output_ids=())
 
 
 class Sampler:
-    """Samples one token per row. Rows with a seed draw from a generator seeded by
-    (seed, position), so a seeded request's output does not depend on its batch."""
-
     def __init__(self, device: torch.device, seed: int | None = None) -> None:
         self.device = device
         self._shared = torch.Generator(device=device)
@@ -33,29 +54,76 @@ class Sampler:
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]
     ) -> list[int]:
-        """logits: [num_rows, vocab] float32; positions: index of the token being sampled."""
-        greedy = logits.argmax(dim=-1)
-        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if not random_rows:
-            return greedy.tolist()
-        rows = torch.tensor(random_rows, device=self.device)
-        chosen = [params[i] for i in random_rows]
-        probs = self._filtered_probs(logits[rows], chosen)
-        noise = self._exponential_noise(probs.shape, chosen, [positions[i] for i in random_rows])
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
-        greedy[rows] = (probs / noise).argmax(dim=-1)
-        return greedy.tolist()
+        """logits: [num_rows, vocab]; positions: index of the token being sampled. Without
+        token histories penalties see no tokens, and mirostat rows restart every call."""
+        states = [
+            None if p.mirostat_target is None else MirostatState.start(p.mirostat_target)
+            for p in params
+        ]
+        histories = [_NO_HISTORY] * len(params)
+        sampled = self.sample_tokens(logits, params, positions, histories, states)
+        return [token.token_id for token in sampled]
 
-    def _filtered_probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        temps = torch.tensor([p.temperature for p in params], device=self.device)
-        logits = logits / temps[:, None]
-        top_ks = [p.top_k for p in params]
-        if any(k > 0 for k in top_ks):
-            logits = _apply_top_k(logits, top_ks)
-        top_ps = [p.top_p for p in params]
-        if any(p < 1.0 for p in top_ps):
-            logits = _apply_top_p(logits, torch.tensor(top_ps, device=self.device))
-        return torch.softmax(logits, dim=-1)
+    def sample_tokens(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        positions: list[int],
+        histories: list[TokenHistory],
+        mirostat: list[MirostatState | None],
+    ) -> list[SampledToken]:
+        """logits: [num_rows, vocab]; positions: index of the token being sampled; histories:
+        the tokens each row's penalties count; mirostat: each row's state, required for rows
+        with mirostat_target and updated in place when such a row samples (not greedy)."""
+        num_rows = logits.shape[0]
+        if not len(params) == len(positions) == len(histories) == len(mirostat) == num_rows:
+            raise ValueError("sample_tokens needs one params, position, history, state per row")
+        raw = logits.float()  # every step below is out of place, so raw stays raw
+        logits = apply_penalties(apply_logit_bias(raw, params), params, histories)
+        token_ids = logits.argmax(dim=-1)  # [num_rows]; final for greedy rows
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        surprise_rows: list[int] = []
+        surprises: list[float] = []
+        if random_rows:
+            surprise_rows, surprise = self._draw(
+                logits, token_ids, random_rows, params, positions, mirostat
+            )
+            surprises = surprise.tolist() if surprise is not None else []
+        ids = token_ids.tolist()
+        for row, observed in zip(surprise_rows, surprises, strict=True):
+            target, lr = params[row].mirostat_target, params[row].mirostat_lr
+            state = mirostat[row]
+            assert target is not None and state is not None  # checked by _probs
+            mirostat_v2.update(state, target, lr, observed)
+        logprobs = token_logprobs(raw, params, token_ids)
+        return [SampledToken(ids[i], *logprobs[i]) for i in range(num_rows)]
+
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        token_ids: torch.Tensor,
+        rows: list[int],
+        params: list[SamplingParams],
+        positions: list[int],
+        mirostat: list[MirostatState | None],
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """Writes the draws of the non-greedy rows into token_ids; returns the mirostat rows
+        and the surprise of their draws, [len(mirostat rows)], still on the device."""
+        index = torch.tensor(rows, device=logits.device)
+        chosen = [params[i] for i in rows]
+        temps = torch.tensor([p.temperature for p in chosen], device=logits.device)
+        scaled = logits[index] / temps[:, None]
+        miro = [j for j, p in enumerate(chosen) if p.mirostat_target is not None]
+        probs = _probs(scaled, chosen, miro, [mirostat[rows[j]] for j in miro])
+        noise = self._exponential_noise(scaled.shape, chosen, [positions[i] for i in rows])
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
+        drawn = (probs / noise.to(probs.device)).argmax(dim=-1)
+        token_ids[index] = drawn
+        if not miro:
+            return [], None
+        miro_index = torch.tensor(miro, device=logits.device)
+        surprise = mirostat_v2.observed_surprise(probs[miro_index], drawn[miro_index])
+        return [rows[j] for j in miro], surprise
 
     def _exponential_noise(
         self, shape: torch.Size, params: list[SamplingParams], positions: list[int]
@@ -73,18 +141,28 @@ class Sampler:
         return noise
 
 
-def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
-    top = logits.topk(int(ks.max()), dim=-1).values  # [rows, max_k], descending
-    kth = top.gather(-1, (ks - 1)[:, None])
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def _apply_top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the mass before it already reaches top_p; the top token always stays.
-    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_ps[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+def _probs(
+    scaled: torch.Tensor,
+    params: list[SamplingParams],
+    miro: list[int],
+    states: list[MirostatState | None],
+) -> torch.Tensor:
+    """scaled: [num_rows, vocab] after temperature; miro: the rows using mirostat, with their
+    states. Returns the distribution each row draws from, [num_rows, vocab]."""
+    if not miro:
+        return apply_filters(scaled, params).softmax(dim=-1)
+    mus = []
+    for state in states:
+        if state is None:
+            raise ValueError("a row with mirostat_target needs a MirostatState")
+        mus.append(state.mu)
+    probs = torch.empty_like(scaled)
+    miro_set = set(miro)
+    race = [j for j in range(len(params)) if j not in miro_set]
+    if race:
+        index = torch.tensor(race, device=scaled.device)
+        filtered = apply_filters(scaled[index], [params[j] for j in race])
+        probs[index] = filtered.softmax(dim=-1)
+    index = torch.tensor(miro, device=scaled.device)
+    probs[index] = mirostat_v2.truncated_probs(scaled[index], mus)
+    return probs

@@ -10,54 +10,15 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 
 from services.engine.block_manager import blocks_needed
 from services.engine.runner import SeqChunk
-from services.engine.sampler import SamplingParams
+from services.engine.sampling_params import SampledToken, TokenHistory
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError
+from services.prefill.jobs import Handle, PrefillJob, PrefillResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class PrefillResult:
-    handle_id: str
-    first_token_id: int
-    block_ids: list[int]
-    num_cached_tokens: int
-    queue_ns: int
-    compute_ns: int
-
-
-@dataclass(slots=True)
-class PrefillJob:
-    request_id: str
-    token_ids: list[int]
-    sampling: SamplingParams
-    # Chained hashes of the prompt's cacheable full blocks (salted, capped by the request).
-    block_hashes: list[bytes]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    arrival_ns: int = field(default_factory=time.monotonic_ns)
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0
-    num_cached_tokens: int = 0
-    num_registered_blocks: int = 0
-    first_run_ns: int = 0
-    compute_ns: int = 0
-
-    @property
-    def num_remaining(self) -> int:
-        return len(self.token_ids) - self.num_computed
-
-
-@dataclass(slots=True)
-class Handle:
-    block_ids: list[int]
-    num_tokens: int
-    expires_at: float  # time.monotonic()
 
 
 class PrefillEngine:
@@ -159,7 +120,10 @@ class PrefillEngine:
                     break
                 end = min(len(job.token_ids), job.num_computed + budget)
                 chunk = SeqChunk(
-                    job.token_ids[job.num_computed : end], job.num_computed, job.block_table
+                    job.token_ids[job.num_computed : end],
+                    job.num_computed,
+                    job.block_table,
+                    all_logits=job.wants_prompt_logprobs,
                 )
                 budget -= end - job.num_computed
                 batch.append((job, chunk))
@@ -168,7 +132,11 @@ class PrefillEngine:
     def _admit(self, job: PrefillJob) -> bool:
         """Reuses the longest cached prefix and allocates blocks for the rest of the prompt."""
         block_size = self.blocks.block_size
-        hits = self.blocks.match_prefix(job.block_hashes, job.token_ids)
+        hits = (
+            []
+            if job.wants_prompt_logprobs
+            else self.blocks.match_prefix(job.block_hashes, job.token_ids)
+        )
         if hits and len(hits) * block_size >= len(job.token_ids):
             # The last prompt token is always computed: its logits give the first token.
             self.blocks.free(hits[-1:])
@@ -194,13 +162,22 @@ class PrefillEngine:
     def _run(self, batch: list[tuple[PrefillJob, SeqChunk]]) -> None:
         start = time.monotonic_ns()
         logits = self.worker.runner.forward([chunk for _, chunk in batch])
-        done = [i for i, (job, chunk) in enumerate(batch) if self._completes(job, chunk)]
+        last_rows, done, offset = [], [], 0
+        for job, chunk in batch:
+            if chunk.all_logits:
+                job.add_prompt_logprobs(logits[offset : offset + chunk.num_logits], chunk.start_pos)
+            offset += chunk.num_logits
+            if self._completes(job, chunk):
+                done.append(job)
+                last_rows.append(offset - 1)
         first_tokens = []
         if done:
-            first_tokens = self.worker.sampler.sample(
-                logits[done],
-                [batch[i][0].sampling for i in done],
-                [len(batch[i][0].token_ids) for i in done],
+            first_tokens = self.worker.sampler.sample_tokens(
+                logits[last_rows],
+                [job.sampling for job in done],
+                [len(job.token_ids) for job in done],
+                [TokenHistory(job.token_ids, []) for job in done],
+                [job.mirostat for job in done],
             )
         elapsed = time.monotonic_ns() - start
         self.num_steps += 1
@@ -211,14 +188,14 @@ class PrefillEngine:
                 job.num_computed += len(chunk.token_ids)
                 if job in self._running:  # not aborted while the pass ran
                     self._register_computed_blocks(job)
-        for i, token_id in zip(done, first_tokens, strict=True):
-            self._finish(batch[i][0], token_id)
+        for job, token in zip(done, first_tokens, strict=True):
+            self._finish(job, token)
 
     @staticmethod
     def _completes(job: PrefillJob, chunk: SeqChunk) -> bool:
         return chunk.start_pos + len(chunk.token_ids) == len(job.token_ids)
 
-    def _finish(self, job: PrefillJob, outcome: int | Exception) -> None:
+    def _finish(self, job: PrefillJob, outcome: SampledToken | Exception) -> None:
         with self._lock:
             if job not in self._running:
                 return  # aborted meanwhile; abort() freed its blocks
@@ -232,11 +209,13 @@ class PrefillEngine:
                 self._handles[handle_id] = Handle(job.block_table, len(job.token_ids), expires)
                 result = PrefillResult(
                     handle_id=handle_id,
-                    first_token_id=outcome,
+                    first_token=outcome,
                     block_ids=job.block_table,
                     num_cached_tokens=job.num_cached_tokens,
                     queue_ns=job.first_run_ns - job.arrival_ns,
                     compute_ns=job.compute_ns,
+                    prompt_logprobs=job.prompt_logprobs,
+                    mirostat_mu=None if job.mirostat is None else job.mirostat.mu,
                 )
         job.loop.call_soon_threadsafe(_resolve, job.future, result, self)
 

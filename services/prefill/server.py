@@ -7,20 +7,23 @@ import grpc
 import torch
 
 from services import cli
+from services.engine import loader
 from services.engine.block_hash import hash_blocks
+from services.engine.tokenizer import Tokenizer
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError, NotFoundError
 from services.grpc_server import serve
 from services.prefill.engine import PrefillEngine, PrefillJob
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
-from services.wire import model_info, sampling_from_pb
+from services.wire import model_info, sampling_from_pb, token_logprob_pb
 
 KV_CHUNK_BYTES = 1 << 20  # per message, far below the gRPC message limit
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: PrefillEngine, address: str) -> None:
+    def __init__(self, engine: PrefillEngine, address: str, tokenizer: Tokenizer) -> None:
         self.engine = engine
+        self.tokenizer = tokenizer  # token texts for logprobs
         self.worker = engine.worker
         self.address = address
 
@@ -43,7 +46,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         job = PrefillJob(
             request_id=request.request_id,
             token_ids=token_ids,
-            sampling=sampling_from_pb(request.sampling),
+            sampling=sampling_from_pb(request.sampling, config.vocab_size),
+            wants_prompt_logprobs=request.prompt_logprobs,
             block_hashes=hash_blocks(
                 token_ids, self.worker.pool.block_size, request.cache_salt, max_cached
             ),
@@ -69,13 +73,20 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if shared is not None:
             handle.shm_path, handle.shm_pool_id = shared.path, shared.pool_id
             handle.block_ids.extend(result.block_ids)
-        return prefill_pb2.PrefillResponse(
+        response = prefill_pb2.PrefillResponse(
             kv_handle=handle,
-            first_token_id=result.first_token_id,
+            first_token_id=result.first_token.token_id,
             queue_ns=result.queue_ns,
             compute_ns=result.compute_ns,
             num_cached_tokens=result.num_cached_tokens,
+            prompt_logprobs=[token_logprob_pb(t, self.tokenizer) for t in result.prompt_logprobs],
+            mirostat_mu=result.mirostat_mu,
         )
+        if job.sampling.wants_logprobs:
+            response.first_token_logprob.CopyFrom(
+                token_logprob_pb(result.first_token, self.tokenizer)
+            )
+        return response
 
     async def PullKv(self, request, context) -> AsyncIterator[prefill_pb2.KvChunk]:
         handle = self.engine.take_handle(request.handle_id)
@@ -156,11 +167,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     worker = Worker(cli.worker_options(args, shared_kv=not args.no_shared_kv))
+    tokenizer = loader.load_tokenizer(args.model)
     engine = PrefillEngine(worker, args.max_prefill_tokens, args.kv_lease_s)
     engine.start()
 
     def register(server: grpc.aio.Server, address: str) -> list[str]:
-        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(engine, address), server)
+        prefill_pb2_grpc.add_PrefillServicer_to_server(
+            PrefillServicer(engine, address, tokenizer), server
+        )
         return [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
 
     async def stop() -> None:
