@@ -1,4 +1,5 @@
-"""`python -m frontend --port 8000 --tokenizer HOST:PORT --prefill HOST:PORT --decode HOST:PORT`.
+"""`python -m frontend --port 8000 --tokenizer HOST:PORT --prefill HOST:PORT --decode HOST:PORT`
+(add `--api-key KEY`, repeatable, or set API_KEYS=KEY1,KEY2 to require bearer keys).
 
 One uvicorn worker: the in-flight count and the gRPC channels are per process. On SIGTERM
 uvicorn stops accepting, lets open requests finish (up to --graceful-shutdown-s), then runs

@@ -4,8 +4,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from frontend.auth import require_api_key
 from frontend.config import FrontendConfig
 from frontend.context import build_state
 from frontend.errors import install_error_handlers
@@ -37,10 +38,11 @@ def create_app(config: FrontendConfig) -> FastAPI:
         openapi_url=None,
     )
     app.state.frontend = state
+    # With API keys configured, the API needs one; health and metrics stay open.
+    authenticated = [Depends(require_api_key)]
     for prefix in API_PREFIXES:
-        app.include_router(completions.router, prefix=prefix)
-        app.include_router(chat.router, prefix=prefix)
-        app.include_router(system.router, prefix=prefix)
-    app.include_router(system.health_router)
+        for router in (completions.router, chat.router, system.router):
+            app.include_router(router, prefix=prefix, dependencies=authenticated)
+    app.include_router(system.open_router)
     install_error_handlers(app)
     return app

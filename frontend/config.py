@@ -1,8 +1,11 @@
 """Frontend settings and the command line that fills them."""
 
 import argparse
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+API_KEYS_ENV = "API_KEYS"
 
 
 @dataclass(slots=True, frozen=True)
@@ -22,9 +25,15 @@ class FrontendConfig:
     # Tokenizing is cheap; a stage that takes this long is stuck, not busy.
     tokenize_timeout_s: float = 60.0
     release_timeout_s: float = 5.0
+    # Empty: no authentication. Else every API request needs `Authorization: Bearer <key>`.
+    api_keys: tuple[str, ...] = ()
+    metrics_timeout_s: float = 1.0  # for the stages' Info on a /metrics scrape
 
 
-def parse_args(argv: Sequence[str] | None = None) -> FrontendConfig:
+def parse_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> FrontendConfig:
+    """Command line over defaults; API keys from --api-key and the API_KEYS variable."""
     parser = argparse.ArgumentParser(
         prog="python -m frontend",
         description="HTTP frontend (OpenAI/Fireworks API) over the tokenizer, prefill and "
@@ -48,7 +57,17 @@ def parse_args(argv: Sequence[str] | None = None) -> FrontendConfig:
         default=defaults.graceful_shutdown_s,
         help="seconds open requests get to finish after SIGTERM",
     )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        dest="api_keys",
+        help=f"accepted bearer key (repeatable; also ${API_KEYS_ENV}, comma-separated); "
+        "without any, requests need no key",
+    )
     args = parser.parse_args(argv)
+    env_keys = (os.environ if environ is None else environ).get(API_KEYS_ENV, "")
+    keys = [*args.api_keys, *env_keys.split(",")]
     return FrontendConfig(
         tokenizer_address=args.tokenizer,
         prefill_address=args.prefill,
@@ -58,4 +77,5 @@ def parse_args(argv: Sequence[str] | None = None) -> FrontendConfig:
         port=args.port,
         log_level=args.log_level,
         graceful_shutdown_s=args.graceful_shutdown_s,
+        api_keys=tuple(dict.fromkeys(k.strip() for k in keys if k.strip())),
     )

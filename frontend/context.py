@@ -9,6 +9,7 @@ from frontend.config import FrontendConfig
 from frontend.errors import model_not_found
 from frontend.metrics import InFlight
 from frontend.pipeline import Pipeline
+from frontend.server_metrics import ServerMetrics
 from frontend.stages import StageClients
 
 # Fireworks clients name models by their full resource path.
@@ -20,6 +21,7 @@ class AppState:
     config: FrontendConfig
     stages: StageClients
     pipeline: Pipeline
+    server_metrics: ServerMetrics
     in_flight: InFlight = field(default_factory=InFlight)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -36,7 +38,13 @@ class AppState:
 
 def build_state(config: FrontendConfig) -> AppState:
     stages = StageClients(config)
-    return AppState(config=config, stages=stages, pipeline=Pipeline(stages))
+    server_metrics = ServerMetrics()
+    return AppState(
+        config=config,
+        stages=stages,
+        pipeline=Pipeline(stages, server_metrics),
+        server_metrics=server_metrics,
+    )
 
 
 def get_state(request: Request) -> AppState:

@@ -28,6 +28,7 @@ class ApiError(Exception):
         type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -35,6 +36,7 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -47,7 +49,7 @@ class ApiError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -60,6 +62,15 @@ def model_not_found(model: str) -> ApiError:
         f"The model `{model}` does not exist.",
         param="model",
         code="model_not_found",
+    )
+
+
+def unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        "Invalid or missing API key: send it as `Authorization: Bearer <key>`.",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
     )
 
 

@@ -1,235 +1,209 @@
-"""tokenize -> fit max_tokens -> prefill -> decode, for one request, with its timings."""
+"""tokenize -> fit max_tokens -> prefill -> decode for every prompt and choice of a request."""
 
-import logging
+import asyncio
 import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from frontend.errors import internal_error, invalid_request
-from frontend.metrics import RequestMetrics
-from frontend.stage_types import (
-    ChatTurn,
-    Prefilled,
-    PromptCache,
-    Sampling,
-    Stopping,
-    TokenDelta,
-    Tokenized,
-)
-from frontend.stages import DecodeStream, StageClients
+from frontend.errors import invalid_request
+from frontend.generation import ChoiceOutput, Generation
+from frontend.metrics import PathTimings, RequestMetrics
+from frontend.prompts import PreparedPrompt, PromptSource, PromptTokenizer, describe, fit_max_tokens
+from frontend.server_metrics import ServerMetrics
+from frontend.settings import GenerationSettings, OutputOptions
+from frontend.stage_types import ModelLimits, Stopping, TokenDelta
+from frontend.stages import StageClients
 
-logger = logging.getLogger(__name__)
-
-# OpenAI's default for /v1/completions.
-COMPLETION_DEFAULT_MAX_TOKENS = 16
-# /v1/chat/completions default: the rest of the context window, capped at this (the
-# Fireworks chat guide's default) so a forgotten max_tokens cannot hold a slot for 100k tokens.
-CHAT_DEFAULT_MAX_TOKENS = 2048
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
-class PromptSource:
-    """A completion prompt (text or token ids) or a chat; exactly one is set."""
+class Run:
+    """A started request: its prompts and every choice's generation (index i * n + j is
+    prompt i's choice j), each already past decode's first message."""
 
-    prompt: str | list[int] | None = None
-    messages: list[ChatTurn] | None = None
+    prompts: list[PreparedPrompt]
+    generations: list[Generation]
+    firsts: list[TokenDelta]
+    metrics: RequestMetrics
+    server_metrics: ServerMetrics
+    _closed: bool = field(default=False)
 
     @property
-    def param(self) -> str:
-        return "prompt" if self.messages is None else "messages"
+    def choices(self) -> list[ChoiceOutput]:
+        return [g.output for g in self.generations]
 
+    @property
+    def finished(self) -> bool:
+        return all(g.finished for g in self.generations)
 
-@dataclass(slots=True)
-class GenerationSettings:
-    max_tokens: int | None  # None: default_max_tokens, capped to the room left
-    default_max_tokens: int
-    sampling: Sampling
-    stop: list[str]
-    ignore_eos: bool = False
-    # context_length_exceeded_behavior="error": refuse instead of lowering max_tokens.
-    error_on_overflow: bool = False
-    cache: PromptCache = field(default_factory=PromptCache)
-
-
-@dataclass(slots=True)
-class Completion:
-    text: str
-    finish_reason: str
-    num_prompt_tokens: int
-    num_completion_tokens: int
-
-
-def fit_max_tokens(
-    num_prompt_tokens: int, settings: GenerationSettings, max_model_len: int, prompt_param: str
-) -> int:
-    """max_tokens lowered to the room the prompt leaves in the context window."""
-    room = max_model_len - num_prompt_tokens
-    if room < 1:
-        # Decode always produces the token prefill sampled, so one slot must be left for it.
-        raise invalid_request(
-            f"This model's maximum context length is {max_model_len} tokens, but the prompt "
-            f"has {num_prompt_tokens} tokens, which leaves no room for a completion: shorten "
-            f"it by at least {1 - room} tokens.",
-            prompt_param,
-            "context_length_exceeded",
-        )
-    if settings.max_tokens is None:
-        return min(settings.default_max_tokens, room)
-    if settings.max_tokens > room and settings.error_on_overflow:
-        raise invalid_request(
-            f"This model's maximum context length is {max_model_len} tokens, but the prompt "
-            f"({num_prompt_tokens} tokens) plus max_tokens ({settings.max_tokens}) exceeds "
-            f"it by {settings.max_tokens - room} tokens.",
-            "max_tokens",
-            "context_length_exceeded",
-        )
-    return min(settings.max_tokens, room)
-
-
-class Generation:
-    """One request after prefill: owns the KV handle until decode answers, and the decode call.
-
-    `close()` must run on every path (done, failed, client gone). It is synchronous so that it
-    still works inside a cancelled task.
-    """
-
-    def __init__(
-        self,
-        stages: StageClients,
-        request_id: str,
-        prompt_token_ids: list[int],
-        prefilled: Prefilled,
-        sampling: Sampling,
-        stopping: Stopping,
-        metrics: RequestMetrics,
-    ) -> None:
-        self._stages = stages
-        self._request_id = request_id
-        self._prompt_token_ids = prompt_token_ids
-        self._prefilled = prefilled
-        self._sampling = sampling
-        self._stopping = stopping
-        self.metrics = metrics
-        self._stream: DecodeStream | None = None
-        # Decode answered, so it holds the KV now and frees it on abort.
-        self._claimed = False
-        self._closed = False
-        self.num_prompt_tokens = len(prompt_token_ids)
-        self.num_generated = 0
-        self.finish_reason: str | None = None
-
-    async def next(self) -> TokenDelta | None:
-        """The next decode message; None after the one that carried the finish reason."""
-        if self.finish_reason is not None:
-            return None
-        if self._stream is None:
-            self._stream = self._stages.generate(
-                self._request_id,
-                self._prompt_token_ids,
-                self._prefilled,
-                self._sampling,
-                self._stopping,
-            )
-        delta = await self._stream.read()
-        now = time.monotonic_ns()
-        if delta is None:
-            logger.error("decode stream of %s ended without a finish reason", self._request_id)
-            raise internal_error()
-        if not self._claimed:
-            self._claimed = True
-            self.metrics.first_token_at_ns = now
-        if delta.queue_ns:
-            # Decode streams prefill's token before pulling the KV; the message after the
-            # sequence joined the batch carries the queue and transfer times.
-            self.metrics.generation_queue_ns = delta.queue_ns
-            self.metrics.kv_transfer_ns = delta.kv_transfer_ns
-        self.metrics.last_token_at_ns = now
-        self.num_generated = delta.num_generated or self.num_generated + len(delta.token_ids)
-        self.finish_reason = delta.finish_reason
-        return delta
+    def usage(self) -> dict[str, Any]:
+        """Prompt tokens count once per prompt, however many choices share it."""
+        num_prompt = sum(len(p.token_ids) for p in self.prompts)
+        num_completion = sum(g.output.num_generated for g in self.generations)
+        return {
+            "prompt_tokens": num_prompt,
+            "completion_tokens": num_completion,
+            "total_tokens": num_prompt + num_completion,
+            "prompt_tokens_details": {"cached_tokens": self.metrics.cached_prompt_tokens},
+        }
 
     def close(self) -> None:
+        """Ends every decode call (or releases unclaimed KV); idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._stream is not None:
-            self._stream.cancel()  # a no-op once the call has ended
-        if not self._claimed:
-            self._stages.release_later(self._prefilled.kv_handle.handle_id)
+        for generation in self.generations:
+            generation.close()
+        self.server_metrics.observe_end(self.metrics, self.finished)
+
+
+@dataclass(slots=True)
+class _Request:
+    """What every prompt of one request shares while it starts."""
+
+    request_id: str
+    source: PromptSource
+    settings: GenerationSettings
+    options: OutputOptions
+    metrics: RequestMetrics
+    # (choice index, generation) as created, so that a failure can close them all.
+    created: list[tuple[int, Generation]] = field(default_factory=list)
 
 
 class Pipeline:
-    def __init__(self, stages: StageClients) -> None:
+    def __init__(self, stages: StageClients, server_metrics: ServerMetrics) -> None:
         self._stages = stages
+        self.server_metrics = server_metrics
 
     async def start(
         self,
         request_id: str,
         source: PromptSource,
         settings: GenerationSettings,
+        options: OutputOptions,
         metrics: RequestMetrics,
-    ) -> tuple[Generation, TokenDelta]:
-        """Runs up to decode's first message, so stage failures still get an HTTP status.
-
-        The caller owns `close()` of the returned generation.
-        """
-        generation = await self.prefill(request_id, source, settings, metrics)
+    ) -> Run:
+        """Runs every choice up to decode's first message, so that stage failures still get
+        an HTTP status. The caller owns `close()` of the returned run."""
+        limits = await self._stages.limits()
+        check_token_ids(settings, limits)
+        metrics.backend_host = limits.backend_host
+        request = _Request(request_id, source, settings, options, metrics)
         try:
-            first = await generation.next()
+            prompts = await run_all(
+                [self._start_prompt(request, i) for i in range(source.num_prompts)]
+            )
+            generations = [g for _, g in sorted(request.created, key=lambda item: item[0])]
+            run = Run(prompts, generations, [], metrics, self.server_metrics)
+            firsts = await run_all([g.next() for g in generations])
+            run.firsts = [delta for delta in firsts if delta is not None]
+            self.server_metrics.observe_first_token(metrics)
+            want_logprobs = settings.sampling.logprobs
+            await run_all([describe(self._stages, p, options, want_logprobs) for p in prompts])
         except BaseException:
-            generation.close()
+            for _, generation in request.created:
+                generation.close()
             raise
-        assert first is not None  # next() only returns None after a finish reason
-        return generation, first
+        return run
 
-    async def prefill(
-        self,
-        request_id: str,
-        source: PromptSource,
-        settings: GenerationSettings,
-        metrics: RequestMetrics,
-    ) -> Generation:
-        tokenized = await self._tokenize(source)
-        metrics.tokenizer_queue_ns = tokenized.queue_ns
-        metrics.tokenizer_ns = tokenized.duration_ns
-        metrics.prompt_tokens = len(tokenized.token_ids)
-        if not tokenized.token_ids:
+    async def _start_prompt(self, request: _Request, index: int) -> PreparedPrompt:
+        """Tokenizes and prefills prompt `index`, registering its choices' generations."""
+        settings, source = request.settings, request.source
+        timings = PathTimings()
+        tokenized = await PromptTokenizer(self._stages, timings).tokenize(source, index)
+        token_ids = tokenized.token_ids
+        if not token_ids:
             raise invalid_request("The prompt is empty after tokenization.", source.param)
         limits = await self._stages.limits()
-        metrics.backend_host = limits.backend_host
-        max_tokens = fit_max_tokens(
-            len(tokenized.token_ids), settings, limits.max_model_len, source.param
-        )
+        max_tokens = fit_max_tokens(len(token_ids), settings, limits.max_model_len, source.param)
+        prompt = PreparedPrompt(index, token_ids, tokenized.text, max_tokens)
+        request.metrics.prompt_tokens += len(token_ids)
+        await self._prefill(request, prompt, 0, timings)
+        request.metrics.cached_prompt_tokens += prompt.num_cached_tokens
+        # The other choices are prefilled only now, together: prefill's prefix cache then
+        # serves them the whole prompt, so its KV is computed once, and decode finds the
+        # blocks it pulled for the first choice in its own prefix cache rather than moving
+        # them again.
+        await run_all([self._prefill(request, prompt, j) for j in range(1, settings.n)])
+        return prompt
+
+    async def _prefill(
+        self,
+        request: _Request,
+        prompt: PreparedPrompt,
+        choice: int,
+        timings: PathTimings | None = None,
+    ) -> None:
+        """Prefills one choice and registers its generation. The first choice (`timings`
+        given) is on its prompt's way to the first token and asks for prompt logprobs when
+        the echo shows them."""
+        settings, metrics = request.settings, request.metrics
+        index = prompt.index * settings.n + choice
+        choice_id = request.request_id if index == 0 else f"{request.request_id}-{index}"
+        sampling = settings.choice_sampling(choice)
+        echoes = request.options.echo_count(len(prompt.token_ids)) > 0
+        started = time.monotonic_ns()
         prefilled = await self._stages.prefill(
-            request_id, tokenized.token_ids, settings.sampling, settings.cache
+            choice_id,
+            prompt.token_ids,
+            sampling,
+            settings.cache,
+            prompt_logprobs=timings is not None and sampling.logprobs and echoes,
         )
-        metrics.cached_prompt_tokens = prefilled.num_cached_tokens
-        metrics.prefill_queue_ns = prefilled.queue_ns
-        metrics.prefill_ns = prefilled.compute_ns
-        stopping = Stopping(max_tokens, settings.stop, settings.ignore_eos)
-        return Generation(
+        now = time.monotonic_ns()
+        if timings is not None:
+            timings.add_prefill_call(now - started, prefilled.queue_ns, prefilled.compute_ns)
+            metrics.first_token(timings, now)
+            prompt.prefilled = prefilled
+        stopping = Stopping(prompt.max_tokens, settings.stop, settings.ignore_eos)
+        generation = Generation(
             self._stages,
-            request_id,
-            tokenized.token_ids,
+            choice_id,
+            ChoiceOutput(index, prompt),
             prefilled,
-            settings.sampling,
+            sampling,
             stopping,
             metrics,
+            self.server_metrics,
+        )
+        request.created.append((index, generation))
+
+    async def collect(self, run: Run) -> None:
+        """Reads every choice to its end."""
+        await run_all([_drain(g) for g in run.generations if not g.finished])
+
+
+async def _drain(generation: Generation) -> None:
+    while await generation.next() is not None:
+        pass
+
+
+def check_token_ids(settings: GenerationSettings, limits: ModelLimits) -> None:
+    if not limits.vocab_size:
+        return
+    bad = [t for t in settings.sampling.logit_bias if t >= limits.vocab_size]
+    if bad:
+        raise invalid_request(
+            f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size}).",
+            "logit_bias",
         )
 
-    async def collect(self, generation: Generation, first: TokenDelta) -> Completion:
-        texts = [first.text]
-        while (delta := await generation.next()) is not None:
-            texts.append(delta.text)
-        assert generation.finish_reason is not None
-        return Completion(
-            "".join(texts),
-            generation.finish_reason,
-            generation.num_prompt_tokens,
-            generation.num_generated,
-        )
 
-    async def _tokenize(self, source: PromptSource) -> Tokenized:
-        if source.messages is not None:
-            return await self._stages.render_chat(source.messages)
-        assert source.prompt is not None
-        return await self._stages.tokenize(source.prompt)
+async def run_all(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """Awaits every call; on the first failure (or if cancelled) cancels the rest and raises."""
+    if len(calls) <= 1:
+        return [await call for call in calls]
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for the finished ones
+    # Every failure is retrieved (so none is logged as unhandled); the first one is raised.
+    failures = [t.exception() for t in tasks if t.done() and not t.cancelled()]
+    for failure in failures:
+        if failure is not None:
+            raise failure
+    return [task.result() for task in tasks]

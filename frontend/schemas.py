@@ -1,4 +1,4 @@
-"""Request bodies of /v1/completions and /v1/chat/completions, fields ordered like the OpenAI docs.
+"""Request bodies of /v1/completions and /v1/chat/completions, fields ordered like the docs.
 
 Only the fields this server implements are declared; `frontend.unsupported` strips the
 documented-but-unimplemented ones first, so `extra="forbid"` rejects exactly the unknown ones.
@@ -8,25 +8,16 @@ Strict mode: `"16"` is not an integer and `1` is not `true`, as in OpenAI's API.
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
 
-INT32_MAX = 2**31 - 1
+from frontend import fields
+from frontend.fields import INT32_MAX, MAX_TOP_LOGPROBS, Prompt, invalid, unsupported
+
 UINT64_MAX = 2**64 - 1
-MAX_STOP_SEQUENCES = 4
-MAX_N = 128  # the documented range of n; values inside it are refused as "not yet", not "invalid"
-CHAT_ROLES = ("system", "user", "assistant")
-UNSUPPORTED_ROLES = ("developer", "tool", "function")
-
-# The token-id form of a prompt: a list of ints, or one list of them.
-TokenIds = list[int]
-
-
-def invalid(message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_value", message)
-
-
-def unsupported(message: str) -> PydanticCustomError:
-    return PydanticCustomError("unsupported_value", message)
+MAX_N = 128
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+UNSUPPORTED_ROLES = ("developer", "function")
+# The chat reference's default for prompt_truncate_len.
+DEFAULT_PROMPT_TRUNCATE_LEN = 1500
 
 
 class _Strict(BaseModel):
@@ -37,11 +28,19 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+MaxTokens = Annotated[int | None, Field(ge=1, le=INT32_MAX)]
 Temperature = Annotated[float | None, Field(ge=0, le=2)]
-TopP = Annotated[float | None, Field(gt=0, le=1)]
+Probability = Annotated[float | None, Field(ge=0, le=1)]
 TopK = Annotated[int | None, Field(ge=0, le=100)]
+Penalty = Annotated[float | None, Field(ge=-2, le=2)]
+RepetitionPenalty = Annotated[float | None, Field(ge=0, le=2)]
+MirostatTarget = Annotated[float | None, Field(gt=0)]
+MirostatLr = Annotated[float | None, Field(gt=0)]
 Seed = Annotated[int | None, Field(ge=0, le=UINT64_MAX)]
-MaxTokens = Annotated[int | None, Field(ge=1)]
+NumChoices = Annotated[int | None, Field(ge=1, le=MAX_N)]
+TopLogprobs = Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+Count = Annotated[int | None, Field(ge=0, le=INT32_MAX)]
+PositiveCount = Annotated[int | None, Field(ge=1, le=INT32_MAX)]
 LengthBehavior = Literal["truncate", "error"] | None
 
 
@@ -51,53 +50,78 @@ class _GenerationRequest(_Strict):
     model: str
     max_tokens: MaxTokens = None
     max_completion_tokens: MaxTokens = None
-    n: int | None = None
+    temperature: Temperature = None
+    top_p: Probability = None
+    top_k: TopK = None
+    min_p: Probability = None
+    typical_p: Probability = None
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    repetition_penalty: RepetitionPenalty = None
+    mirostat_target: MirostatTarget = None
+    mirostat_lr: MirostatLr = None
     seed: Seed = None
+    logit_bias: dict[int, float] | None = None
+    n: NumChoices = None
     stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool | None = None
+    echo: bool | None = None
+    echo_last: Count = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs = None
+    raw_output: bool | None = None
+    return_token_ids: bool | None = None
+    context_length_exceeded_behavior: LengthBehavior = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    temperature: Temperature = None
-    top_p: TopP = None
-    user: str | None = None
-    # Fireworks extensions.
-    top_k: TopK = None
-    ignore_eos: bool | None = None
-    context_length_exceeded_behavior: LengthBehavior = None
     perf_metrics_in_response: bool | None = None
+    prompt_cache_max_len: Count = None
     prompt_cache_isolation_key: str | None = None
-    prompt_cache_max_len: Annotated[int | None, Field(ge=0, le=INT32_MAX)] = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, value: int | None) -> int | None:
-        if value is not None and not 1 <= value <= MAX_N:
-            raise invalid(f"n must be between 1 and {MAX_N}.")
-        if value is not None and value != 1:
-            raise unsupported("n > 1 is not supported yet.")
-        return value
+    user: str | None = None
+    # Accepted and stored nowhere.
+    metadata: dict[str, Any] | None = None
+    # Accepted without effect: the model does not reason (its Info notes say so).
+    reasoning_effort: str | int | None = None
+    images: None = None
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _stop_list(cls, value: Any) -> list[str]:
-        if value is None:
-            return []
-        stops = [value] if isinstance(value, str) else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise invalid("stop must be a string or a list of strings.")
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise invalid(f"stop takes at most {MAX_STOP_SEQUENCES} sequences.")
-        if any(not s for s in stops):
-            raise invalid("stop sequences must not be empty.")
-        return stops
+    def _stop(cls, value: Any) -> list[str]:
+        return fields.stop_list(value)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias(cls, value: Any) -> dict[int, float] | None:
+        return fields.logit_bias_map(value)
+
+    @field_validator("reasoning_effort", mode="before")
+    @classmethod
+    def _reasoning_effort(cls, value: Any) -> str | int | None:
+        return fields.reasoning_effort(value)
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images(cls, value: Any) -> None:
+        return fields.no_images(value)
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None and self.logprobs is not False
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | TokenIds
+    prompt: list[Prompt]
+    # The legacy integer form counts alternatives; validated by `_logprobs`.
+    logprobs: bool | int | None = None  # type: ignore[assignment]
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: Any) -> str | TokenIds:
-        return normalize_prompt(value)
+    def _prompts(cls, value: Any) -> list[Prompt]:
+        return fields.prompt_list(value)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs(cls, value: Any) -> bool | int | None:
+        return fields.completion_logprobs(value)
 
 
 class ChatMessage(_Strict):
@@ -105,6 +129,8 @@ class ChatMessage(_Strict):
     # Validated by `_text_content` even when absent: only assistant turns may omit it.
     content: str | None = Field(default=None, validate_default=True)
     name: str | None = None
+    # Validated by `_tool_call_id` even when absent: tool results must say which call.
+    tool_call_id: str | None = Field(default=None, validate_default=True)
 
     @field_validator("role", mode="before")
     @classmethod
@@ -122,55 +148,19 @@ class ChatMessage(_Strict):
             if info.data.get("role", "assistant") != "assistant":
                 raise invalid("content is required for this role.")
             return None
-        return normalize_content(value)
+        return fields.text_content(value)
+
+    @field_validator("tool_call_id", mode="before")
+    @classmethod
+    def _tool_call_id(cls, value: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if role == "tool" and value is None:
+            raise invalid("tool messages need the tool_call_id they answer.")
+        if role not in ("tool", None) and value is not None:
+            raise invalid("tool_call_id is only valid in tool messages.")
+        return value
 
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-
-
-def normalize_prompt(value: Any) -> str | TokenIds:
-    """One prompt as a string or token ids; a batch of one is unwrapped, larger batches refused."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise invalid("prompt must be a string, a list of strings or a list of token ids.")
-    if not value:
-        raise invalid("prompt must not be empty.")
-    if all(type(x) is int for x in value):
-        if any(not 0 <= x <= INT32_MAX for x in value):
-            raise invalid("token ids in prompt must be non-negative 32-bit integers.")
-        return value
-    if all(isinstance(x, str) for x in value) or all(isinstance(x, list) for x in value):
-        if len(value) > 1:
-            raise unsupported("batched prompts are not supported yet; send one prompt per request.")
-        if isinstance(value[0], list) and not value[0]:
-            raise invalid("prompt must not be empty.")
-        if isinstance(value[0], list) and not all(type(x) is int for x in value[0]):
-            raise invalid("a token-id prompt must be a list of integers.")
-        return normalize_prompt(value[0])
-    raise invalid("prompt must be a string, a list of strings or a list of token ids.")
-
-
-def normalize_content(value: Any) -> str:
-    """Message content as one string; text parts are joined by newlines (as vLLM does)."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise invalid("content must be a string or a list of text parts.")
-    texts = []
-    for i, part in enumerate(value):
-        if not isinstance(part, dict):
-            raise invalid(f"content[{i}] must be an object.")
-        kind = part.get("type")
-        if kind != "text":
-            if isinstance(kind, str):
-                raise unsupported(f"content[{i}]: part type '{kind}' is not supported yet.")
-            raise invalid(f"content[{i}].type must be 'text'.")
-        if not isinstance(part.get("text"), str):
-            raise invalid(f"content[{i}].text must be a string.")
-        unknown = sorted(set(part) - {"type", "text"})
-        if unknown:
-            raise invalid(f"content[{i}] has an unknown field '{unknown[0]}'.")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    prompt_truncate_len: PositiveCount = None

@@ -1,7 +1,7 @@
 """What the frontend sends to and gets from the stages.
 
-`frontend.stages` converts these at the RPC edge; everything above it sees dataclasses. The
-one protobuf message here is the KV handle, which the frontend carries from prefill to
+`frontend.stage_wire` converts these at the RPC edge; everything above it sees dataclasses.
+The one protobuf message here is the KV handle, which the frontend carries from prefill to
 decode without looking inside.
 """
 
@@ -11,11 +11,13 @@ from services.rpc import common_pb2
 
 STAGE_NAMES = ("tokenizer", "prefill", "decode")
 
+
 @dataclass(slots=True)
 class ChatTurn:
     role: str
     content: str
     name: str = ""
+    tool_call_id: str = ""
 
 
 @dataclass(slots=True)
@@ -23,14 +25,27 @@ class Tokenized:
     token_ids: list[int]
     queue_ns: int
     duration_ns: int
+    text: str = ""  # the text as given, or the rendered chat; empty for token-id prompts
 
 
 @dataclass(slots=True)
 class Sampling:
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None  # None: the stages draw from their own generator
+    """The sampling parameters of one choice, with the API's defaults filled in."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None  # None: the stages draw from their own generator
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    mirostat_target: float | None = None  # None: mirostat off
+    mirostat_lr: float = 0.1
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass(slots=True)
@@ -41,6 +56,25 @@ class Stopping:
 
 
 @dataclass(slots=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+    token: str
+    token_bytes: bytes
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """A token and its logprob; `logprob` is None for a prompt's first token (no context)."""
+
+    token_id: int
+    logprob: float | None
+    token: str
+    token_bytes: bytes
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class Prefilled:
     # Opaque to the frontend: prefill's answer, handed to decode as it came.
     kv_handle: common_pb2.KvHandle
@@ -48,6 +82,12 @@ class Prefilled:
     queue_ns: int
     compute_ns: int
     num_cached_tokens: int = 0
+    # Also opaque: passed through to decode, which streams it with the first token.
+    first_token_logprob: common_pb2.TokenLogprob | None = None
+    # With prompt logprobs: one per prompt token from the second on.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Mirostat's state after the first token, passed through for decode to continue from.
+    mirostat_mu: float | None = None
 
 
 @dataclass(slots=True)
@@ -66,9 +106,10 @@ class TokenDelta:
     text: str
     finish_reason: str | None  # "stop" | "length" | None while running
     num_generated: int
-    # Only the first message of a request carries these.
+    # Only the first message after the sequence joined the batch carries these.
     queue_ns: int = 0
     kv_transfer_ns: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, if asked
 
 
 @dataclass(slots=True)
@@ -76,3 +117,18 @@ class ModelLimits:
     model_id: str
     max_model_len: int
     backend_host: str  # the decode instance, as it names itself
+    vocab_size: int = 0  # 0: unknown, token ids are not checked here
+
+
+@dataclass(slots=True)
+class StageStats:
+    """One stage instance's load, from its Info, for /metrics."""
+
+    service: str
+    instance: str
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_used_blocks: int
+    prefix_cache_queried_blocks: int
+    prefix_cache_hit_blocks: int

@@ -21,9 +21,17 @@ from frontend.stage_types import (
     Prefilled,
     PromptCache,
     Sampling,
+    StageStats,
     Stopping,
-    TokenDelta,
     Tokenized,
+)
+from frontend.stage_wire import (
+    DecodeStream,
+    chat_message_pb,
+    limits_from_infos,
+    logprob_from_pb,
+    sampling_pb,
+    stats_from_info,
 )
 from services.rpc import (
     common_pb2,
@@ -47,36 +55,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
-_FINISH_REASONS = {
-    decode_pb2.FINISH_REASON_STOP: "stop",
-    decode_pb2.FINISH_REASON_LENGTH: "length",
-}
-
-
-class DecodeStream:
-    """One Generate call. Cancelling it aborts the request on the decode side."""
-
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
-        self._call = call
-
-    async def read(self) -> TokenDelta | None:
-        """The next message, or None once the stream has ended."""
-        with rpc_errors("decode"):
-            message = await self._call.read()
-        if message is grpc.aio.EOF:
-            return None
-        assert isinstance(message, decode_pb2.GenerateResponse)
-        return TokenDelta(
-            token_ids=list(message.token_ids),
-            text=message.text,
-            finish_reason=_FINISH_REASONS.get(message.finish_reason),
-            num_generated=message.num_generated,
-            queue_ns=message.queue_ns,
-            kv_transfer_ns=message.kv_transfer_ns,
-        )
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
 
 class StageClients:
@@ -87,17 +65,17 @@ class StageClients:
         self._limits_lock = asyncio.Lock()
         # Fire-and-forget RPCs (Release) held here so they are not garbage-collected mid-flight.
         self._background: set[asyncio.Task[None]] = set()
+        self._addresses = {
+            "tokenizer": config.tokenizer_address,
+            "prefill": config.prefill_address,
+            "decode": config.decode_address,
+        }
 
     def start(self) -> None:
         """Opens the channels; must run inside the event loop that will use them."""
         if self._channels:
             return
-        addresses = {
-            "tokenizer": self._config.tokenizer_address,
-            "prefill": self._config.prefill_address,
-            "decode": self._config.decode_address,
-        }
-        for stage, address in addresses.items():
+        for stage, address in self._addresses.items():
             self._channels[stage] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._channels["tokenizer"])
         self._prefill = prefill_pb2_grpc.PrefillStub(self._channels["prefill"])
@@ -126,33 +104,45 @@ class StageClients:
             response = await self._tokenizer.Tokenize(
                 request, timeout=self._config.tokenize_timeout_s
             )
-        return Tokenized(list(response.token_ids), response.queue_ns, response.duration_ns)
+        return _tokenized(response)
 
     async def render_chat(self, turns: Sequence[ChatTurn]) -> Tokenized:
         self.start()
         request = tokenizer_pb2.RenderChatRequest(
-            messages=[
-                tokenizer_pb2.ChatMessage(role=t.role, content=t.content, name=t.name)
-                for t in turns
-            ],
-            add_generation_prompt=True,
+            messages=[chat_message_pb(t) for t in turns], add_generation_prompt=True
         )
         with rpc_errors("tokenizer", param="messages"):
             response = await self._tokenizer.RenderChat(
                 request, timeout=self._config.tokenize_timeout_s
             )
-        return Tokenized(list(response.token_ids), response.queue_ns, response.duration_ns)
+        return _tokenized(response)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, special tokens included (they are part of the prompt)."""
+        self.start()
+        request = tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=False)
+        with rpc_errors("tokenizer", param="prompt"):
+            response = await self._tokenizer.Detokenize(
+                request, timeout=self._config.tokenize_timeout_s
+            )
+        return response.text
 
     async def prefill(
-        self, request_id: str, token_ids: list[int], sampling: Sampling, cache: PromptCache
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: Sampling,
+        cache: PromptCache,
+        prompt_logprobs: bool = False,
     ) -> Prefilled:
         self.start()
         request = prefill_pb2.PrefillRequest(
             request_id=request_id,
             token_ids=token_ids,
-            sampling=_sampling_pb(sampling),
+            sampling=sampling_pb(sampling),
             cache_salt=cache.isolation_key,
             cache_max_tokens=cache.max_tokens,  # None leaves the optional field unset
+            prompt_logprobs=prompt_logprobs,
         )
         with rpc_errors("prefill"):
             response = await self._prefill.Prefill(request)
@@ -162,6 +152,9 @@ class StageClients:
             response.queue_ns,
             response.compute_ns,
             response.num_cached_tokens,
+            response.first_token_logprob if response.HasField("first_token_logprob") else None,
+            [logprob_from_pb(lp) for lp in response.prompt_logprobs],
+            response.mirostat_mu if response.HasField("mirostat_mu") else None,
         )
 
     def generate(
@@ -178,12 +171,14 @@ class StageClients:
             kv_handle=prefilled.kv_handle,
             prompt_token_ids=prompt_token_ids,
             first_token_id=prefilled.first_token_id,
-            sampling=_sampling_pb(sampling),
+            sampling=sampling_pb(sampling),
             stopping=decode_pb2.StoppingCriteria(
                 max_tokens=stopping.max_tokens, stop=stopping.stop, ignore_eos=stopping.ignore_eos
             ),
+            first_token_logprob=prefilled.first_token_logprob,
+            mirostat_mu=prefilled.mirostat_mu,  # None leaves the optional field unset
         )
-        return DecodeStream(self._decode.Generate(request))
+        return DecodeStream(self._decode.Generate(request), sampling.logprobs)
 
     def release_later(self, handle_id: str) -> None:
         """Frees a KV handle decode never took, without making the caller wait.
@@ -225,38 +220,50 @@ class StageClients:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _fetch_limits(self) -> ModelLimits:
+    async def _fetch_infos(
+        self, timeout_s: float | None = None
+    ) -> dict[str, common_pb2.InfoResponse | BaseException]:
+        """Every stage's Info, or the error it failed with."""
         self.start()
         replies = await asyncio.gather(
-            *(self._fetch_info(stage) for stage in STAGE_NAMES), return_exceptions=True
+            *(self._fetch_info(stage, timeout_s) for stage in STAGE_NAMES),
+            return_exceptions=True,
         )
-        infos = []
-        for reply in replies:
+        return dict(zip(STAGE_NAMES, replies, strict=True))
+
+    async def _fetch_limits(self) -> ModelLimits:
+        infos = {}
+        for stage, reply in (await self._fetch_infos()).items():
             if isinstance(reply, BaseException):
                 raise reply
-            infos.append(reply)
-        model_ids = {i.model.model_id for i in infos if i.model.model_id}
-        if len(model_ids) > 1:
-            logger.warning("stages report different models: %s", sorted(model_ids))
-        # Decode must hold prompt + completion, prefill the prompt: the smallest window wins.
-        lengths = [i.limits.max_model_len for i in infos if i.limits.max_model_len > 0]
-        lengths = lengths or [i.model.context_length for i in infos if i.model.context_length > 0]
-        if not lengths:
+            infos[stage] = reply
+        limits = limits_from_infos(infos, self._config.decode_address)
+        if limits is None:
             logger.error("no stage reports a context length")
             raise internal_error()
-        decode_info = infos[STAGE_NAMES.index("decode")]
-        return ModelLimits(
-            model_id=next((i.model.model_id for i in infos if i.model.model_id), ""),
-            max_model_len=min(lengths),
-            backend_host=decode_info.instance or self._config.decode_address,
-        )
+        return limits
 
-    async def _fetch_info(self, stage: str) -> common_pb2.InfoResponse:
+    async def stats(self) -> tuple[list[StageStats], list[str]]:
+        """Each answering stage's load from its Info, and the stages that did not answer."""
+        replies = await self._fetch_infos(self._config.metrics_timeout_s)
+        stats, down = [], []
+        for stage, reply in replies.items():
+            if isinstance(reply, ApiError):
+                down.append(stage)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                stats.append(stats_from_info(stage, reply, self._addresses[stage]))
+        return stats, down
+
+    async def _fetch_info(
+        self, stage: str, timeout_s: float | None = None
+    ) -> common_pb2.InfoResponse:
         # Quiet: warm_up polls stages that are still loading, and a request that needs
         # Info reports the 503 anyway.
         with rpc_errors(stage, quiet=True):
             return await self._info[stage](
-                common_pb2.InfoRequest(), timeout=self._config.info_timeout_s
+                common_pb2.InfoRequest(), timeout=timeout_s or self._config.info_timeout_s
             )
 
     async def health(self) -> dict[str, str]:
@@ -275,10 +282,7 @@ class StageClients:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def _sampling_pb(sampling: Sampling) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        seed=sampling.seed,  # None leaves the optional field unset
+def _tokenized(response: tokenizer_pb2.TokenizeResponse) -> Tokenized:
+    return Tokenized(
+        list(response.token_ids), response.queue_ns, response.duration_ns, response.prompt
     )

@@ -1,6 +1,7 @@
 """Server-sent events: the chunk sequence of one generation, and a response that notices when
 the client leaves."""
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -12,8 +13,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from frontend.errors import ApiError, internal_error
-from frontend.pipeline import Generation
-from frontend.responses import ResponseShape, usage
+from frontend.generation import Generation
+from frontend.pipeline import Run
+from frontend.responses import ResponseShape
 from frontend.stage_types import TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -26,43 +28,85 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 async def sse_events(
-    generation: Generation,
-    first: TokenDelta,
-    shape: ResponseShape,
-    *,
-    include_usage: bool,
-    perf_metrics_in_response: bool,
+    run: Run, shape: ResponseShape, *, include_usage: bool, perf_metrics_in_response: bool
 ) -> AsyncGenerator[str, None]:
-    """Chunks from decode's first message to [DONE]; a failure mid-stream becomes an error
-    event, since the 200 status line has already gone out."""
+    """Chunks from decode's first messages to [DONE]; a failure mid-stream becomes an error
+    event, since the 200 status line has already gone out.
+
+    Each choice opens with its own chunks and ends with its own finish_reason chunk; the last
+    of those carries the usage over all choices (and perf_metrics when asked)."""
+    announce = _Announcer(shape)
     try:
-        for chunk in shape.opening_chunks():
-            yield sse(chunk)
-        delta: TokenDelta | None = first
-        while delta is not None:
-            if delta.text:
-                yield sse(shape.delta_chunk(delta.text))
-            if delta.finish_reason is not None:
-                totals = usage(
-                    generation.num_prompt_tokens,
-                    generation.num_generated,
-                    generation.metrics.cached_prompt_tokens,
-                )
-                final = shape.final_chunk(delta.finish_reason, totals)
-                if perf_metrics_in_response:
-                    final["perf_metrics"] = generation.metrics.as_dict()
-                yield sse(final)
-                if include_usage:
-                    yield sse(shape.usage_chunk(totals))
-            delta = await generation.next()
+        for generation in run.generations:
+            for opening in shape.opening_chunks(generation.output):
+                yield sse(announce(generation, opening))
+        remaining = len(run.generations)
+        async with contextlib.aclosing(_merged(run)) as deltas:
+            async for generation, delta in deltas:
+                chunk = shape.delta_chunk(generation.output, delta)
+                if chunk is not None:
+                    yield sse(announce(generation, chunk))
+                if delta.finish_reason is None:
+                    continue
+                remaining -= 1
+                extra: dict[str, Any] = {}
+                if remaining == 0:
+                    extra["usage"] = run.usage()
+                    if perf_metrics_in_response:
+                        extra["perf_metrics"] = run.metrics.as_dict()
+                yield sse(announce(generation, shape.finish_chunk(generation.output, **extra)))
+                if remaining == 0 and include_usage:
+                    yield sse(shape.usage_chunk(run.usage()))
     except ApiError as exc:
         yield sse(exc.body())
     except Exception:
         logger.exception("stream failed")
         yield sse(internal_error().body())
     finally:
-        generation.close()
+        run.close()
     yield DONE
+
+
+class _Announcer:
+    """With return_token_ids, a choice's first chunk carries its prompt's token ids."""
+
+    def __init__(self, shape: ResponseShape) -> None:
+        self._enabled = shape.options.return_token_ids
+        self._announced: set[int] = set()
+
+    def __call__(self, generation: Generation, chunk: dict[str, Any]) -> dict[str, Any]:
+        index = generation.output.index
+        if self._enabled and index not in self._announced:
+            self._announced.add(index)
+            chunk["choices"][0]["prompt_token_ids"] = generation.output.prompt.token_ids
+        return chunk
+
+
+async def _merged(run: Run) -> AsyncGenerator[tuple[Generation, TokenDelta], None]:
+    """Every choice's decode messages as they come, the first ones (already read) first."""
+    for generation, first in zip(run.generations, run.firsts, strict=True):
+        yield generation, first
+    running = [g for g in run.generations if not g.finished]
+    if len(running) == 1:  # the common case, without a task per message
+        while (delta := await running[0].next()) is not None:
+            yield running[0], delta
+        return
+    reads: dict[asyncio.Future[TokenDelta | None], Generation] = {}
+    try:
+        for generation in running:
+            reads[asyncio.ensure_future(generation.next())] = generation
+        while reads:
+            done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+            for read in sorted(done, key=lambda r: reads[r].output.index):
+                generation = reads.pop(read)
+                delta = read.result()
+                assert delta is not None  # only unfinished choices are read
+                yield generation, delta
+                if not generation.finished:
+                    reads[asyncio.ensure_future(generation.next())] = generation
+    finally:
+        for read in reads:
+            read.cancel()
 
 
 class SSEResponse(StreamingResponse):
@@ -75,8 +119,14 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncGenerator[str, None], on_close: Callable[[], None]) -> None:
-        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(
+        self,
+        events: AsyncGenerator[str, None],
+        on_close: Callable[[], None],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        no_buffering = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, headers={**no_buffering, **(headers or {})})
         self._events = events
         self._on_close = on_close
 

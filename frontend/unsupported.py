@@ -1,9 +1,9 @@
 """Request fields the API references document that this server does not implement yet.
 
 Each is rejected with a 400 naming it, unless it carries its neutral value: clients (the
-OpenAI and Fireworks SDKs, LangChain, ...) send defaults such as `logprobs: false` or
-`frequency_penalty: 0`, which ask for nothing we lack. Fields in none of these tables and
-not in the request schema are unknown, and pydantic rejects them.
+OpenAI and Fireworks SDKs, LangChain, ...) send defaults such as `tools: []` or
+`response_format: {"type": "text"}`, which ask for nothing we lack. Fields in none of these
+tables and not in the request schema are unknown, and pydantic rejects them.
 """
 
 import json
@@ -14,26 +14,10 @@ from frontend.errors import invalid_request
 
 # name -> the values that ask for nothing (None stands for JSON null).
 COMMON_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
-    "echo_last": (None, 0),
-    "logit_bias": (None, {}),
-    "frequency_penalty": (None, 0),
-    "presence_penalty": (None, 0),
-    "repetition_penalty": (None, 1),
-    "min_p": (None, 0),
-    "typical_p": (None, 1),
-    "mirostat_target": (None,),
-    "mirostat_lr": (None,),
     "response_format": (None, {"type": "text"}),
-    "raw_output": (None, False),
-    "return_token_ids": (None, False),
     "prompt_cache_key": (None,),
     "speculation": (None,),
     "prediction": (None,),
-    "metadata": (None, {}),
-    "reasoning_effort": (None,),
     "reasoning_history": (None,),
     "thinking": (None,),
     "safe_tokenization": (None,),
@@ -42,7 +26,6 @@ COMMON_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
 
 COMPLETION_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
     **COMMON_UNSUPPORTED,
-    "images": (None, []),
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
@@ -55,7 +38,6 @@ CHAT_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
-    "prompt_truncate_len": (None,),
     "store": (None, False),
     "modalities": (None, ["text"]),
     "audio": (None,),
@@ -66,7 +48,6 @@ CHAT_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
 # Inside one chat message.
 MESSAGE_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
     "tool_calls": (None, []),
-    "tool_call_id": (None,),
     "function_call": (None,),
 }
 

@@ -24,14 +24,16 @@ def client() -> Iterator[TestClient]:
         yield test_client
 
 
-# Valid requests: neutral values of unimplemented fields included. With the stages down they
-# get as far as the tokenizer, which answers 503.
+# Valid requests, every field included. With the stages down they get as far as the first
+# stage call, which answers 503.
 VALID_COMPLETIONS = [
     completion_body(),
     completion_body(model="accounts/fireworks/models/test-model"),
     completion_body(prompt=["hi"]),
+    completion_body(prompt=["hi", "there", ""]),
     completion_body(prompt=[1, 2, 3]),
     completion_body(prompt=[[1, 2, 3]]),
+    completion_body(prompt=[[1, 2, 3], [4]]),
     completion_body(prompt=""),
     completion_body(stream=True, stream_options={"include_usage": True}),
     completion_body(
@@ -53,6 +55,38 @@ VALID_COMPLETIONS = [
         ignore_eos=True,
         user="u",
     ),
+    completion_body(
+        max_tokens=5,
+        temperature=2,
+        top_p=0,
+        top_k=100,
+        min_p=1,
+        typical_p=0.5,
+        frequency_penalty=-2,
+        presence_penalty=2,
+        repetition_penalty=1.2,
+        mirostat_target=5.0,
+        mirostat_lr=0.1,
+        seed=2**64 - 1,
+        logit_bias={"5": -100, "6": 100, "7": 0.5},
+        n=128,
+        stop=["a", "b", "c", "d"],
+        echo=True,
+        echo_last=3,
+        logprobs=5,
+        top_logprobs=0,
+        raw_output=True,
+        return_token_ids=True,
+        context_length_exceeded_behavior="truncate",
+        stream=False,
+        prompt_cache_max_len=0,
+        prompt_cache_isolation_key="k",
+        metadata={"trace": {"a": [1]}},
+        reasoning_effort="high",
+        images=[],
+    ),
+    completion_body(logprobs=True, top_logprobs=5, reasoning_effort=100, images=None),
+    completion_body(logprobs=0, echo=False, echo_last=0, reasoning_effort="none"),
 ]
 VALID_CHATS = [
     chat_body(),
@@ -71,6 +105,24 @@ VALID_CHATS = [
         stop=["a", "b", "c", "d"],
         temperature=0,
         top_p=1,
+    ),
+    chat_body(
+        messages=[
+            {"role": "user", "content": "what is 6 * 7?"},
+            {"role": "assistant", "content": "let me check"},
+            {"role": "tool", "content": "42", "tool_call_id": "call_1", "name": "calc"},
+        ],
+        logprobs=True,
+        top_logprobs=3,
+        n=4,
+        echo=True,
+        prompt_truncate_len=10,
+        max_completion_tokens=7,
+        raw_output=True,
+        return_token_ids=True,
+        logit_bias={"3": 1},
+        metadata={},
+        reasoning_effort="low",
     ),
 ]
 

@@ -40,95 +40,106 @@ def assert_error_shape(body: dict[str, Any]) -> dict[str, Any]:
     return body["error"]
 
 
-# (body, status, param) for /v1/completions.
+def _invalid(make: Any, field: str, *values: Any) -> list[tuple[dict[str, Any], int, str]]:
+    return [(make(**{field: value}), 400, field) for value in values]
+
+
+IMAGE = "data:image/png;base64,AA"
+
+# (body, status, param) for /v1/completions: every field, each of its invalid forms.
 COMPLETION_CASES = [
     ({"prompt": "hi"}, 400, "model"),
     ({"model": MODEL}, 400, "prompt"),
     (completion_body(model=5), 400, "model"),
     (completion_body(model="other-model"), 404, "model"),
     (completion_body(model="accounts/fireworks/models/other-model"), 404, "model"),
-    (completion_body(prompt=5), 400, "prompt"),
-    (completion_body(prompt=None), 400, "prompt"),
-    (completion_body(prompt=[]), 400, "prompt"),
-    (completion_body(prompt=["a", "b"]), 400, "prompt"),
-    (completion_body(prompt=[[1, 2], [3]]), 400, "prompt"),
-    (completion_body(prompt=[[]]), 400, "prompt"),
-    (completion_body(prompt=[1, "a"]), 400, "prompt"),
-    (completion_body(prompt=[-1]), 400, "prompt"),
-    (completion_body(prompt=[2**31]), 400, "prompt"),
-    (completion_body(prompt=[True]), 400, "prompt"),
-    (completion_body(prompt=[["a"]]), 400, "prompt"),
-    (completion_body(max_tokens="16"), 400, "max_tokens"),
-    (completion_body(max_tokens=0), 400, "max_tokens"),
-    (completion_body(max_tokens=-1), 400, "max_tokens"),
-    (completion_body(max_tokens=1.5), 400, "max_tokens"),
-    (completion_body(max_tokens=True), 400, "max_tokens"),
-    (completion_body(max_completion_tokens=0), 400, "max_completion_tokens"),
+    *_invalid(
+        completion_body,
+        "prompt",
+        5,
+        None,
+        [],
+        [[]],
+        [[1, 2], []],
+        [1, "a"],
+        ["a", 1],
+        [-1],
+        [2**31],
+        [True],
+        [["a"]],
+        [[1, "a"]],
+        [[1], "a"],
+        {"text": "hi"},
+    ),
+    *_invalid(completion_body, "max_tokens", "16", 0, -1, 1.5, True, 2**31),
+    *_invalid(completion_body, "max_completion_tokens", 0, "5"),
     (completion_body(max_tokens=5, max_completion_tokens=5), 400, "max_completion_tokens"),
-    (completion_body(n=2), 400, "n"),
-    (completion_body(n=0), 400, "n"),
-    (completion_body(n=129), 400, "n"),
-    (completion_body(n="1"), 400, "n"),
-    (completion_body(seed=-1), 400, "seed"),
-    (completion_body(seed=2**64), 400, "seed"),
-    (completion_body(seed="1"), 400, "seed"),
-    (completion_body(stop=5), 400, "stop"),
-    (completion_body(stop=[1]), 400, "stop"),
-    (completion_body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
-    (completion_body(stop=[""]), 400, "stop"),
-    (completion_body(stream="yes"), 400, "stream"),
-    (completion_body(stream=1), 400, "stream"),
+    *_invalid(completion_body, "temperature", -0.1, 2.5, "1", True),
+    *_invalid(completion_body, "top_p", -0.1, 1.5, "1"),
+    *_invalid(completion_body, "top_k", -1, 101, 1.5, "5"),
+    *_invalid(completion_body, "min_p", -0.1, 1.1, "0"),
+    *_invalid(completion_body, "typical_p", -0.1, 1.5, False),
+    *_invalid(completion_body, "frequency_penalty", -2.5, 2.5, "0", False),
+    *_invalid(completion_body, "presence_penalty", -3, 3, False),
+    *_invalid(completion_body, "repetition_penalty", -0.1, 2.1, "1"),
+    *_invalid(completion_body, "mirostat_target", 0, -1, "1"),
+    *_invalid(completion_body, "mirostat_lr", 0, -0.1, "0.1"),
+    *_invalid(completion_body, "seed", -1, 2**64, "1", 1.5),
+    *_invalid(
+        completion_body,
+        "logit_bias",
+        [],
+        "x",
+        {"a": 1},
+        {"-1": 1},
+        {"1.5": 1},
+        {"1": 101},
+        {"1": -100.5},
+        {"1": "5"},
+        {"1": True},
+        {str(2**31): 1},
+    ),
+    *_invalid(completion_body, "n", 0, 129, "1", 1.5),
+    *_invalid(completion_body, "stop", 5, [1], ["a", "b", "c", "d", "e"], [""]),
+    *_invalid(completion_body, "ignore_eos", "no", 1),
+    *_invalid(completion_body, "echo", 1, "yes"),
+    *_invalid(completion_body, "echo_last", -1, "3", True),
+    *_invalid(completion_body, "logprobs", 6, -1, "true", 1.5),
+    *_invalid(completion_body, "top_logprobs", 6, -1, "1"),
+    (completion_body(top_logprobs=2), 400, "top_logprobs"),  # without logprobs
+    (completion_body(logprobs=False, top_logprobs=2), 400, "top_logprobs"),
+    *_invalid(completion_body, "raw_output", 1),
+    *_invalid(completion_body, "return_token_ids", "yes"),
+    *_invalid(completion_body, "context_length_exceeded_behavior", "drop", 1),
+    *_invalid(completion_body, "stream", "yes", 1),
+    *_invalid(completion_body, "stream_options", True),
     (completion_body(stream_options={"include_usage": "yes"}), 400, "stream_options.include_usage"),
     (completion_body(stream_options={"bogus": True}), 400, "stream_options.bogus"),
-    (completion_body(stream_options=True), 400, "stream_options"),
-    (completion_body(temperature=-0.1), 400, "temperature"),
-    (completion_body(temperature=2.5), 400, "temperature"),
-    (completion_body(temperature="1"), 400, "temperature"),
-    (completion_body(temperature=True), 400, "temperature"),
-    (completion_body(top_p=0), 400, "top_p"),
-    (completion_body(top_p=1.5), 400, "top_p"),
-    (completion_body(top_k=-1), 400, "top_k"),
-    (completion_body(top_k=101), 400, "top_k"),
-    (completion_body(top_k=1.5), 400, "top_k"),
-    (completion_body(user=5), 400, "user"),
-    (completion_body(ignore_eos="no"), 400, "ignore_eos"),
-    (
-        completion_body(context_length_exceeded_behavior="drop"),
-        400,
-        "context_length_exceeded_behavior",
-    ),
-    (completion_body(perf_metrics_in_response=1), 400, "perf_metrics_in_response"),
+    *_invalid(completion_body, "perf_metrics_in_response", 1),
+    *_invalid(completion_body, "prompt_cache_max_len", -1, "10"),
+    *_invalid(completion_body, "prompt_cache_isolation_key", 5),
+    *_invalid(completion_body, "user", 5),
+    *_invalid(completion_body, "metadata", "x", [1]),
+    *_invalid(completion_body, "reasoning_effort", "extreme", -1, True),
+    *_invalid(completion_body, "images", [IMAGE], "x"),
     # Documented but not implemented yet: refused unless neutral.
-    (completion_body(logprobs=1), 400, "logprobs"),
-    (completion_body(logprobs=True), 400, "logprobs"),
-    (completion_body(top_logprobs=2), 400, "top_logprobs"),
-    (completion_body(echo=True), 400, "echo"),
-    (completion_body(echo_last=3), 400, "echo_last"),
-    (completion_body(logit_bias={"1": 5}), 400, "logit_bias"),
-    (completion_body(frequency_penalty=0.5), 400, "frequency_penalty"),
-    (completion_body(presence_penalty=-1), 400, "presence_penalty"),
-    (completion_body(presence_penalty=False), 400, "presence_penalty"),
-    (completion_body(repetition_penalty=1.2), 400, "repetition_penalty"),
-    (completion_body(min_p=0.1), 400, "min_p"),
-    (completion_body(typical_p=0.5), 400, "typical_p"),
-    (completion_body(mirostat_target=1.5), 400, "mirostat_target"),
-    (completion_body(mirostat_lr=0.1), 400, "mirostat_lr"),
     (completion_body(response_format={"type": "json_object"}), 400, "response_format"),
-    (completion_body(raw_output=True), 400, "raw_output"),
-    (completion_body(return_token_ids=True), 400, "return_token_ids"),
-    (completion_body(prompt_cache_isolation_key=5), 400, "prompt_cache_isolation_key"),
-    (completion_body(prompt_cache_max_len=-1), 400, "prompt_cache_max_len"),
-    (completion_body(prompt_cache_max_len="10"), 400, "prompt_cache_max_len"),
     (completion_body(speculation="abc"), 400, "speculation"),
     (completion_body(prediction={"type": "content", "content": "x"}), 400, "prediction"),
-    (completion_body(metadata={"a": "b"}), 400, "metadata"),
-    (completion_body(reasoning_effort="low"), 400, "reasoning_effort"),
-    (completion_body(images=["data:image/png;base64,AA"]), 400, "images"),
     (completion_body(best_of=2), 400, "best_of"),
     (completion_body(suffix="end"), 400, "suffix"),
-    (completion_body(tools=[]), 400, "tools"),  # a chat field: unknown to completions
+    # Fields of the chat endpoint are unknown here.
+    (completion_body(tools=[]), 400, "tools"),
+    (completion_body(prompt_truncate_len=100), 400, "prompt_truncate_len"),
     (completion_body(bogus_field=1), 400, "bogus_field"),
 ]
+
+
+def _message(**fields: Any) -> dict[str, Any]:
+    return chat_body(messages=[{"role": "user", "content": "hi", **fields}])
+
+
+TOOL_RESULT = {"role": "tool", "content": "42", "tool_call_id": "call_1"}
 
 # (body, status, param) for /v1/chat/completions.
 CHAT_CASES = [
@@ -140,44 +151,44 @@ CHAT_CASES = [
     (chat_body(messages=[5]), 400, "messages.0"),
     (chat_body(messages=[{"content": "hi"}]), 400, "messages.0.role"),
     (chat_body(messages=[{"role": "robot", "content": "hi"}]), 400, "messages.0.role"),
-    (chat_body(messages=[{"role": "tool", "content": "hi"}]), 400, "messages.0.role"),
+    (chat_body(messages=[{"role": "developer", "content": "hi"}]), 400, "messages.0.role"),
     (chat_body(messages=[{"role": 1, "content": "hi"}]), 400, "messages.0.role"),
     (chat_body(messages=[{"role": "user"}]), 400, "messages.0.content"),
-    (chat_body(messages=[{"role": "user", "content": None}]), 400, "messages.0.content"),
-    (chat_body(messages=[{"role": "user", "content": 5}]), 400, "messages.0.content"),
+    (_message(content=None), 400, "messages.0.content"),
+    (_message(content=5), 400, "messages.0.content"),
     (chat_body(messages=[*USER, {"role": "user", "content": {"a": 1}}]), 400, "messages.1.content"),
     (
-        chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        _message(content=[{"type": "image_url", "image_url": {"url": IMAGE}}]),
         400,
         "messages.0.content",
     ),
-    (
-        chat_body(messages=[{"role": "user", "content": [{"type": "text"}]}]),
-        400,
-        "messages.0.content",
-    ),
-    (
-        chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": "a", "x": 1}]}]),
-        400,
-        "messages.0.content",
-    ),
-    (chat_body(messages=[{"role": "user", "content": "hi", "name": 5}]), 400, "messages.0.name"),
-    (chat_body(messages=[{"role": "user", "content": "hi", "extra": 5}]), 400, "messages.0.extra"),
+    (_message(content=[{"type": "audio"}]), 400, "messages.0.content"),
+    (_message(content=[{"type": "text"}]), 400, "messages.0.content"),
+    (_message(content=[{"type": "text", "text": "a", "x": 1}]), 400, "messages.0.content"),
+    (_message(name=5), 400, "messages.0.name"),
+    (_message(extra=5), 400, "messages.0.extra"),
+    (_message(tool_call_id="call_1"), 400, "messages.0.tool_call_id"),
+    (chat_body(messages=[{"role": "tool", "content": "42"}]), 400, "messages.0.tool_call_id"),
+    (chat_body(messages=[{**TOOL_RESULT, "tool_call_id": 5}]), 400, "messages.0.tool_call_id"),
     (
         chat_body(messages=[{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]),
         400,
         "messages.0.tool_calls",
     ),
-    (chat_body(max_tokens=0), 400, "max_tokens"),
-    (chat_body(temperature=3), 400, "temperature"),
-    (chat_body(n=3), 400, "n"),
-    (chat_body(stop=["a", 2]), 400, "stop"),
+    *_invalid(chat_body, "max_tokens", 0),
+    *_invalid(chat_body, "temperature", 3),
+    *_invalid(chat_body, "n", 0, 129),
+    *_invalid(chat_body, "stop", ["a", 2]),
+    *_invalid(chat_body, "logprobs", 2, "yes"),  # chat takes no legacy integer form
+    *_invalid(chat_body, "top_logprobs", 6),
+    (chat_body(top_logprobs=2), 400, "top_logprobs"),
+    *_invalid(chat_body, "prompt_truncate_len", 0, -1, "100"),
+    *_invalid(chat_body, "frequency_penalty", 3),
+    *_invalid(chat_body, "echo", 1),
+    *_invalid(chat_body, "images", [IMAGE]),
     (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     (chat_body(tool_choice="required"), 400, "tool_choice"),
     (chat_body(response_format={"type": "json_object"}), 400, "response_format"),
-    (chat_body(logprobs=True), 400, "logprobs"),
-    (chat_body(prompt_truncate_len=100), 400, "prompt_truncate_len"),
-    (chat_body(frequency_penalty=1), 400, "frequency_penalty"),
     (chat_body(prompt="hi"), 400, "prompt"),  # a completions field: unknown to chat
     (chat_body(bogus_field=1), 400, "bogus_field"),
 ]
@@ -236,12 +247,12 @@ def test_non_finite_number_is_400(client: TestClient) -> None:
 
 
 def test_unsupported_field_error_says_not_supported(client: TestClient) -> None:
-    response = client.post(COMPLETIONS, json=completion_body(frequency_penalty=0.5))
+    response = client.post(COMPLETIONS, json=completion_body(response_format={"type": "json"}))
     error = assert_error_shape(response.json())
     assert "not supported yet" in error["message"]
     assert error["code"] == "unsupported_parameter"
 
 
-def test_batched_prompt_error_says_not_supported(client: TestClient) -> None:
-    response = client.post(COMPLETIONS, json=completion_body(prompt=["a", "b"]))
-    assert "batched prompts are not supported yet" in response.json()["error"]["message"]
+def test_images_error_says_no_vision(client: TestClient) -> None:
+    response = client.post(COMPLETIONS, json=completion_body(images=[IMAGE]))
+    assert "no vision input" in response.json()["error"]["message"]

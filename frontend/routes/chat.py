@@ -6,12 +6,17 @@ from fastapi import APIRouter, Request, Response
 
 from frontend.context import get_state
 from frontend.parsing import parse_chat_request, read_json_object
-from frontend.pipeline import CHAT_DEFAULT_MAX_TOKENS, PromptSource
+from frontend.prompts import PromptSource
 from frontend.responses import ChatShape
-from frontend.routes.generation import job_from, new_request_id, respond
+from frontend.routes.generation import job_from, new_request_id, respond, shape_for
+from frontend.schemas import DEFAULT_PROMPT_TRUNCATE_LEN
 from frontend.stage_types import ChatTurn
 
 router = APIRouter()
+
+# The rest of the context window, capped at this (the Fireworks chat guide's default) so that
+# a forgotten max_tokens cannot hold a slot for 100k tokens.
+CHAT_DEFAULT_MAX_TOKENS = 2048
 
 
 @router.post("/chat/completions")
@@ -20,8 +25,12 @@ async def create_chat_completion(request: Request) -> Response:
     state = get_state(request)
     body = parse_chat_request(await read_json_object(request))
     request_id = new_request_id("chatcmpl")
-    turns = [ChatTurn(m.role, m.content or "", m.name or "") for m in body.messages]
-    job = job_from(body, request_id, PromptSource(messages=turns), CHAT_DEFAULT_MAX_TOKENS)
+    turns = [
+        ChatTurn(m.role, m.content or "", m.name or "", m.tool_call_id or "") for m in body.messages
+    ]
+    truncate_len = body.prompt_truncate_len or DEFAULT_PROMPT_TRUNCATE_LEN
+    source = PromptSource(messages=turns, truncate_len=truncate_len)
+    job = job_from(body, request_id, source, CHAT_DEFAULT_MAX_TOKENS)
     await state.check_model(body.model)
-    shape = ChatShape(id=request_id, created=int(time.time()), model=body.model)
+    shape = shape_for(ChatShape, job, body.model)
     return await respond(request, state, job, shape, arrival_ns)

@@ -6,11 +6,14 @@ from fastapi import APIRouter, Request, Response
 
 from frontend.context import get_state
 from frontend.parsing import parse_completion_request, read_json_object
-from frontend.pipeline import COMPLETION_DEFAULT_MAX_TOKENS, PromptSource
+from frontend.prompts import PromptSource
 from frontend.responses import CompletionShape
-from frontend.routes.generation import job_from, new_request_id, respond
+from frontend.routes.generation import job_from, new_request_id, respond, shape_for
 
 router = APIRouter()
+
+# OpenAI's default for /v1/completions.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 @router.post("/completions")
@@ -19,8 +22,8 @@ async def create_completion(request: Request) -> Response:
     state = get_state(request)
     body = parse_completion_request(await read_json_object(request))
     request_id = new_request_id("cmpl")
-    source = PromptSource(prompt=body.prompt)
+    source = PromptSource(prompts=body.prompt)
     job = job_from(body, request_id, source, COMPLETION_DEFAULT_MAX_TOKENS)
     await state.check_model(body.model)
-    shape = CompletionShape(id=request_id, created=int(time.time()), model=body.model)
+    shape = shape_for(CompletionShape, job, body.model)
     return await respond(request, state, job, shape, arrival_ns)

@@ -4,6 +4,7 @@ Shared by /completions and /chat/completions, which differ only in parsing and s
 """
 
 import asyncio
+import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -14,20 +15,20 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from frontend.context import AppState
-from frontend.errors import invalid_request
-from frontend.metrics import RequestMetrics
-from frontend.pipeline import GenerationSettings, PromptSource
-from frontend.responses import ResponseShape, usage
+from frontend.metrics import RequestMetrics, sampling_options_header
+from frontend.prompts import PromptSource
+from frontend.responses import ResponseShape
 from frontend.schemas import ChatCompletionRequest, CompletionRequest
-from frontend.stage_types import PromptCache, Sampling
+from frontend.settings import (
+    GenerationSettings,
+    OutputOptions,
+    output_options,
+    sampling_options,
+    settings_from,
+)
 from frontend.streaming import SSEResponse, sse_events
 
 T = TypeVar("T")
-
-# OpenAI's defaults.
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_P = 1.0
-# Seeds are drawn below 2**63 so they survive any signed 64-bit hop.
 
 
 @dataclass(slots=True)
@@ -35,44 +36,11 @@ class Job:
     request_id: str
     source: PromptSource
     settings: GenerationSettings
-    stream: bool
-    include_usage: bool
-    perf_metrics_in_response: bool
+    options: OutputOptions
 
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def settings_from(
-    request: CompletionRequest | ChatCompletionRequest, default_max_tokens: int
-) -> GenerationSettings:
-    """The fields both endpoints share, with OpenAI's defaults filled in."""
-    max_tokens = request.max_tokens
-    if request.max_completion_tokens is not None:
-        if max_tokens is not None:
-            raise invalid_request(
-                "max_completion_tokens is an alias of max_tokens; set only one of them.",
-                "max_completion_tokens",
-            )
-        max_tokens = request.max_completion_tokens
-    return GenerationSettings(
-        max_tokens=max_tokens,
-        default_max_tokens=default_max_tokens,
-        sampling=Sampling(
-            temperature=_default(request.temperature, DEFAULT_TEMPERATURE),
-            top_p=_default(request.top_p, DEFAULT_TOP_P),
-            top_k=request.top_k or 0,
-            seed=request.seed,
-        ),
-        stop=request.stop,
-        ignore_eos=bool(request.ignore_eos),
-        error_on_overflow=request.context_length_exceeded_behavior == "error",
-        cache=PromptCache(
-            isolation_key=request.prompt_cache_isolation_key or "",
-            max_tokens=request.prompt_cache_max_len,
-        ),
-    )
 
 
 def job_from(
@@ -81,15 +49,17 @@ def job_from(
     source: PromptSource,
     default_max_tokens: int,
 ) -> Job:
-    options = request.stream_options
     return Job(
         request_id=request_id,
         source=source,
         settings=settings_from(request, default_max_tokens),
-        stream=bool(request.stream),
-        include_usage=bool(options and options.include_usage),
-        perf_metrics_in_response=bool(request.perf_metrics_in_response),
+        options=output_options(request),
     )
+
+
+def shape_for(shape_class: type[ResponseShape], job: Job, model: str) -> ResponseShape:
+    want_logprobs = job.settings.sampling.logprobs
+    return shape_class(job.request_id, int(time.time()), model, job.options, want_logprobs)
 
 
 async def respond(
@@ -97,40 +67,36 @@ async def respond(
 ) -> Response:
     metrics = RequestMetrics(arrival_ns, num_concurrent_requests=state.in_flight.enter())
     try:
-        generation, first = await until_disconnect(
-            request, state.pipeline.start(job.request_id, job.source, job.settings, metrics)
+        run = await until_disconnect(
+            request,
+            state.pipeline.start(job.request_id, job.source, job.settings, job.options, metrics),
         )
     except BaseException:
         state.in_flight.leave()
         raise
-    if job.stream:
+    headers = sampling_options_header(sampling_options(job.settings, run.prompts[0].max_tokens))
+    if job.options.stream:
 
         def on_close() -> None:
-            generation.close()
+            run.close()
             state.in_flight.leave()
 
         events = sse_events(
-            generation,
-            first,
+            run,
             shape,
-            include_usage=job.include_usage,
-            perf_metrics_in_response=job.perf_metrics_in_response,
+            include_usage=job.options.include_usage,
+            perf_metrics_in_response=job.options.perf_metrics_in_response,
         )
-        return SSEResponse(events, on_close)
+        return SSEResponse(events, on_close, headers)
     try:
-        completion = await until_disconnect(request, state.pipeline.collect(generation, first))
+        await until_disconnect(request, state.pipeline.collect(run))
     finally:
-        generation.close()
+        run.close()
         state.in_flight.leave()
-    totals = usage(
-        completion.num_prompt_tokens,
-        completion.num_completion_tokens,
-        metrics.cached_prompt_tokens,
-    )
-    body = shape.body(completion.text, completion.finish_reason, totals)
-    if job.perf_metrics_in_response:
+    body = shape.body(run.choices, run.usage())
+    if job.options.perf_metrics_in_response:
         body["perf_metrics"] = metrics.as_dict()
-    return JSONResponse(body, headers=metrics.headers())
+    return JSONResponse(body, headers={**metrics.headers(), **headers})
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
@@ -152,7 +118,3 @@ async def _disconnected(request: Request) -> None:
     # and test clients alike also send it once the response is complete).
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _default(value: float | None, default: float) -> float:
-    return default if value is None else value

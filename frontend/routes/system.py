@@ -1,13 +1,14 @@
-"""GET /v1/models and GET /health."""
+"""GET /v1/models, and the open GET /health and GET /metrics."""
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from frontend.context import get_state
 from frontend.errors import SERVER_ERROR, ApiError
+from frontend.prometheus import CONTENT_TYPE
 
 router = APIRouter()
-health_router = APIRouter()
+open_router = APIRouter()  # never behind an API key
 
 OWNED_BY = "llmserve"
 SERVING = "SERVING"
@@ -25,7 +26,7 @@ async def list_models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": [model]})
 
 
-@health_router.get("/health")
+@open_router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """200 when every stage answers grpc.health.v1 SERVING; else 503 naming the ones down."""
     stages = await get_state(request).stages.health()
@@ -37,3 +38,12 @@ async def health(request: Request) -> JSONResponse:
     )
     body = {"status": "unavailable", "stages": stages, **error.body()}
     return JSONResponse(body, status_code=503)
+
+
+@open_router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text: this frontend's request metrics and the stages' load, polled now."""
+    state = get_state(request)
+    stats, down = await state.stages.stats()
+    text = state.server_metrics.render(stats, down, state.in_flight.count)
+    return Response(text, media_type=CONTENT_TYPE)

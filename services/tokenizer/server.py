@@ -67,6 +67,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             entry = {"role": message.role, "content": message.content}
             if message.name:
                 entry["name"] = message.name
+            if message.tool_call_id:
+                entry["tool_call_id"] = message.tool_call_id
             messages.append(entry)
         (prompt, ids), queue_ns, duration_ns = await self._run(
             self._render_and_encode, messages, request.add_generation_prompt

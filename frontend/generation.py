@@ -1,0 +1,120 @@
+"""One choice after its prefill: the decode call, and what it has produced so far."""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from frontend.errors import internal_error
+from frontend.metrics import RequestMetrics
+from frontend.prompts import PreparedPrompt
+from frontend.server_metrics import ServerMetrics
+from frontend.stage_types import Prefilled, Sampling, Stopping, TokenDelta, TokenLogprob
+from frontend.stages import DecodeStream, StageClients
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ChoiceOutput:
+    """Everything a choice generated, in order (the echo lives with its prompt)."""
+
+    index: int
+    prompt: PreparedPrompt
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_generated: int = 0
+    # Characters of the logprob tokens before the latest delta's: its first text_offset.
+    delta_offset: int = 0
+    _token_chars: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    def add(self, delta: TokenDelta) -> None:
+        self.texts.append(delta.text)
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        self.delta_offset = self._token_chars
+        self._token_chars += sum(len(lp.token) for lp in delta.logprobs)
+        self.num_generated = delta.num_generated or self.num_generated + len(delta.token_ids)
+        self.finish_reason = delta.finish_reason
+
+
+class Generation:
+    """Owns the KV handle until decode answers, then the decode call.
+
+    `close()` must run on every path (done, failed, client gone). It is synchronous so that it
+    still works inside a cancelled task.
+    """
+
+    def __init__(
+        self,
+        stages: StageClients,
+        request_id: str,
+        output: ChoiceOutput,
+        prefilled: Prefilled,
+        sampling: Sampling,
+        stopping: Stopping,
+        metrics: RequestMetrics,
+        server_metrics: ServerMetrics,
+    ) -> None:
+        self._stages = stages
+        self._request_id = request_id
+        self._prefilled = prefilled
+        self._sampling = sampling
+        self._stopping = stopping
+        self._metrics = metrics
+        self._server_metrics = server_metrics
+        self.output = output
+        self._stream: DecodeStream | None = None
+        # Decode answered, so it holds the KV now and frees it on abort.
+        self._claimed = False
+        self._closed = False
+        self._last_message_ns: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finish_reason is not None
+
+    async def next(self) -> TokenDelta | None:
+        """The next decode message; None after the one that carried the finish reason."""
+        if self.finished:
+            return None
+        if self._stream is None:
+            self._stream = self._stages.generate(
+                self._request_id,
+                self.output.prompt.token_ids,
+                self._prefilled,
+                self._sampling,
+                self._stopping,
+            )
+        delta = await self._stream.read()
+        now = time.monotonic_ns()
+        if delta is None:
+            logger.error("decode stream of %s ended without a finish reason", self._request_id)
+            raise internal_error()
+        self._claimed = True
+        if delta.queue_ns and not self._metrics.generation_queue_ns:
+            # Decode streams prefill's token before pulling the KV; the message after the
+            # sequence joined the batch carries the queue and transfer times.
+            self._metrics.generation_queue_ns = delta.queue_ns
+            self._metrics.kv_transfer_ns = delta.kv_transfer_ns
+        last = self._metrics.last_token_at_ns
+        self._metrics.last_token_at_ns = now if last is None else max(last, now)
+        gap_ns = None if self._last_message_ns is None else now - self._last_message_ns
+        self._last_message_ns = now
+        self._server_metrics.observe_tokens(len(delta.token_ids), gap_ns)
+        self.output.add(delta)
+        return delta
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None:
+            self._stream.cancel()  # a no-op once the call has ended
+        if not self._claimed:
+            self._stages.release_later(self._prefilled.kv_handle.handle_id)

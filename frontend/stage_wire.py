@@ -1,0 +1,138 @@
+"""Protobuf <-> the frontend's dataclasses, in one place for every stage message."""
+
+import logging
+
+import grpc
+
+from frontend.errors import internal_error
+from frontend.rpc_errors import rpc_errors
+from frontend.stage_types import (
+    ChatTurn,
+    ModelLimits,
+    Sampling,
+    StageStats,
+    TokenDelta,
+    TokenLogprob,
+    TopLogprob,
+)
+from services.rpc import common_pb2, decode_pb2, tokenizer_pb2
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    decode_pb2.FINISH_REASON_STOP: "stop",
+    decode_pb2.FINISH_REASON_LENGTH: "length",
+}
+# The stages read top_p/typical_p 0 as "off", while the API's 0 means "only the most likely
+# token": the smallest positive float32 keeps exactly that one.
+_SMALLEST_MASS = 1e-38
+
+
+def sampling_pb(sampling: Sampling) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p or _SMALLEST_MASS,
+        top_k=sampling.top_k,
+        seed=sampling.seed,  # None leaves the optional field unset
+        min_p=sampling.min_p,
+        typical_p=sampling.typical_p or _SMALLEST_MASS,
+        frequency_penalty=sampling.frequency_penalty,
+        presence_penalty=sampling.presence_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        mirostat_target=sampling.mirostat_target,
+        mirostat_lr=sampling.mirostat_lr,
+        logit_bias=sampling.logit_bias,
+        logprobs=sampling.logprobs,
+        top_logprobs=sampling.top_logprobs,
+    )
+
+
+def chat_message_pb(turn: ChatTurn) -> tokenizer_pb2.ChatMessage:
+    return tokenizer_pb2.ChatMessage(
+        role=turn.role,
+        content=turn.content,
+        name=turn.name,
+        tool_call_id=turn.tool_call_id or "",
+    )
+
+
+def logprob_from_pb(pb: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(
+        token_id=pb.token_id,
+        logprob=pb.logprob,
+        token=pb.token,
+        token_bytes=pb.token_bytes,
+        top=[TopLogprob(t.token_id, t.logprob, t.token, t.token_bytes) for t in pb.top],
+    )
+
+
+def delta_from_pb(message: decode_pb2.GenerateResponse, want_logprobs: bool) -> TokenDelta:
+    logprobs = [logprob_from_pb(lp) for lp in message.logprobs]
+    if want_logprobs and len(logprobs) != len(message.token_ids):
+        logger.error("decode sent %d logprobs for %d tokens", len(logprobs), len(message.token_ids))
+        raise internal_error()
+    return TokenDelta(
+        token_ids=list(message.token_ids),
+        text=message.text,
+        finish_reason=_FINISH_REASONS.get(message.finish_reason),
+        num_generated=message.num_generated,
+        queue_ns=message.queue_ns,
+        kv_transfer_ns=message.kv_transfer_ns,
+        logprobs=logprobs,
+    )
+
+
+def limits_from_infos(
+    infos: dict[str, common_pb2.InfoResponse], decode_address: str
+) -> ModelLimits | None:
+    """The model's limits as every stage can serve them; None when no stage reports a window."""
+    model_ids = {i.model.model_id for i in infos.values() if i.model.model_id}
+    if len(model_ids) > 1:
+        logger.warning("stages report different models: %s", sorted(model_ids))
+    # Decode must hold prompt + completion, prefill the prompt: the smallest window wins.
+    lengths = [i.limits.max_model_len for i in infos.values() if i.limits.max_model_len > 0]
+    lengths = lengths or [i.model.context_length for i in infos.values() if i.model.context_length]
+    if not lengths:
+        return None
+    vocab_sizes = [i.model.vocab_size for i in infos.values() if i.model.vocab_size > 0]
+    return ModelLimits(
+        model_id=next((i.model.model_id for i in infos.values() if i.model.model_id), ""),
+        max_model_len=min(lengths),
+        backend_host=infos["decode"].instance or decode_address,
+        # Every stage must accept a biased id, so the smallest vocabulary bounds them.
+        vocab_size=min(vocab_sizes, default=0),
+    )
+
+
+def stats_from_info(stage: str, info: common_pb2.InfoResponse, address: str) -> StageStats:
+    stats = info.stats
+    return StageStats(
+        service=info.service or stage,
+        instance=info.instance or address,
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        num_free_blocks=stats.num_free_blocks,
+        num_used_blocks=stats.num_used_blocks,
+        prefix_cache_queried_blocks=stats.prefix_cache_queried_blocks,
+        prefix_cache_hit_blocks=stats.prefix_cache_hit_blocks,
+    )
+
+
+class DecodeStream:
+    """One Generate call. Cancelling it aborts the request on the decode side."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, want_logprobs: bool) -> None:
+        self._call = call
+        self._want_logprobs = want_logprobs
+
+    async def read(self) -> TokenDelta | None:
+        """The next message, or None once the stream has ended."""
+        with rpc_errors("decode"):
+            message = await self._call.read()
+        if message is grpc.aio.EOF:
+            return None
+        assert isinstance(message, decode_pb2.GenerateResponse)
+        return delta_from_pb(message, self._want_logprobs)
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -1,0 +1,193 @@
+"""Per-request metrics (headers, perf_metrics, the TTFT breakdown), the sampling-options header
+and GET /metrics, against the fake stages."""
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from frontend.app import create_app
+from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, fake_config, start_fake_stages
+
+COMPLETIONS = "/v1/completions"
+# The terms that tile arrival -> first token (see frontend.metrics).
+TTFT_TERMS = (
+    "tokenizer-queue-duration",
+    "tokenizer-duration",
+    "tokenizer-rpc-overhead-duration",
+    "prefill-queue-duration",
+    "prefill-duration",
+    "prefill-rpc-overhead-duration",
+    "frontend-duration",
+)
+TOLERANCE_S = 0.005
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[FakeStages]:
+    stages = start_fake_stages()
+    yield stages
+    stages.stop()
+
+
+@pytest.fixture(scope="module")
+def client(fakes: FakeStages) -> Iterator[TestClient]:
+    with TestClient(create_app(fake_config(fakes))) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def slow_stages(fakes: FakeStages) -> Iterator[None]:
+    fakes.tokenizer.delay_s = 0.02
+    fakes.prefill.delay_s = 0.03
+    yield
+    fakes.tokenizer.delay_s = fakes.prefill.delay_s = 0.0
+
+
+def assert_ttft_adds_up(metrics: dict[str, str]) -> None:
+    terms = {name: float(metrics[name]) for name in TTFT_TERMS}
+    assert all(value >= 0 for value in terms.values()), terms
+    ttft = float(metrics["server-time-to-first-token"])
+    assert abs(sum(terms.values()) - ttft) <= TOLERANCE_S, (terms, ttft)
+    # What the fakes report, half queue and half work of their delay.
+    assert float(metrics["tokenizer-queue-duration"]) == pytest.approx(0.01, abs=1e-6)
+    assert float(metrics["prefill-duration"]) == pytest.approx(0.015, abs=1e-6)
+    assert ttft <= float(metrics["server-processing-time"])
+
+
+@pytest.mark.usefixtures("slow_stages")
+def test_ttft_is_the_sum_of_its_stages(client: TestClient) -> None:
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 3, "perf_metrics_in_response": True}
+    response = client.post(COMPLETIONS, json=body)
+    headers = {
+        k.removeprefix("fireworks-"): v
+        for k, v in response.headers.items()
+        if k.startswith("fireworks-")
+    }
+    assert_ttft_adds_up(headers)
+    assert response.json()["perf_metrics"] == {
+        k: v for k, v in headers.items() if k != "sampling-options"
+    }
+
+
+@pytest.mark.usefixtures("slow_stages")
+def test_ttft_sum_in_stream_and_for_chat_and_n(client: TestClient) -> None:
+    body = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": 2,
+        "max_tokens": 2,
+        "stream": True,
+        "perf_metrics_in_response": True,
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f][:-1]
+    final = json.loads(frames[-1])
+    assert_ttft_adds_up(final["perf_metrics"])
+
+
+def test_sampling_options_header(client: TestClient) -> None:
+    body = {"model": MODEL_ID, "prompt": "hi", "top_k": 5, "logit_bias": {"7": 1}, "stop": "x"}
+    response = client.post(COMPLETIONS, json=body)
+    options = json.loads(response.headers["fireworks-sampling-options"])
+    assert options == {
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 5,
+        "seed": None,
+        "min_p": 0.0,
+        "typical_p": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+        "repetition_penalty": 1.0,
+        "mirostat_target": None,
+        "mirostat_lr": 0.1,
+        "logit_bias": {"7": 1.0},
+        "logprobs": False,
+        "top_logprobs": 0,
+        "n": 1,
+        "stop": ["x"],
+        "ignore_eos": False,
+    }
+    stream = client.post(COMPLETIONS, json={**body, "stream": True, "max_tokens": 1000})
+    assert json.loads(stream.headers["fireworks-sampling-options"])["max_tokens"] == 64 - 3
+
+
+def test_every_sampling_field_reaches_the_stages(client: TestClient, fakes: FakeStages) -> None:
+    fields: dict[str, Any] = {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 40,
+        "min_p": 0.05,
+        "typical_p": 0.8,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+        "repetition_penalty": 1.25,
+        "mirostat_target": 3.0,
+        "mirostat_lr": 0.25,
+        "seed": 11,
+        "logprobs": True,
+        "top_logprobs": 4,
+    }
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2, **fields}
+    assert client.post(COMPLETIONS, json=body).status_code == 200
+    sampling = fakes.prefill.requests[-1].sampling
+    for name, value in fields.items():
+        assert getattr(sampling, name) == pytest.approx(value), name
+    assert fakes.decode.requests[-1].sampling == sampling
+    # Mirostat's state after prefill's token goes on to decode.
+    assert fakes.decode.requests[-1].mirostat_mu == 5.5
+    client.post(COMPLETIONS, json={"model": MODEL_ID, "prompt": "hi", "top_p": 0})
+    assert not fakes.decode.requests[-1].HasField("mirostat_mu")
+    # The API's top_p 0 (the most likely token only) is not the stages' 0 (off).
+    assert 0 < fakes.prefill.requests[-1].sampling.top_p < 1e-30
+
+
+def _samples(text: str) -> dict[str, float]:
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_prometheus_metrics(client: TestClient) -> None:
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 4}
+    before = _samples(client.get("/metrics").text)
+    assert client.post(COMPLETIONS, json=body).status_code == 200
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = response.text
+    assert re.search(r"^# TYPE llmserve_time_to_first_token_seconds histogram$", text, re.M)
+    after = _samples(text)
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert grew("llmserve_prompt_tokens_total") == 3
+    assert grew("llmserve_generation_tokens_total") == 4
+    assert grew("llmserve_time_to_first_token_seconds_count") == 1
+    assert grew("llmserve_e2e_request_latency_seconds_count") == 1
+    assert grew("llmserve_inter_token_latency_seconds_count") == 3
+    for stage in ("tokenizer-queue", "prefill", "frontend", "generation-queue"):
+        assert grew(f'llmserve_stage_duration_seconds_count{{stage="{stage}"}}') == 1
+    assert after['llmserve_requests_total{outcome="completed"}'] >= 1
+    # Polled from the stages' Info at scrape time.
+    prefill = 'instance="fake-prefill",service="prefill"'
+    decode = 'instance="fake-decode",service="decode"'
+    assert after[f"llmserve_prefix_cache_queried_blocks_total{{{prefill}}}"] == 40
+    assert after[f"llmserve_prefix_cache_hit_blocks_total{{{prefill}}}"] == 30
+    assert after[f"llmserve_kv_blocks_used{{{prefill}}}"] == 3
+    assert after[f"llmserve_kv_blocks_free{{{decode}}}"] == 11
+    assert after[f"llmserve_running_requests{{{decode}}}"] == 2
+    assert after[f"llmserve_waiting_requests{{{decode}}}"] == 1
+    assert after['llmserve_stage_up{stage="tokenizer"}'] == 1
+    assert after["llmserve_requests_in_flight"] == 0
+    e2e = "llmserve_e2e_request_latency_seconds"
+    buckets = [v for k, v in after.items() if k.startswith(e2e + "_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == after[e2e + "_count"]
