@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--engine-args", default="", help="extra arguments for prefill and decode, one string"
     )
+    parser.add_argument("--prefill-args", default="", help="extra arguments for prefill")
+    parser.add_argument("--decode-args", default="", help="extra arguments for decode")
     return parser.parse_args(argv)
 
 
@@ -124,11 +126,15 @@ def start(args: argparse.Namespace) -> list[Child]:
         )
     }
     common = ["--model", args.model, "--host", args.host]
-    engine_extra = args.engine_args.split()
+    extras = {
+        "tokenizer": [],
+        "prefill": [*args.engine_args.split(), *args.prefill_args.split()],
+        "decode": [*args.engine_args.split(), *args.decode_args.split()],
+    }
     children = []
     for name in ("tokenizer", "prefill", "decode"):
         port = addresses[name].rsplit(":", 1)[1]
-        extra = engine_extra if name != "tokenizer" else []
+        extra = extras[name]
         process = spawn(name, f"services.{name}", [*common, "--port", port, *extra])
         children.append(Child(name, addresses[name], process))
     frontend_args = ["--host", args.host, "--port", str(http_port)]
