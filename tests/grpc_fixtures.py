@@ -4,7 +4,6 @@ The services start once per session (model loading dominates) and stop with SIGT
 end, which must be clean: exit code 0 or -SIGTERM, no child left, the ports closed.
 """
 
-import signal
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +17,7 @@ from tests.grpc_stack import (
     MAX_BATCH,
     PREFILL_KV_TOKENS,
     Stack,
-    port_open,
+    running,
     start_service,
 )
 
@@ -35,16 +34,10 @@ def services_stack() -> Iterator[Stack]:
         # Frees an unpulled handle after one second.
         "prefill_short": start_service("prefill", *ENGINE_ARGS, kv, "512", "--kv-lease-s", "1"),
     }
-    try:
-        for service in services.values():
-            service.wait_ready()
+    with running(services):
         stack = Stack(services)
         yield stack
         stack.close()
-    finally:
-        codes = {name: service.stop() for name, service in services.items()}
-    assert all(code in (0, -signal.SIGTERM) for code in codes.values()), codes
-    assert not [s.address for s in services.values() if port_open(s.address)]
 
 
 @pytest.fixture(scope="session")

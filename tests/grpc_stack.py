@@ -4,6 +4,7 @@ A service runs as `python -m services.<name> --port 0` on 127.0.0.1; it is ready
 prints `<name> serving on HOST:PORT`.
 """
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -95,6 +96,22 @@ def start_service(name: str, *args: str) -> ServiceProcess:
     return service
 
 
+@contextlib.contextmanager
+def running(services: dict[str, ServiceProcess]) -> Iterator[dict[str, ServiceProcess]]:
+    """Waits until every started service serves, yields them, then stops them all.
+
+    The stop must be clean: exit code 0 or -SIGTERM, no child left, the ports closed.
+    """
+    try:
+        for service in services.values():
+            service.wait_ready()
+        yield services
+    finally:
+        codes = {name: service.stop() for name, service in services.items()}
+    assert all(code in (0, -signal.SIGTERM) for code in codes.values()), codes
+    assert not [s.address for s in services.values() if port_open(s.address)]
+
+
 def child_pids(pid: int) -> list[int]:
     try:
         return [
@@ -130,12 +147,17 @@ def wait_until(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: flo
 
 
 class Stack:
-    """Stubs for the running services, keyed by the names they were started under."""
+    """Stubs for the running services, keyed by the names they were started under.
+
+    `prefill` and `decode` name the instances `run_prefill` and `generate` use; more
+    instances of either kind may run under other names (stubs from `*_stub(name)`).
+    """
 
     def __init__(self, services: dict[str, ServiceProcess]) -> None:
         self.services = services
         self.channels = {name: s.channel() for name, s in services.items()}
-        self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self.channels["tokenizer"])
+        if "tokenizer" in self.channels:
+            self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self.channels["tokenizer"])
         self.prefill = prefill_pb2_grpc.PrefillStub(self.channels["prefill"])
         self.decode = decode_pb2_grpc.DecodeStub(self.channels["decode"])
 
@@ -146,13 +168,16 @@ class Stack:
     def prefill_stub(self, name: str) -> prefill_pb2_grpc.PrefillStub:
         return prefill_pb2_grpc.PrefillStub(self.channels[name])
 
+    def decode_stub(self, name: str) -> decode_pb2_grpc.DecodeStub:
+        return decode_pb2_grpc.DecodeStub(self.channels[name])
+
     def info(self, name: str) -> common_pb2.InfoResponse:
         stub_class = {
             "tokenizer": tokenizer_pb2_grpc.TokenizerStub,
+            "prefill": prefill_pb2_grpc.PrefillStub,
             "decode": decode_pb2_grpc.DecodeStub,
-        }
-        stub = stub_class.get(name, prefill_pb2_grpc.PrefillStub)(self.channels[name])
-        return stub.Info(common_pb2.InfoRequest(), timeout=10)
+        }[self.services[name].name]  # the kind of service, whatever it was started as
+        return stub_class(self.channels[name]).Info(common_pb2.InfoRequest(), timeout=10)
 
     def stats(self, name: str) -> common_pb2.Stats:
         return self.info(name).stats
@@ -161,15 +186,23 @@ class Stack:
         """Stats once `name` holds no blocks, handles or sequences (or at the timeout)."""
 
         def idle(stats: common_pb2.Stats) -> bool:
-            return stats.num_used_blocks == stats.num_pinned_handles == stats.num_running == 0
+            busy = (stats.num_used_blocks, stats.num_pinned_handles, stats.num_running)
+            return busy == (0, 0, 0) and stats.num_waiting == 0
 
         return wait_until(lambda: self.stats(name), idle, timeout_s)
 
     def run_prefill(
-        self, prompt: list[int], sampling: common_pb2.SamplingParams | None = None
+        self,
+        prompt: list[int],
+        sampling: common_pb2.SamplingParams | None = None,
+        prefill: str = "prefill",
+        **cache: object,
     ) -> prefill_pb2.PrefillResponse:
-        request = prefill_pb2.PrefillRequest(request_id="p", token_ids=prompt, sampling=sampling)
-        return self.prefill.Prefill(request, timeout=60)
+        """cache: `cache_salt`, `cache_max_tokens` of the PrefillRequest."""
+        request = prefill_pb2.PrefillRequest(
+            request_id="p", token_ids=prompt, sampling=sampling, **cache
+        )
+        return self.prefill_stub(prefill).Prefill(request, timeout=60)
 
     def generate_request(
         self, prompt: list[int], max_tokens: int, request_id: str = "g", **kwargs

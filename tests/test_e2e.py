@@ -155,3 +155,57 @@ def test_sixteen_concurrent_streams_are_batched(stack, model):
         info = decode_pb2_grpc.DecodeStub(channel).Info(common_pb2.InfoRequest())
     assert info.stats.max_step_batch_size > 1
     assert info.stats.num_running == 0
+
+
+CACHE_PROMPT = "Prefix caching check. " + " ".join(
+    f"Fact {i}: {i} squared is {i * i}." for i in range(40)
+)
+
+
+def cached_tokens(client, model, **extra) -> tuple[int, int]:
+    """(cached_tokens, prompt_tokens) of a short greedy completion of CACHE_PROMPT."""
+    usage = client.completions.create(
+        model=model, prompt=CACHE_PROMPT, max_tokens=2, temperature=0, extra_body=extra or None
+    ).usage
+    return usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens
+
+
+def test_repeated_prompt_reports_cached_tokens(client, model):
+    key = {"prompt_cache_isolation_key": "e2e-tenant-a"}
+    cold, num_prompt = cached_tokens(client, model, **key)
+    warm, _ = cached_tokens(client, model, **key)
+    assert num_prompt > 100 and cold == 0
+    # Every full block but the one holding the last prompt token, which is always computed.
+    assert warm == (num_prompt - 1) // 16 * 16
+    assert cached_tokens(client, model, prompt_cache_isolation_key="e2e-tenant-b")[0] == 0
+    assert cached_tokens(client, model, **key, prompt_cache_max_len=40)[0] == 32
+    raw = client.completions.with_raw_response.create(
+        model=model, prompt=CACHE_PROMPT, max_tokens=2, temperature=0, extra_body=key
+    )
+    assert raw.headers["fireworks-cached-prompt-tokens"] == str(warm)
+    assert raw.parse().usage.prompt_tokens_details.cached_tokens == warm
+
+
+def test_context_length_exceeded_behavior(client, model):
+    messages = [{"role": "user", "content": QUESTION}]
+    first = client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=8
+    )
+    room = 8192 - first.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            temperature=0,
+            max_tokens=9000,
+            extra_body={"context_length_exceeded_behavior": "error"},
+        )
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == "max_tokens"
+    assert f"by {9000 - room} tokens" in err.value.body["message"]
+    # The default, "truncate", lowers max_tokens to the room the prompt leaves.
+    reply = client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=9000
+    )
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert "Paris" in reply.choices[0].message.content

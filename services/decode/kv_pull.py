@@ -109,18 +109,28 @@ class KvPuller:
         dst = torch.tensor(dst_blocks, dtype=torch.long)
 
         def copy() -> int:
+            # Layer by layer, so the staging copy of the picked blocks stays cache-sized.
             # [layers, 2, blocks, block_size, kv_heads, head_dim], blocks picked on dim 2
-            moved = source.index_select(2, src)
-            self.cache.index_copy_(2, dst, moved.to(self.cache.dtype))
-            return moved.numel() * moved.element_size()
+            for layer in range(source.shape[0]):
+                moved = source[layer].index_select(1, src)
+                self.cache[layer].index_copy_(1, dst, moved.to(self.cache.dtype))
+            return source[:, :, :1].numel() * source.element_size() * len(src)
 
+        # Shielded: if the request is cancelled mid-copy, its blocks are freed only after the
+        # thread has stopped writing into them.
+        task = asyncio.ensure_future(asyncio.to_thread(copy))
         try:
-            num_bytes = await asyncio.to_thread(copy)
-        finally:
-            # The blocks were pinned from the handle's creation until this Release: if it
-            # finds the handle, nothing overwrote them while they were copied.
-            released = await self._release_pinned(handle)
-        if not released:
+            num_bytes = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])
+            await self._release_pinned(handle)
+            raise
+        except BaseException:
+            await self._release_pinned(handle)
+            raise
+        # The blocks were pinned from the handle's creation until this Release: if it
+        # finds the handle, nothing overwrote them while they were copied.
+        if not await self._release_pinned(handle):
             raise UnavailableError(f"KV handle {handle.handle_id!r} is unknown or expired")
         return num_bytes
 
