@@ -12,6 +12,7 @@ from collections.abc import Callable
 from services.decode.scheduler import Scheduled, Scheduler
 from services.decode.sequence import Finish, Sequence
 from services.engine.block_manager import BlockManager
+from services.engine.grammar_batch import GrammarBatch
 from services.engine.runner import SeqChunk
 from services.engine.sampling_params import SampledToken, TokenHistory
 from services.engine.worker import Worker
@@ -27,6 +28,7 @@ class DecodeEngine:
         self.worker = worker
         self.blocks: BlockManager = worker.pool.blocks
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_step_tokens)
+        self.grammar_batch = GrammarBatch(worker.config.vocab_size, max_batch_size, worker.device)
         self.num_steps = 0
         self.last_step_batch_size = 0
         self.max_step_batch_size = 0
@@ -108,13 +110,20 @@ class DecodeEngine:
         sampled: list[SampledToken] = []
         if seqs:
             rows = [i for i, item in enumerate(scheduled) if item.samples]
+            row_logits = logits[rows] if len(rows) < len(scheduled) else logits
+            grammars = [seq.grammar for seq in seqs]
+            if any(grammars):
+                self.grammar_batch.apply(row_logits, grammars)
             sampled = self.worker.sampler.sample_tokens(
-                logits[rows] if len(rows) < len(scheduled) else logits,
+                row_logits,
                 [seq.sampling for seq in seqs],
                 [len(seq.token_ids) for seq in seqs],
                 [seq.history() if seq.sampling.needs_history else _NO_HISTORY for seq in seqs],
                 [seq.mirostat for seq in seqs],
             )
+            for seq, token in zip(seqs, sampled, strict=True):
+                if seq.grammar is not None:
+                    seq.grammar.accept(token.token_id)
         self.num_steps += 1
         self.last_step_batch_size = len(scheduled)
         self.max_step_batch_size = max(self.max_step_batch_size, len(scheduled))

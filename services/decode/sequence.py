@@ -4,6 +4,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.engine.grammar import GrammarState
 from services.engine.sampling_params import MirostatState, SamplingParams, TokenHistory
 
 
@@ -46,6 +47,7 @@ class Sequence:
     # chain as they fill. Empty: the sequence's blocks are not offered to the cache.
     block_hashes: list[bytes] = field(default_factory=list)
     mirostat: MirostatState | None = None
+    grammar: GrammarState | None = None  # structured output: what may come next
 
     def history(self) -> TokenHistory:
         prompt_len = self.num_prompt_tokens

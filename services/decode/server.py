@@ -15,9 +15,11 @@ from services.decode.sequence import Finish, Sequence, StopRules
 from services.decode.text_stream import TextStream
 from services.engine import loader
 from services.engine.block_manager import blocks_needed
+from services.engine.grammar import GrammarCompiler
 from services.engine.sampling_params import MirostatState, SampledToken
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError
+from services.grammar_wire import grammar_state
 from services.grpc_server import serve
 from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc
 from services.wire import model_info, sampling_from_pb, token_logprob_pb
@@ -54,6 +56,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.address = address
         self.tokenizer = tokenizer
         self.puller = KvPuller(engine)
+        self.grammars = GrammarCompiler(tokenizer, self.worker.config.vocab_size)
         # Requests with a Generate stream open, by request id, for Abort.
         self._active: dict[str, Sequence] = {}
 
@@ -115,6 +118,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         received_ns = time.monotonic_ns()
         try:
             seq = self._new_sequence(request)
+            seq.grammar = await grammar_state(request.sampling, self.grammars)
+            if seq.grammar is not None and not seq.grammar.accept(request.first_token_id):
+                raise InvalidArgumentError("first_token_id is not allowed by the grammar")
         except InvalidArgumentError:
             await self.puller.release(request.kv_handle)
             raise

@@ -12,6 +12,7 @@ import uuid
 from collections import deque
 
 from services.engine.block_manager import blocks_needed
+from services.engine.grammar_batch import GrammarBatch
 from services.engine.runner import SeqChunk
 from services.engine.sampling_params import SampledToken, TokenHistory
 from services.engine.worker import Worker
@@ -26,6 +27,10 @@ class PrefillEngine:
         self.worker = worker
         self.blocks = worker.pool.blocks
         self.max_prefill_tokens = max_prefill_tokens
+        # At most one first token per prompt in a pass, so the budget bounds the rows.
+        self.grammar_batch = GrammarBatch(
+            worker.config.vocab_size, max_prefill_tokens, worker.device
+        )
         self.lease_s = lease_s
         self.num_steps = 0
         self._waiting: deque[PrefillJob] = deque()
@@ -172,8 +177,11 @@ class PrefillEngine:
                 last_rows.append(offset - 1)
         first_tokens = []
         if done:
+            rows = logits[last_rows]
+            if any(job.grammar for job in done):
+                self.grammar_batch.apply(rows, [job.grammar for job in done])
             first_tokens = self.worker.sampler.sample_tokens(
-                logits[last_rows],
+                rows,
                 [job.sampling for job in done],
                 [len(job.token_ids) for job in done],
                 [TokenHistory(job.token_ids, []) for job in done],

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.engine.grammar import GrammarState
 from services.engine.logprobs import token_logprobs
 from services.engine.sampling_params import MirostatState, SampledToken, SamplingParams
 
@@ -35,6 +36,7 @@ class PrefillJob:
     wants_prompt_logprobs: bool = False
     prompt_logprobs: list[SampledToken] = field(default_factory=list)
     mirostat: MirostatState | None = None
+    grammar: GrammarState | None = None  # structured output: constrains the first token
     arrival_ns: int = field(default_factory=time.monotonic_ns)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0

@@ -9,9 +9,11 @@ import torch
 from services import cli
 from services.engine import loader
 from services.engine.block_hash import hash_blocks
+from services.engine.grammar import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError, NotFoundError
+from services.grammar_wire import grammar_state
 from services.grpc_server import serve
 from services.prefill.engine import PrefillEngine, PrefillJob
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -23,9 +25,10 @@ KV_CHUNK_BYTES = 1 << 20  # per message, far below the gRPC message limit
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, engine: PrefillEngine, address: str, tokenizer: Tokenizer) -> None:
         self.engine = engine
-        self.tokenizer = tokenizer  # token texts for logprobs
         self.worker = engine.worker
         self.address = address
+        self.tokenizer = tokenizer  # token texts for logprobs
+        self.grammars = GrammarCompiler(tokenizer, self.worker.config.vocab_size)
 
     async def Prefill(self, request, context):
         config = self.worker.config
@@ -40,6 +43,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise InvalidArgumentError(f"token ids must be in [0, {config.vocab_size})")
         if request.HasField("cache_max_tokens") and request.cache_max_tokens < 0:
             raise InvalidArgumentError("cache_max_tokens must be >= 0")
+        grammar = await grammar_state(request.sampling, self.grammars)
         token_ids = list(request.token_ids)
         max_cached = request.cache_max_tokens if request.HasField("cache_max_tokens") else None
         loop = asyncio.get_running_loop()
@@ -48,6 +52,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             token_ids=token_ids,
             sampling=sampling_from_pb(request.sampling, config.vocab_size),
             wants_prompt_logprobs=request.prompt_logprobs,
+            grammar=grammar,
             block_hashes=hash_blocks(
                 token_ids, self.worker.pool.block_size, request.cache_salt, max_cached
             ),
