@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from frontend.errors import ApiError, invalid_request
+from frontend.response_format import FORMAT_TYPES
 from frontend.schemas import ChatCompletionRequest, CompletionRequest
 from frontend.unsupported import (
     CHAT_UNSUPPORTED,
@@ -101,12 +102,17 @@ def dotted_param(error: ErrorDetails) -> str | None:
 def _clean_loc(error: ErrorDetails) -> list[str | int]:
     # Pydantic puts union members and validator kinds in the location ("str",
     # "list[int]", "function-after[...]"); no field of ours is named like that.
+    # A tagged union adds its tag too ("response_format.json_schema.json_schema").
     loc = list(error["loc"])
     return [
         part
         for i, part in enumerate(loc)
         if isinstance(part, int)
-        or (part.isidentifier() and part not in _TYPE_TAGS)
+        or (
+            part.isidentifier()
+            and part not in _TYPE_TAGS
+            and not (i > 0 and loc[i - 1] == "response_format" and part in FORMAT_TYPES)
+        )
         or (i == len(loc) - 1 and error["type"] == "extra_forbidden")
     ]
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from frontend import fields
 from frontend.fields import INT32_MAX, MAX_TOP_LOGPROBS, Prompt, invalid, unsupported
+from frontend.response_format import ResponseFormat
 
 UINT64_MAX = 2**64 - 1
 MAX_N = 128
@@ -72,6 +73,7 @@ class _GenerationRequest(_Strict):
     raw_output: bool | None = None
     return_token_ids: bool | None = None
     context_length_exceeded_behavior: LengthBehavior = None
+    response_format: ResponseFormat | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     perf_metrics_in_response: bool | None = None

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from frontend.errors import invalid_request
+from frontend.response_format import grammar_of
 from frontend.schemas import ChatCompletionRequest, CompletionRequest
 from frontend.stage_types import PromptCache, Sampling
 
@@ -96,7 +97,7 @@ def sampling_from(request: CompletionRequest | ChatCompletionRequest) -> Samplin
     ):
         value = getattr(request, name)
         values[name] = getattr(defaults, name) if value is None else value
-    return Sampling(**values, **_logprobs(request))
+    return Sampling(**values, **_logprobs(request), grammar=grammar_of(request.response_format))
 
 
 def _logprobs(request: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
@@ -129,6 +130,9 @@ def sampling_options(settings: GenerationSettings, max_tokens: int) -> dict[str,
     """The fireworks-sampling-options header: what the stages were actually asked for."""
     sampling = dataclasses.asdict(settings.sampling)
     sampling["logit_bias"] = {str(k): v for k, v in settings.sampling.logit_bias.items()}
+    grammar = sampling.pop("grammar")
+    if grammar is not None:
+        sampling["response_format"] = grammar["kind"]
     return {
         "max_tokens": max_tokens,
         **sampling,

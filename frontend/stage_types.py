@@ -28,6 +28,15 @@ class Tokenized:
     text: str = ""  # the text as given, or the rendered chat; empty for token-id prompts
 
 
+@dataclass(slots=True, frozen=True)
+class Grammar:
+    """Structured output: only what this grammar allows is sampled."""
+
+    kind: str  # "json_object", "json_schema", "gbnf"
+    source: str
+    strict: bool
+
+
 @dataclass(slots=True)
 class Sampling:
     """The sampling parameters of one choice, with the API's defaults filled in."""
@@ -46,6 +55,7 @@ class Sampling:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: Grammar | None = None
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ from frontend.errors import internal_error
 from frontend.rpc_errors import rpc_errors
 from frontend.stage_types import (
     ChatTurn,
+    Grammar,
     ModelLimits,
     Sampling,
     StageStats,
@@ -44,7 +45,14 @@ def sampling_pb(sampling: Sampling) -> common_pb2.SamplingParams:
         logit_bias=sampling.logit_bias,
         logprobs=sampling.logprobs,
         top_logprobs=sampling.top_logprobs,
+        grammar=_grammar_pb(sampling.grammar),
     )
+
+
+def _grammar_pb(grammar: Grammar | None) -> common_pb2.Grammar | None:
+    if grammar is None:
+        return None
+    return common_pb2.Grammar(kind=grammar.kind, source=grammar.source, strict=grammar.strict)
 
 
 def chat_message_pb(turn: ChatTurn) -> tokenizer_pb2.ChatMessage:

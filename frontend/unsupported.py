@@ -14,7 +14,6 @@ from frontend.errors import invalid_request
 
 # name -> the values that ask for nothing (None stands for JSON null).
 COMMON_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
-    "response_format": (None, {"type": "text"}),
     "prompt_cache_key": (None,),
     "speculation": (None,),
     "prediction": (None,),

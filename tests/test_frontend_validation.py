@@ -123,7 +123,17 @@ COMPLETION_CASES = [
     *_invalid(completion_body, "reasoning_effort", "extreme", -1, True),
     *_invalid(completion_body, "images", [IMAGE], "x"),
     # Documented but not implemented yet: refused unless neutral.
-    (completion_body(response_format={"type": "json_object"}), 400, "response_format"),
+    (completion_body(response_format={"type": "json"}), 400, "response_format"),
+    (
+        completion_body(response_format={"type": "json_schema"}),
+        400,
+        "response_format.json_schema",
+    ),
+    (
+        completion_body(response_format={"type": "grammar", "grammar": ""}),
+        400,
+        "response_format.grammar",
+    ),
     (completion_body(speculation="abc"), 400, "speculation"),
     (completion_body(prediction={"type": "content", "content": "x"}), 400, "prediction"),
     (completion_body(best_of=2), 400, "best_of"),
@@ -188,7 +198,12 @@ CHAT_CASES = [
     *_invalid(chat_body, "images", [IMAGE]),
     (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     (chat_body(tool_choice="required"), 400, "tool_choice"),
-    (chat_body(response_format={"type": "json_object"}), 400, "response_format"),
+    (
+        chat_body(response_format={"type": "json_object", "schema": 3}),
+        400,
+        "response_format.schema",
+    ),
+    (chat_body(response_format={"type": "text", "x": 1}), 400, "response_format.x"),
     (chat_body(prompt="hi"), 400, "prompt"),  # a completions field: unknown to chat
     (chat_body(bogus_field=1), 400, "bogus_field"),
 ]
@@ -247,7 +262,8 @@ def test_non_finite_number_is_400(client: TestClient) -> None:
 
 
 def test_unsupported_field_error_says_not_supported(client: TestClient) -> None:
-    response = client.post(COMPLETIONS, json=completion_body(response_format={"type": "json"}))
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    response = client.post(CHAT, json=chat_body(tools=tools))
     error = assert_error_shape(response.json())
     assert "not supported yet" in error["message"]
     assert error["code"] == "unsupported_parameter"
