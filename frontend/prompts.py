@@ -1,6 +1,7 @@
 """A request's prompts: tokenized (chats rendered and truncated), fitted to the context window,
 and what of them is echoed back."""
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable
@@ -23,6 +24,7 @@ class PromptSource:
     messages: list[ChatTurn] | None = None
     # Chat: evict the earliest non-system turns until the prompt has at most this many tokens.
     truncate_len: int | None = None
+    tools_json: str = ""  # chat: the tools the prompt lists (the OpenAI JSON list)
 
     @property
     def param(self) -> str:
@@ -90,15 +92,18 @@ class PromptTokenizer:
 
     async def tokenize(self, source: PromptSource, index: int) -> Tokenized:
         if source.messages is not None:
-            return await self._render_within(source.messages, source.truncate_len)
+            return await self._render_within(source)
         assert source.prompts is not None
         return await self._timed(self._stages.tokenize(source.prompts[index]))
 
-    async def _render_within(self, turns: list[ChatTurn], limit: int | None) -> Tokenized:
+    async def _render_within(self, source: PromptSource) -> Tokenized:
         """The chat rendered whole, or without its earliest non-system turns when longer than
-        `limit` (the last turn always stays). If nothing fits, the shortest rendering is
-        returned and the context-window check decides."""
-        rendered = await self._render(turns)
+        `truncate_len` (the last turn always stays; the tools are always listed). If nothing
+        fits, the shortest rendering is returned and the context-window check decides."""
+        assert source.messages is not None
+        turns, limit = source.messages, source.truncate_len
+        render = functools.partial(self._render, tools_json=source.tools_json)
+        rendered = await render(turns)
         evictable = [i for i, turn in enumerate(turns[:-1]) if turn.role != "system"]
         if limit is None or len(rendered.token_ids) <= limit or not evictable:
             return rendered
@@ -107,22 +112,22 @@ class PromptTokenizer:
             evicted = set(evictable[:count])
             return [turn for i, turn in enumerate(turns) if i not in evicted]
 
-        shortest = await self._render(without_first(len(evictable)))
+        shortest = await render(without_first(len(evictable)))
         if len(shortest.token_ids) > limit:
             return shortest
         # Binary search for the fewest evictions that fit: fewer turns never render longer.
         best, low, high = shortest, 1, len(evictable) - 1
         while low <= high:
             middle = (low + high) // 2
-            candidate = await self._render(without_first(middle))
+            candidate = await render(without_first(middle))
             if len(candidate.token_ids) <= limit:
                 best, high = candidate, middle - 1
             else:
                 low = middle + 1
         return best
 
-    async def _render(self, turns: list[ChatTurn]) -> Tokenized:
-        return await self._timed(self._stages.render_chat(turns))
+    async def _render(self, turns: list[ChatTurn], tools_json: str) -> Tokenized:
+        return await self._timed(self._stages.render_chat(turns, tools_json))
 
     async def _timed(self, call: Awaitable[Tokenized]) -> Tokenized:
         started = time.monotonic_ns()

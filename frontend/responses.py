@@ -4,12 +4,14 @@ The base class shapes what both endpoints share (envelope, raw_output, token ids
 subclass says how one choice, its stream deltas and its logprobs look.
 """
 
+import dataclasses
 from typing import Any
 
 from frontend import logprobs
 from frontend.generation import ChoiceOutput
 from frontend.settings import OutputOptions
 from frontend.stage_types import TokenDelta, TokenLogprob
+from frontend.tool_parser import CallDelta, ToolCall, ToolCallParser
 
 JsonObject = dict[str, Any]
 
@@ -83,6 +85,11 @@ class ResponseShape:
             ),
         }
 
+    def delta_chunks(self, choice: ChoiceOutput, delta: TokenDelta) -> list[JsonObject]:
+        """The chunks of one decode message: its delta chunk, if it shows anything."""
+        chunk = self.delta_chunk(choice, delta)
+        return [] if chunk is None else [chunk]
+
     def delta_chunk(self, choice: ChoiceOutput, delta: TokenDelta) -> JsonObject | None:
         """The chunk of one decode message; None when it shows nothing (no text, and neither
         logprobs nor token ids asked for)."""
@@ -96,6 +103,10 @@ class ResponseShape:
         if self.options.return_token_ids:
             shaped["token_ids"] = delta.token_ids
         return self._chunk(shaped)
+
+    def closing_chunks(self, choice: ChoiceOutput) -> list[JsonObject]:
+        """Chunks between a choice's last delta and its finish chunk: what was held back."""
+        return []
 
     def finish_chunk(self, choice: ChoiceOutput, **extra: Any) -> JsonObject:
         assert choice.finish_reason is not None
@@ -141,10 +152,18 @@ class CompletionShape(ResponseShape):
 
 class ChatShape(ResponseShape):
     """/v1/chat/completions: a `chat.completion`, or `chat.completion.chunk`s that open with
-    the assistant role and close with an empty delta carrying the finish reason."""
+    the assistant role and close with an empty delta carrying the finish reason.
+
+    With tools (`options.tool_calls`), `<tool_call>` blocks in the output become the message's
+    `tool_calls`, streamed as OpenAI's `delta.tool_calls`, and finish_reason "stop" becomes
+    "tool_calls" when there is one."""
 
     object_name = "chat.completion"
     chunk_object = "chat.completion.chunk"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parsers: dict[int, ToolCallParser] = {}  # by choice index, while streaming
 
     def _choice(self, index: int, text: str, lps: JsonObject | None, finish: str) -> JsonObject:
         message = {"role": "assistant", "content": text}
@@ -154,6 +173,8 @@ class ChatShape(ResponseShape):
         return {"index": index, "delta": {"content": text}, "logprobs": lps, "finish_reason": None}
 
     def _finish_choice(self, index: int, finish_reason: str) -> JsonObject:
+        parser = self._parsers.get(index)
+        finish_reason = _tool_finish(finish_reason, parser.calls if parser else [])
         return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
 
     def _logprobs(self, entries: list[TokenLogprob], offset: int) -> JsonObject:
@@ -163,6 +184,65 @@ class ChatShape(ResponseShape):
         role = {"role": "assistant", "content": ""}
         opening = {"index": choice.index, "delta": role, "logprobs": None, "finish_reason": None}
         return [self._chunk(opening), *super().opening_chunks(choice)]
+
+    def _whole(self, choice: ChoiceOutput) -> JsonObject:
+        shaped = super()._whole(choice)
+        if not self.options.tool_calls:
+            return shaped
+        parser = ToolCallParser()
+        parser.feed(choice.text)
+        parser.finish()
+        if parser.calls:
+            message = shaped["message"]
+            content = choice.prompt.echo.text + parser.content
+            message["content"] = content if content.strip() else None
+            message["tool_calls"] = [_call_json(call) for call in parser.calls]
+            shaped["finish_reason"] = _tool_finish(shaped["finish_reason"], parser.calls)
+        return shaped
+
+    def delta_chunks(self, choice: ChoiceOutput, delta: TokenDelta) -> list[JsonObject]:
+        """Content (and logprobs) as usual, then a chunk per call announcement or run of
+        argument text: OpenAI's stream shape."""
+        if not self.options.tool_calls:
+            return super().delta_chunks(choice, delta)
+        parser = self._parsers.setdefault(choice.index, ToolCallParser())
+        parsed = parser.feed(delta.text)
+        chunks = super().delta_chunks(choice, dataclasses.replace(delta, text=parsed.content))
+        return chunks + [self._call_chunk(choice.index, call) for call in parsed.calls]
+
+    def closing_chunks(self, choice: ChoiceOutput) -> list[JsonObject]:
+        parser = self._parsers.get(choice.index)
+        if parser is None:
+            return []
+        content = parser.finish().content  # arguments were streamed as they came
+        return [self._chunk(self._delta_choice(choice.index, content, None))] if content else []
+
+    def _call_chunk(self, index: int, call: CallDelta) -> JsonObject:
+        delta = {"tool_calls": [_call_delta_json(call)]}
+        return self._chunk(
+            {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        )
+
+
+def _tool_finish(finish_reason: str, calls: list[ToolCall]) -> str:
+    """A reply that ends after its calls is finished by them; one cut short stays "length"."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+
+def _call_json(call: ToolCall) -> JsonObject:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def _call_delta_json(delta: CallDelta) -> JsonObject:
+    """The first delta of a call carries its id, type and name; later ones only arguments."""
+    shaped: JsonObject = {"index": delta.index}
+    function: JsonObject = {"arguments": delta.arguments}
+    if delta.id is not None:
+        shaped.update(id=delta.id, type="function")
+        function = {"name": delta.name, **function}
+    shaped["function"] = function
+    return shaped
 
 
 def _extend(into: JsonObject, more: JsonObject) -> None:

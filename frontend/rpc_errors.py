@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 _BAD_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
 _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_GRAMMAR_PARAM = "response_format"
+# The stage that compiles a grammar names the field it came from first ("tools: ...").
+_GRAMMAR_PARAMS = ("response_format", "tools")
 
 
 def stage_error(
@@ -26,8 +27,8 @@ def stage_error(
 ) -> ApiError:
     """`quiet` logs a stage that is down at debug level, for polls that expect it."""
     code, details = exc.code(), exc.details() or ""
-    if param is None and details.startswith(f"{_GRAMMAR_PARAM}:"):
-        param = _GRAMMAR_PARAM  # the stage that compiles the grammar says what is wrong
+    if param is None:
+        param = next((p for p in _GRAMMAR_PARAMS if details.startswith(f"{p}:")), None)
     if code in _BAD_INPUT:
         return invalid_request(details or f"The {stage} stage rejected the request.", param)
     if code in _DOWN:

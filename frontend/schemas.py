@@ -5,6 +5,7 @@ documented-but-unimplemented ones first, so `extra="forbid"` rejects exactly the
 Strict mode: `"16"` is not an integer and `1` is not `true`, as in OpenAI's API.
 """
 
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from frontend import fields
 from frontend.fields import INT32_MAX, MAX_TOP_LOGPROBS, Prompt, invalid, unsupported
 from frontend.response_format import ResponseFormat
+from frontend.tools import Tool, ToolUse, message_tool_calls, tool_choice_value, tool_use
 
 UINT64_MAX = 2**64 - 1
 MAX_N = 128
@@ -133,6 +135,7 @@ class ChatMessage(_Strict):
     name: str | None = None
     # Validated by `_tool_call_id` even when absent: tool results must say which call.
     tool_call_id: str | None = Field(default=None, validate_default=True)
+    tool_calls: list[dict[str, Any]] | None = None
 
     @field_validator("role", mode="before")
     @classmethod
@@ -162,7 +165,29 @@ class ChatMessage(_Strict):
             raise invalid("tool_call_id is only valid in tool messages.")
         return value
 
+    @field_validator("tool_calls", mode="before")
+    @classmethod
+    def _tool_calls(cls, value: Any, info: ValidationInfo) -> list[dict[str, Any]] | None:
+        if value is None or value == []:
+            return None
+        if info.data.get("role") != "assistant":
+            raise invalid("tool_calls are only valid in assistant messages.")
+        return message_tool_calls(value)
+
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     prompt_truncate_len: PositiveCount = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> str | dict[str, Any] | None:
+        return tool_choice_value(value)
+
+    @cached_property
+    def tool_use(self) -> ToolUse:
+        """What the tools ask of the stages; raises a 400 when tool_choice does not fit them."""
+        return tool_use(self.tools, self.tool_choice, self.parallel_tool_calls)

@@ -2,13 +2,14 @@
 response shows (echo, logprobs, raw output, ...), with the defaults filled in."""
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from frontend.errors import invalid_request
 from frontend.response_format import grammar_of
 from frontend.schemas import ChatCompletionRequest, CompletionRequest
-from frontend.stage_types import PromptCache, Sampling
+from frontend.stage_types import Grammar, PromptCache, Sampling
 
 UINT64_MODULUS = 2**64
 
@@ -43,6 +44,8 @@ class OutputOptions:
     echo_last: int = 0  # > 0: echo only the prompt's last echo_last tokens
     raw_output: bool = False
     return_token_ids: bool = False
+    # Chat with a tools grammar: `<tool_call>` blocks in the output become message.tool_calls.
+    tool_calls: bool = False
 
     def echo_count(self, num_prompt_tokens: int) -> int:
         """How many of the prompt's last tokens the response echoes."""
@@ -97,7 +100,21 @@ def sampling_from(request: CompletionRequest | ChatCompletionRequest) -> Samplin
     ):
         value = getattr(request, name)
         values[name] = getattr(defaults, name) if value is None else value
-    return Sampling(**values, **_logprobs(request), grammar=grammar_of(request.response_format))
+    return Sampling(**values, **_logprobs(request), grammar=_grammar(request))
+
+
+def _grammar(request: CompletionRequest | ChatCompletionRequest) -> Grammar | None:
+    """response_format's grammar, or the tools' (never both)."""
+    requested = grammar_of(request.response_format)
+    if not isinstance(request, ChatCompletionRequest) or request.tool_use.grammar is None:
+        return requested
+    if requested is not None:
+        raise invalid_request(
+            "response_format cannot be combined with tools: a reply is either a tool call or "
+            'text in the response format. Drop one of them, or set tool_choice to "none".',
+            "response_format",
+        )
+    return request.tool_use.grammar
 
 
 def _logprobs(request: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
@@ -123,6 +140,9 @@ def output_options(request: CompletionRequest | ChatCompletionRequest) -> Output
         echo_last=request.echo_last or 0,
         raw_output=bool(request.raw_output),
         return_token_ids=bool(request.return_token_ids),
+        tool_calls=(
+            isinstance(request, ChatCompletionRequest) and request.tool_use.grammar is not None
+        ),
     )
 
 
@@ -131,7 +151,9 @@ def sampling_options(settings: GenerationSettings, max_tokens: int) -> dict[str,
     sampling = dataclasses.asdict(settings.sampling)
     sampling["logit_bias"] = {str(k): v for k, v in settings.sampling.logit_bias.items()}
     grammar = sampling.pop("grammar")
-    if grammar is not None:
+    if grammar is not None and grammar["kind"] == "tool_calls":
+        sampling["tool_choice"] = json.loads(grammar["source"])["mode"]
+    elif grammar is not None:
         sampling["response_format"] = grammar["kind"]
     return {
         "max_tokens": max_tokens,

@@ -18,6 +18,7 @@ class ChatTurn:
     content: str
     name: str = ""
     tool_call_id: str = ""
+    tool_calls_json: str = ""  # assistant: its calls, as the OpenAI JSON list
 
 
 @dataclass(slots=True)
@@ -32,7 +33,7 @@ class Tokenized:
 class Grammar:
     """Structured output: only what this grammar allows is sampled."""
 
-    kind: str  # "json_object", "json_schema", "gbnf"
+    kind: str  # "json_object", "json_schema", "gbnf", "tool_calls"
     source: str
     strict: bool
 

@@ -61,6 +61,7 @@ def chat_message_pb(turn: ChatTurn) -> tokenizer_pb2.ChatMessage:
         content=turn.content,
         name=turn.name,
         tool_call_id=turn.tool_call_id or "",
+        tool_calls_json=turn.tool_calls_json,
     )
 
 

@@ -106,10 +106,12 @@ class StageClients:
             )
         return _tokenized(response)
 
-    async def render_chat(self, turns: Sequence[ChatTurn]) -> Tokenized:
+    async def render_chat(self, turns: Sequence[ChatTurn], tools_json: str = "") -> Tokenized:
         self.start()
         request = tokenizer_pb2.RenderChatRequest(
-            messages=[chat_message_pb(t) for t in turns], add_generation_prompt=True
+            messages=[chat_message_pb(t) for t in turns],
+            add_generation_prompt=True,
+            tools_json=tools_json,
         )
         with rpc_errors("tokenizer", param="messages"):
             response = await self._tokenizer.RenderChat(

@@ -43,8 +43,7 @@ async def sse_events(
         remaining = len(run.generations)
         async with contextlib.aclosing(_merged(run)) as deltas:
             async for generation, delta in deltas:
-                chunk = shape.delta_chunk(generation.output, delta)
-                if chunk is not None:
+                for chunk in shape.delta_chunks(generation.output, delta):
                     yield sse(announce(generation, chunk))
                 if delta.finish_reason is None:
                     continue
@@ -54,6 +53,8 @@ async def sse_events(
                     extra["usage"] = run.usage()
                     if perf_metrics_in_response:
                         extra["perf_metrics"] = run.metrics.as_dict()
+                for closing in shape.closing_chunks(generation.output):
+                    yield sse(announce(generation, closing))
                 yield sse(announce(generation, shape.finish_chunk(generation.output, **extra)))
                 if remaining == 0 and include_usage:
                     yield sse(shape.usage_chunk(run.usage()))

@@ -1,8 +1,8 @@
 """Request fields the API references document that this server does not implement yet.
 
 Each is rejected with a 400 naming it, unless it carries its neutral value: clients (the
-OpenAI and Fireworks SDKs, LangChain, ...) send defaults such as `tools: []` or
-`response_format: {"type": "text"}`, which ask for nothing we lack. Fields in none of these
+OpenAI and Fireworks SDKs, LangChain, ...) send defaults such as `functions: []` or
+`service_tier: "auto"`, which ask for nothing we lack. Fields in none of these
 tables and not in the request schema are unknown, and pydantic rejects them.
 """
 
@@ -31,10 +31,7 @@ COMPLETION_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
 
 CHAT_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
     **COMMON_UNSUPPORTED,
-    "tools": (None, []),
-    # Without tools both choices mean "answer in text", which is all we do.
-    "tool_choice": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
+    # The deprecated forms of tools and tool_choice.
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "store": (None, False),
@@ -46,7 +43,6 @@ CHAT_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
 
 # Inside one chat message.
 MESSAGE_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
-    "tool_calls": (None, []),
     "function_call": (None,),
 }
 

@@ -11,6 +11,7 @@ from services.engine.grammar import (
     JSON_OBJECT,
     JSON_SCHEMA,
     REGEX,
+    TOOL_CALLS,
     GrammarCompiler,
     GrammarError,
     GrammarSpec,
@@ -19,9 +20,15 @@ from services.engine.grammar import (
     json_object_spec,
     json_schema_spec,
     regex_spec,
+    tool_calls_spec,
 )
 from services.errors import InvalidArgumentError
 from services.rpc import common_pb2
+
+
+def request_field(kind: str) -> str:
+    """The API field a grammar comes from; its errors start with it ("tools: ...")."""
+    return "tools" if kind == TOOL_CALLS else "response_format"
 
 
 def grammar_spec(pb: common_pb2.Grammar) -> GrammarSpec:
@@ -39,8 +46,10 @@ def grammar_spec(pb: common_pb2.Grammar) -> GrammarSpec:
             return gbnf_spec(pb.source)
         if pb.kind == REGEX:
             return regex_spec(pb.source)
+        if pb.kind == TOOL_CALLS:
+            return tool_calls_spec(pb.source)
     except GrammarError as exc:
-        raise InvalidArgumentError(f"response_format: {exc}") from exc
+        raise InvalidArgumentError(f"{request_field(pb.kind)}: {exc}") from exc
     raise InvalidArgumentError(f"response_format: unknown grammar kind {pb.kind!r}")
 
 
@@ -54,5 +63,5 @@ async def grammar_state(
     try:
         compiled = await compiler.compile_async(spec)
     except GrammarError as exc:
-        raise InvalidArgumentError(f"response_format: {exc}") from exc
+        raise InvalidArgumentError(f"{request_field(spec.kind)}: {exc}") from exc
     return GrammarState(compiled)

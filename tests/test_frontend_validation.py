@@ -196,7 +196,11 @@ CHAT_CASES = [
     *_invalid(chat_body, "frequency_penalty", 3),
     *_invalid(chat_body, "echo", 1),
     *_invalid(chat_body, "images", [IMAGE]),
-    (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    (
+        chat_body(tools=[{"type": "function", "function": {"name": "f g"}}]),
+        400,
+        "tools.0.function.name",
+    ),
     (chat_body(tool_choice="required"), 400, "tool_choice"),
     (
         chat_body(response_format={"type": "json_object", "schema": 3}),
@@ -262,8 +266,8 @@ def test_non_finite_number_is_400(client: TestClient) -> None:
 
 
 def test_unsupported_field_error_says_not_supported(client: TestClient) -> None:
-    tools = [{"type": "function", "function": {"name": "f"}}]
-    response = client.post(CHAT, json=chat_body(tools=tools))
+    functions = [{"name": "f"}]
+    response = client.post(CHAT, json=chat_body(functions=functions))
     error = assert_error_shape(response.json())
     assert "not supported yet" in error["message"]
     assert error["code"] == "unsupported_parameter"

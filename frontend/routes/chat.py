@@ -1,5 +1,6 @@
 """POST /v1/chat/completions."""
 
+import json
 import time
 
 from fastapi import APIRouter, Request, Response
@@ -9,7 +10,7 @@ from frontend.parsing import parse_chat_request, read_json_object
 from frontend.prompts import PromptSource
 from frontend.responses import ChatShape
 from frontend.routes.generation import job_from, new_request_id, respond, shape_for
-from frontend.schemas import DEFAULT_PROMPT_TRUNCATE_LEN
+from frontend.schemas import DEFAULT_PROMPT_TRUNCATE_LEN, ChatMessage
 from frontend.stage_types import ChatTurn
 
 router = APIRouter()
@@ -25,12 +26,23 @@ async def create_chat_completion(request: Request) -> Response:
     state = get_state(request)
     body = parse_chat_request(await read_json_object(request))
     request_id = new_request_id("chatcmpl")
-    turns = [
-        ChatTurn(m.role, m.content or "", m.name or "", m.tool_call_id or "") for m in body.messages
-    ]
+    turns = [chat_turn(message) for message in body.messages]
     truncate_len = body.prompt_truncate_len or DEFAULT_PROMPT_TRUNCATE_LEN
-    source = PromptSource(messages=turns, truncate_len=truncate_len)
+    source = PromptSource(
+        messages=turns, truncate_len=truncate_len, tools_json=body.tool_use.tools_json
+    )
     job = job_from(body, request_id, source, CHAT_DEFAULT_MAX_TOKENS)
     await state.check_model(body.model)
     shape = shape_for(ChatShape, job, body.model)
     return await respond(request, state, job, shape, arrival_ns)
+
+
+def chat_turn(message: ChatMessage) -> ChatTurn:
+    calls = json.dumps(message.tool_calls, ensure_ascii=False) if message.tool_calls else ""
+    return ChatTurn(
+        message.role,
+        message.content or "",
+        message.name or "",
+        message.tool_call_id or "",
+        tool_calls_json=calls,
+    )

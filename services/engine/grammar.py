@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import xgrammar as xgr
 from xgrammar import CompiledGrammar
 
+from services.engine import tool_grammar
 from services.engine.tokenizer import Tokenizer
 
 __all__ = [
@@ -34,13 +35,15 @@ __all__ = [
     "json_object_spec",
     "json_schema_spec",
     "regex_spec",
+    "tool_calls_spec",
 ]
 
 JSON_OBJECT = "json_object"
 JSON_SCHEMA = "json_schema"
 GBNF = "gbnf"
 REGEX = "regex"
-KINDS = (JSON_OBJECT, JSON_SCHEMA, GBNF, REGEX)
+TOOL_CALLS = "tool_calls"
+KINDS = (JSON_OBJECT, JSON_SCHEMA, GBNF, REGEX, TOOL_CALLS)
 
 # Whitespace between JSON tokens is free in JSON but a known trap for constrained decoding: a
 # model can loop on newlines forever, every one of them grammatical. A bound still leaves room
@@ -62,8 +65,8 @@ class GrammarSpec:
     """What one request's output must match; equal specs share one compiled grammar."""
 
     kind: str
-    # Schema JSON (compact, keys in the client's order), GBNF text, or a regex; empty for
-    # json_object.
+    # Schema JSON (compact, keys in the client's order), GBNF text, a regex, or the tools JSON
+    # of `tool_grammar`; empty for json_object.
     source: str
     # json_schema only: properties and items the schema does not name are not allowed.
     strict: bool = True
@@ -104,6 +107,20 @@ def regex_spec(pattern: str) -> GrammarSpec:
     return spec
 
 
+def tool_calls_spec(source: str) -> GrammarSpec:
+    """Calls of the given tools in the default tool format; see `tool_grammar`."""
+    try:
+        spec = GrammarSpec(TOOL_CALLS, tool_grammar.canonical_source(source))
+    except ValueError as exc:
+        raise GrammarError(str(exc)) from exc
+    _check(spec, lambda: xgr.Grammar.from_structural_tag(_tool_calls_tag(spec)))
+    return spec
+
+
+def _tool_calls_tag(spec: GrammarSpec) -> xgr.StructuralTag:
+    return tool_grammar.structural_tag(spec.source, MAX_JSON_WHITESPACE)
+
+
 def _schema_grammar(spec: GrammarSpec) -> xgr.Grammar:
     return xgr.Grammar.from_json_schema(
         spec.source, strict_mode=spec.strict, max_whitespace_cnt=MAX_JSON_WHITESPACE
@@ -118,7 +135,12 @@ def _check(spec: GrammarSpec, build: Callable[[], _T]) -> _T:
         raise
     except (RuntimeError, ValueError, TypeError) as exc:
         detail = _ERROR_PREFIX.sub("", str(exc)).strip() or type(exc).__name__
-        what = {JSON_SCHEMA: "JSON schema", GBNF: "GBNF grammar", REGEX: "regex"}
+        what = {
+            JSON_SCHEMA: "JSON schema",
+            GBNF: "GBNF grammar",
+            REGEX: "regex",
+            TOOL_CALLS: "tool parameters schema",
+        }
         raise GrammarError(f"invalid {what.get(spec.kind, spec.kind)}: {detail}") from exc
 
 
@@ -245,6 +267,8 @@ class GrammarCompiler:
             return self._compiler.compile_grammar(spec.source)
         if spec.kind == REGEX:
             return self._compiler.compile_regex(spec.source)
+        if spec.kind == TOOL_CALLS:
+            return self._compiler.compile_structural_tag(_tool_calls_tag(spec))
         raise GrammarError(f"unknown grammar kind {spec.kind!r}; expected one of {KINDS}")
 
 

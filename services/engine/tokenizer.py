@@ -15,6 +15,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders
 
+from services.engine.chat_tools import apply_tools, template_tool_support
+
 # Markers that close a turn or a document in common chat vocabularies. A model trained on one of
 # these may end its reply with either its declared eos or the turn marker, so both stop generation.
 END_OF_TURN_TOKENS = (
@@ -137,7 +139,9 @@ class Tokenizer:
         # Byte-level vocabularies decode by concatenating piece bytes, which makes incremental
         # detokenization exact; other decoders need the re-decode fallback.
         self.is_byte_level = isinstance(backend.decoder, decoders.ByteLevel)
-        self._template = compile_chat_template(chat_template or DEFAULT_CHAT_TEMPLATE)
+        template_source = chat_template or DEFAULT_CHAT_TEMPLATE
+        self._template = compile_chat_template(template_source)
+        self._tool_support = template_tool_support(self._template.environment, template_source)
         self._template_tokens = template_tokens or self._default_template_tokens()
         self._piece_bytes: list[bytes] | None = None
 
@@ -188,9 +192,18 @@ class Tokenizer:
         return self._piece_bytes
 
     def render_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
     ) -> str:
+        """`tools` are OpenAI function tools. They, and the messages' tool calls and results,
+        go through the template where it has a place for them, else the default format."""
+        messages = apply_tools(messages, tools, self._tool_support)
         context: dict[str, Any] = {"tools": None, "documents": None, **self._template_tokens}
+        if tools and self._tool_support.tools:
+            context["tools"] = tools
         context.update(template_kwargs)
         try:
             return self._template.render(

@@ -1,8 +1,10 @@
 """Tokenizer service: text and chat messages to token ids, and back. Stateless."""
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 
@@ -60,26 +62,20 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def RenderChat(self, request, context):
         if not request.messages:
             raise InvalidArgumentError("messages must not be empty")
-        messages = []
-        for i, message in enumerate(request.messages):
-            if message.role not in CHAT_ROLES:
-                raise InvalidArgumentError(f"messages[{i}].role must be one of {CHAT_ROLES}")
-            entry = {"role": message.role, "content": message.content}
-            if message.name:
-                entry["name"] = message.name
-            if message.tool_call_id:
-                entry["tool_call_id"] = message.tool_call_id
-            messages.append(entry)
+        messages = [_message_dict(i, message) for i, message in enumerate(request.messages)]
+        tools = _json_list(request.tools_json, "tools_json") if request.tools_json else None
         (prompt, ids), queue_ns, duration_ns = await self._run(
-            self._render_and_encode, messages, request.add_generation_prompt
+            self._render_and_encode, messages, request.add_generation_prompt, tools
         )
         return tokenizer_pb2.TokenizeResponse(
             token_ids=ids, prompt=prompt, queue_ns=queue_ns, duration_ns=duration_ns
         )
 
-    def _render_and_encode(self, messages: list[dict], add_generation_prompt: bool):
+    def _render_and_encode(
+        self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None
+    ):
         try:
-            prompt = self.tokenizer.render_chat(messages, add_generation_prompt)
+            prompt = self.tokenizer.render_chat(messages, add_generation_prompt, tools=tools)
         except Exception as exc:  # the template may raise on what it cannot render
             raise InvalidArgumentError(f"chat template failed: {exc}") from exc
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
@@ -98,6 +94,41 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             model=model_info(self.config, dtype="", device="cpu", block_size=0),
             limits=common_pb2.Limits(max_model_len=self.config.max_position_embeddings),
         )
+
+
+def _message_dict(index: int, message: tokenizer_pb2.ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (transformers' form)."""
+    if message.role not in CHAT_ROLES:
+        raise InvalidArgumentError(f"messages[{index}].role must be one of {CHAT_ROLES}")
+    entry: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.name:
+        entry["name"] = message.name
+    if message.tool_call_id:
+        entry["tool_call_id"] = message.tool_call_id
+    if message.tool_calls_json:
+        calls = _json_list(message.tool_calls_json, f"messages[{index}].tool_calls_json")
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise InvalidArgumentError(
+                    f"messages[{index}].tool_calls_json: each call needs a function name"
+                )
+            # The API's form: arguments as JSON text.
+            arguments = function.get("arguments", {})
+            if not isinstance(arguments, str):
+                function["arguments"] = json.dumps(arguments, ensure_ascii=False)
+        entry["tool_calls"] = calls
+    return entry
+
+
+def _json_list(text: str, field: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"{field} is not valid JSON: {exc}") from exc
+    if not isinstance(value, list):
+        raise InvalidArgumentError(f"{field} must be a JSON list")
+    return value
 
 
 def main() -> None:
