@@ -71,7 +71,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def one_request(client: httpx.AsyncClient, model: str, index: int, max_tokens: int):
+async def one_request(
+    client: httpx.AsyncClient, model: str, index: int, max_tokens: int, extra: dict | None = None
+):
+    """`extra` adds or overrides body fields (e.g. a response_format) for every request."""
     body = {
         "model": model,
         "messages": [
@@ -81,6 +84,7 @@ async def one_request(client: httpx.AsyncClient, model: str, index: int, max_tok
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     start = time.perf_counter()
     arrivals: list[float] = []
@@ -102,7 +106,14 @@ async def one_request(client: httpx.AsyncClient, model: str, index: int, max_tok
     return RequestResult(arrivals[0] - start, itl, num_tokens or len(arrivals), end - start)
 
 
-async def run_level(url: str, model: str, concurrency: int, num_requests: int, max_tokens: int):
+async def run_level(
+    url: str,
+    model: str,
+    concurrency: int,
+    num_requests: int,
+    max_tokens: int,
+    extra: dict | None = None,
+):
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -112,7 +123,8 @@ async def run_level(url: str, model: str, concurrency: int, num_requests: int, m
 
         async def worker() -> None:
             while not queue.empty():
-                results.append(await one_request(client, model, queue.get_nowait(), max_tokens))
+                index = queue.get_nowait()
+                results.append(await one_request(client, model, index, max_tokens, extra))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

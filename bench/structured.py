@@ -1,0 +1,165 @@
+"""Structured-output benchmark: decode speed with and without a JSON schema, same requests.
+
+    python -m bench.structured                        # starts our stack on free ports
+    python -m bench.structured --url http://127.0.0.1:8000
+
+At each concurrency the same greedy streaming chat requests run plain and constrained by
+SCHEMA, every one producing exactly --max-tokens tokens (plain ones ignore EOS; the schema
+needs more tokens than that to complete), --repeats times in alternating order. Prints one
+line per run, then one summary line with the schema's overhead (medians over repeats) in
+output tokens/s and ITL p50/p99, and writes bench/results/structured.json. A warm-up round
+of each mode (the grammar's compilation included) is run and discarded.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import pathlib
+import statistics
+from dataclasses import asdict
+from typing import Any
+
+from bench.serving import Summary, launched_stack, run_level, served_model
+
+
+def text(min_length: int, max_length: int) -> dict[str, Any]:
+    return {"type": "string", "minLength": min_length, "maxLength": max_length}
+
+
+# Every string, key and item costs tokens, so no output completes within 96 or so.
+CHAPTER = {
+    "type": "object",
+    "properties": {
+        "title": text(8, 60),
+        "summary": text(24, 200),
+        "mood": {"enum": ["calm", "tense", "joyful", "sad"]},
+        "pages": {"type": "integer", "minimum": 1, "maximum": 999},
+    },
+    "required": ["title", "summary", "mood", "pages"],
+    "additionalProperties": False,
+}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": text(8, 60),
+        "chapters": {"type": "array", "items": CHAPTER, "minItems": 8, "maxItems": 8},
+    },
+    "required": ["title", "chapters"],
+    "additionalProperties": False,
+}
+MODES: dict[str, dict[str, Any]] = {
+    "plain": {"ignore_eos": True},
+    "schema": {
+        "ignore_eos": True,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "story", "schema": SCHEMA, "strict": True},
+        },
+    },
+}
+
+
+METRICS = {"output_tokens_per_s": True, "itl_p50_ms": False, "itl_p99_ms": False}
+
+
+def overhead_pct(plain: float, constrained: float, higher_is_better: bool) -> float:
+    """How much worse the constrained figure is, in % of the plain one."""
+    change = (plain - constrained) if higher_is_better else (constrained - plain)
+    return 100 * change / plain
+
+
+async def measure(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Runs each level --repeats times, alternating which mode goes first, so that drift in
+    the host's load lands on both modes alike."""
+    model = served_model(url)
+    for extra in MODES.values():
+        await run_level(url, model, 2, 2, 8, extra)  # warm-up, discarded
+    rows = []
+    for concurrency in args.concurrency:
+        num_requests = max(args.min_requests, args.rounds * concurrency)
+        for repeat in range(args.repeats):
+            order = list(MODES) if repeat % 2 == 0 else list(reversed(MODES))
+            for mode in order:
+                summary: Summary = await run_level(
+                    url, model, concurrency, num_requests, args.max_tokens, MODES[mode]
+                )
+                tokens_per_request = summary.output_tokens_per_s / summary.requests_per_s
+                print(
+                    f"{mode:>6} c={concurrency} #{repeat}: "
+                    f"{summary.output_tokens_per_s:.1f} tok/s, {tokens_per_request:.0f} "
+                    f"tok/request, ITL p50/p99 {summary.itl_p50_ms:.1f}/"
+                    f"{summary.itl_p99_ms:.1f} ms, TTFT p50 {summary.ttft_p50_ms:.0f} ms",
+                    flush=True,
+                )
+                row = {"mode": mode, "repeat": repeat, "tokens_per_request": tokens_per_request}
+                rows.append(row | asdict(summary))
+    return rows
+
+
+def medians(rows: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, float]]]:
+    """Per concurrency and mode, the median over repeats of each metric."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["concurrency"], row["mode"]), []).append(row)
+    table: dict[int, dict[str, dict[str, float]]] = {}
+    for (concurrency, mode), group in groups.items():
+        table.setdefault(concurrency, {})[mode] = {
+            metric: statistics.median(r[metric] for r in group) for metric in METRICS
+        }
+    return table
+
+
+def overheads(table: dict[int, dict[str, dict[str, float]]]) -> dict[int, dict[str, float]]:
+    return {
+        concurrency: {
+            f"{metric}_pct": overhead_pct(
+                by_mode["plain"][metric], by_mode["schema"][metric], higher_is_better
+            )
+            for metric, higher_is_better in METRICS.items()
+        }
+        for concurrency, by_mode in table.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="measure this server instead of launching our stack")
+    parser.add_argument("--model", default="default", help="model for the launched stack")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per level = rounds * c")
+    parser.add_argument("--min-requests", type=int, default=4, help="at least this many per level")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per (mode, level)")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--out", default="bench/results/structured.json")
+    args = parser.parse_args()
+
+    with contextlib.ExitStack() as stack:
+        url = args.url or stack.enter_context(launched_stack(args.model, 0))
+        rows = asyncio.run(measure(url, args))
+    table = medians(rows)
+    overhead = overheads(table)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "max_tokens": args.max_tokens,
+        "schema": SCHEMA,
+        "runs": rows,
+        "medians": table,
+        "overhead_pct": overhead,
+    }
+    out.write_text(json.dumps(report, indent=2))
+    print(
+        f"wrote {out}; summary: "
+        + "; ".join(
+            f"c={c} {table[c]['plain']['output_tokens_per_s']:.1f} -> "
+            f"{table[c]['schema']['output_tokens_per_s']:.1f} tok/s, overhead "
+            f"{o['output_tokens_per_s_pct']:+.1f}% tok/s, {o['itl_p50_ms_pct']:+.1f}% ITL p50, "
+            f"{o['itl_p99_ms_pct']:+.1f}% ITL p99"
+            for c, o in overhead.items()
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
