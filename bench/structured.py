@@ -9,6 +9,11 @@ needs more tokens than that to complete), --repeats times in alternating order. 
 line per run, then one summary line with the schema's overhead (medians over repeats) in
 output tokens/s and ITL p50/p99, and writes bench/results/structured.json. A warm-up round
 of each mode (the grammar's compilation included) is run and discarded.
+
+The grammar's cost per decode step comes from the decode instances' own counters, scraped
+from /metrics around each run: the time spent filling and applying the batch's token masks
+and advancing the grammars, per constrained step and as a share of the step time. Unlike the
+throughput difference, it does not drown in the host's run-to-run noise.
 """
 
 import argparse
@@ -19,6 +24,8 @@ import pathlib
 import statistics
 from dataclasses import asdict
 from typing import Any
+
+import httpx
 
 from bench.serving import Summary, launched_stack, run_level, served_model
 
@@ -60,7 +67,45 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-METRICS = {"output_tokens_per_s": True, "itl_p50_ms": False, "itl_p99_ms": False}
+METRICS = {
+    "output_tokens_per_s": True,
+    "itl_p50_ms": False,
+    "itl_p99_ms": False,
+    "step_ms": False,
+}
+# Decode counters from /metrics, summed over decode instances.
+DECODE_COUNTERS = (
+    "llmserve_steps_total",
+    "llmserve_step_seconds_total",
+    "llmserve_grammar_steps_total",
+    "llmserve_grammar_seconds_total",
+)
+
+
+def decode_counters(url: str) -> dict[str, float]:
+    totals = dict.fromkeys(DECODE_COUNTERS, 0.0)
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in totals and 'service="decode"' in rest:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def step_costs(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean decode step time and grammar time per constrained step over one run, in ms."""
+    grew = {name: after[name] - before[name] for name in DECODE_COUNTERS}
+    steps, grammar_steps = grew["llmserve_steps_total"], grew["llmserve_grammar_steps_total"]
+    step_ms = 1e3 * grew["llmserve_step_seconds_total"] / steps if steps else 0.0
+    grammar_ms = (
+        1e3 * grew["llmserve_grammar_seconds_total"] / grammar_steps if grammar_steps else 0.0
+    )
+    return {
+        "decode_steps": steps,
+        "step_ms": step_ms,
+        "grammar_steps": grammar_steps,
+        "grammar_ms_per_step": grammar_ms,
+        "grammar_share_pct": 100 * grammar_ms / step_ms if step_ms else 0.0,
+    }
 
 
 def overhead_pct(plain: float, constrained: float, higher_is_better: bool) -> float:
@@ -81,19 +126,23 @@ async def measure(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         for repeat in range(args.repeats):
             order = list(MODES) if repeat % 2 == 0 else list(reversed(MODES))
             for mode in order:
+                before = decode_counters(url)
                 summary: Summary = await run_level(
                     url, model, concurrency, num_requests, args.max_tokens, MODES[mode]
                 )
+                costs = step_costs(before, decode_counters(url))
                 tokens_per_request = summary.output_tokens_per_s / summary.requests_per_s
                 print(
                     f"{mode:>6} c={concurrency} #{repeat}: "
                     f"{summary.output_tokens_per_s:.1f} tok/s, {tokens_per_request:.0f} "
                     f"tok/request, ITL p50/p99 {summary.itl_p50_ms:.1f}/"
-                    f"{summary.itl_p99_ms:.1f} ms, TTFT p50 {summary.ttft_p50_ms:.0f} ms",
+                    f"{summary.itl_p99_ms:.1f} ms, TTFT p50 {summary.ttft_p50_ms:.0f} ms, "
+                    f"step {costs['step_ms']:.1f} ms, grammar {costs['grammar_ms_per_step']:.2f} "
+                    f"ms/step ({costs['grammar_share_pct']:.1f}% of the step)",
                     flush=True,
                 )
                 row = {"mode": mode, "repeat": repeat, "tokens_per_request": tokens_per_request}
-                rows.append(row | asdict(summary))
+                rows.append(row | asdict(summary) | costs)
     return rows
 
 
@@ -105,7 +154,8 @@ def medians(rows: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, float]]
     table: dict[int, dict[str, dict[str, float]]] = {}
     for (concurrency, mode), group in groups.items():
         table.setdefault(concurrency, {})[mode] = {
-            metric: statistics.median(r[metric] for r in group) for metric in METRICS
+            metric: statistics.median(r[metric] for r in group)
+            for metric in (*METRICS, "grammar_ms_per_step", "grammar_share_pct")
         }
     return table
 
@@ -155,7 +205,9 @@ def main() -> None:
             f"c={c} {table[c]['plain']['output_tokens_per_s']:.1f} -> "
             f"{table[c]['schema']['output_tokens_per_s']:.1f} tok/s, overhead "
             f"{o['output_tokens_per_s_pct']:+.1f}% tok/s, {o['itl_p50_ms_pct']:+.1f}% ITL p50, "
-            f"{o['itl_p99_ms_pct']:+.1f}% ITL p99"
+            f"{o['itl_p99_ms_pct']:+.1f}% ITL p99, {o['step_ms_pct']:+.1f}% step time; grammar "
+            f"{table[c]['schema']['grammar_ms_per_step']:.2f} ms/step = "
+            f"{table[c]['schema']['grammar_share_pct']:.1f}% of the step"
             for c, o in overhead.items()
         )
     )

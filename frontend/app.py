@@ -23,11 +23,11 @@ def create_app(config: FrontendConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # grpc.aio channels bind to the loop that creates them: this one.
         state.stages.start()
-        warm_up = asyncio.create_task(state.stages.warm_up())
+        watch = asyncio.create_task(state.stages.watch())
         try:
             yield
         finally:
-            warm_up.cancel()
+            watch.cancel()
             await state.stages.close()
 
     app = FastAPI(

@@ -5,6 +5,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from frontend.routing import PREFILL_POLICIES
+
 API_KEYS_ENV = "API_KEYS"
 
 
@@ -28,6 +30,9 @@ class FrontendConfig:
     # Empty: no authentication. Else every API request needs `Authorization: Bearer <key>`.
     api_keys: tuple[str, ...] = ()
     metrics_timeout_s: float = 1.0  # for the stages' Info on a /metrics scrape
+    # Stage instances are re-resolved and health-checked this often.
+    health_interval_s: float = 2.0
+    prefill_routing: str = "cache_aware"  # or "round_robin"
 
 
 def parse_args(
@@ -42,9 +47,26 @@ def parse_args(
     defaults = FrontendConfig()
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--tokenizer", default=defaults.tokenizer_address, help="host:port")
-    parser.add_argument("--prefill", default=defaults.prefill_address, help="host:port")
-    parser.add_argument("--decode", default=defaults.decode_address, help="host:port")
+    instances = (
+        "host:port, or several comma-separated; a name resolving to several addresses "
+        "(compose replicas, a headless Service) gives one instance per address"
+    )
+    parser.add_argument("--tokenizer", default=defaults.tokenizer_address, help=instances)
+    parser.add_argument("--prefill", default=defaults.prefill_address, help=instances)
+    parser.add_argument("--decode", default=defaults.decode_address, help=instances)
+    parser.add_argument(
+        "--prefill-routing",
+        choices=PREFILL_POLICIES,
+        default=defaults.prefill_routing,
+        help="cache_aware: the instance with the least prompt left to compute given what it "
+        "caches and has queued; round_robin: in turn",
+    )
+    parser.add_argument(
+        "--health-interval-s",
+        type=float,
+        default=defaults.health_interval_s,
+        help="seconds between re-resolving and health-checking the stage instances",
+    )
     parser.add_argument(
         "--served-model-name",
         default=None,
@@ -72,6 +94,8 @@ def parse_args(
         tokenizer_address=args.tokenizer,
         prefill_address=args.prefill,
         decode_address=args.decode,
+        prefill_routing=args.prefill_routing,
+        health_interval_s=args.health_interval_s,
         served_model_name=args.served_model_name,
         host=args.host,
         port=args.port,

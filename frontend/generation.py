@@ -4,7 +4,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from frontend.errors import internal_error
+from frontend.errors import SERVER_ERROR, ApiError, internal_error
 from frontend.metrics import RequestMetrics
 from frontend.prompts import PreparedPrompt
 from frontend.server_metrics import ServerMetrics
@@ -12,6 +12,8 @@ from frontend.stage_types import Prefilled, Sampling, Stopping, TokenDelta, Toke
 from frontend.stages import DecodeStream, StageClients
 
 logger = logging.getLogger(__name__)
+# A request whose decode instance fails before answering is tried on this many instances.
+_GENERATE_ATTEMPTS = 2
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class Generation:
         self._claimed = False
         self._closed = False
         self._last_message_ns: int | None = None
+        self._attempts = 0  # decode instances tried
 
     @property
     def finished(self) -> bool:
@@ -83,15 +86,7 @@ class Generation:
         """The next decode message; None after the one that carried the finish reason."""
         if self.finished:
             return None
-        if self._stream is None:
-            self._stream = self._stages.generate(
-                self._request_id,
-                self.output.prompt.token_ids,
-                self._prefilled,
-                self._sampling,
-                self._stopping,
-            )
-        delta = await self._stream.read()
+        delta = await self._read()
         now = time.monotonic_ns()
         if delta is None:
             logger.error("decode stream of %s ended without a finish reason", self._request_id)
@@ -110,6 +105,45 @@ class Generation:
         self.output.add(delta)
         return delta
 
+    async def _read(self) -> TokenDelta | None:
+        """Decode's next message. A decode instance that fails before its first message is
+        replaced by another (it had taken nothing: prefill still holds the KV handle); one
+        that fails later ends the request with an error saying so."""
+        while True:
+            if self._stream is None:
+                self._attempts += 1
+                self._stream = await self._stages.generate(
+                    self._request_id,
+                    self.output.prompt.token_ids,
+                    self._prefilled,
+                    self._sampling,
+                    self._stopping,
+                )
+                if not self._metrics.backend_host:
+                    self._metrics.backend_host = self._stream.instance.address
+            try:
+                return await self._stream.read()
+            except ApiError as exc:
+                if exc.code != "stage_unavailable":
+                    raise
+                if self._claimed:
+                    raise ApiError(
+                        503,
+                        f"The decode instance {self._stream.instance.address} stopped while "
+                        f"generating this request, after {self.output.num_generated} tokens; "
+                        "the request was aborted. Retry it.",
+                        type=SERVER_ERROR,
+                        code="stage_unavailable",
+                    ) from None
+                if self._attempts == _GENERATE_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "decode instance %s failed before answering %s; retrying elsewhere",
+                    self._stream.instance.address,
+                    self._request_id,
+                )
+                self._stream = None
+
     def close(self) -> None:
         if self._closed:
             return
@@ -117,4 +151,4 @@ class Generation:
         if self._stream is not None:
             self._stream.cancel()  # a no-op once the call has ended
         if not self._claimed:
-            self._stages.release_later(self._prefilled.kv_handle.handle_id)
+            self._stages.release_later(self._prefilled)

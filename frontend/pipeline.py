@@ -89,7 +89,6 @@ class Pipeline:
         an HTTP status. The caller owns `close()` of the returned run."""
         limits = await self._stages.limits()
         check_token_ids(settings, limits)
-        metrics.backend_host = limits.backend_host
         request = _Request(request_id, source, settings, options, metrics)
         try:
             prompts = await run_all(

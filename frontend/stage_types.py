@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from services.rpc import common_pb2
 
 STAGE_NAMES = ("tokenizer", "prefill", "decode")
+DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass(slots=True)
@@ -99,6 +100,8 @@ class Prefilled:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     # Mirostat's state after the first token, passed through for decode to continue from.
     mirostat_mu: float | None = None
+    # The prefill instance (as this frontend addresses it) that holds the KV handle.
+    prefill_instance: str = ""
 
 
 @dataclass(slots=True)
@@ -127,7 +130,7 @@ class TokenDelta:
 class ModelLimits:
     model_id: str
     max_model_len: int
-    backend_host: str  # the decode instance, as it names itself
+    block_size: int = DEFAULT_BLOCK_SIZE  # prefill's KV block: the unit of its prefix cache
     vocab_size: int = 0  # 0: unknown, token ids are not checked here
 
 
@@ -143,3 +146,7 @@ class StageStats:
     num_used_blocks: int
     prefix_cache_queried_blocks: int
     prefix_cache_hit_blocks: int
+    num_steps: int
+    step_seconds: float
+    num_grammar_steps: int
+    grammar_seconds: float

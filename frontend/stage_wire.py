@@ -5,8 +5,10 @@ import logging
 import grpc
 
 from frontend.errors import internal_error
-from frontend.rpc_errors import rpc_errors
+from frontend.instances import Instance, StagePool
+from frontend.rpc_errors import stage_error
 from frontend.stage_types import (
+    DEFAULT_BLOCK_SIZE,
     ChatTurn,
     Grammar,
     ModelLimits,
@@ -91,9 +93,7 @@ def delta_from_pb(message: decode_pb2.GenerateResponse, want_logprobs: bool) -> 
     )
 
 
-def limits_from_infos(
-    infos: dict[str, common_pb2.InfoResponse], decode_address: str
-) -> ModelLimits | None:
+def limits_from_infos(infos: dict[str, common_pb2.InfoResponse]) -> ModelLimits | None:
     """The model's limits as every stage can serve them; None when no stage reports a window."""
     model_ids = {i.model.model_id for i in infos.values() if i.model.model_id}
     if len(model_ids) > 1:
@@ -107,7 +107,7 @@ def limits_from_infos(
     return ModelLimits(
         model_id=next((i.model.model_id for i in infos.values() if i.model.model_id), ""),
         max_model_len=min(lengths),
-        backend_host=infos["decode"].instance or decode_address,
+        block_size=infos["prefill"].model.block_size or DEFAULT_BLOCK_SIZE,
         # Every stage must accept a biased id, so the smallest vocabulary bounds them.
         vocab_size=min(vocab_sizes, default=0),
     )
@@ -117,31 +117,58 @@ def stats_from_info(stage: str, info: common_pb2.InfoResponse, address: str) -> 
     stats = info.stats
     return StageStats(
         service=info.service or stage,
-        instance=info.instance or address,
+        instance=address,
         num_running=stats.num_running,
         num_waiting=stats.num_waiting,
         num_free_blocks=stats.num_free_blocks,
         num_used_blocks=stats.num_used_blocks,
         prefix_cache_queried_blocks=stats.prefix_cache_queried_blocks,
         prefix_cache_hit_blocks=stats.prefix_cache_hit_blocks,
+        num_steps=stats.num_steps,
+        step_seconds=stats.step_time_ns / 1e9,
+        num_grammar_steps=stats.num_grammar_steps,
+        grammar_seconds=stats.grammar_time_ns / 1e9,
     )
 
 
 class DecodeStream:
-    """One Generate call. Cancelling it aborts the request on the decode side."""
+    """One Generate call on one decode instance, counted in its load while open. Cancelling
+    it aborts the request on the decode side; an instance that drops it is marked down."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, want_logprobs: bool) -> None:
+    def __init__(
+        self,
+        pool: StagePool,
+        instance: Instance,
+        call: grpc.aio.UnaryStreamCall,
+        want_logprobs: bool,
+    ) -> None:
+        self.instance = instance
+        self._pool = pool
         self._call = call
         self._want_logprobs = want_logprobs
+        self._open = True
+        instance.in_flight += 1
 
     async def read(self) -> TokenDelta | None:
         """The next message, or None once the stream has ended."""
-        with rpc_errors("decode"):
+        try:
             message = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            self._end()
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._pool.mark_down(self.instance, exc.code().name)
+            raise stage_error("decode", exc) from None
         if message is grpc.aio.EOF:
+            self._end()
             return None
         assert isinstance(message, decode_pb2.GenerateResponse)
         return delta_from_pb(message, self._want_logprobs)
 
     def cancel(self) -> None:
         self._call.cancel()
+        self._end()
+
+    def _end(self) -> None:
+        if self._open:
+            self._open = False
+            self.instance.in_flight -= 1

@@ -7,6 +7,7 @@ status codes, and a clean stop on SIGINT/SIGTERM (health turns NOT_SERVING first
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -18,6 +19,7 @@ from services.errors import ServiceError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -70,6 +72,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def advertised_host(bind_host: str) -> str:
+    """How other processes reach this one: the bind host, or for a wildcard bind (0.0.0.0 in
+    a container) this host's own address, which KV handles carry to decode."""
+    if bind_host not in _WILDCARD_HOSTS:
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
 async def serve(
     name: str,
     address: str,
@@ -85,7 +98,7 @@ async def serve(
     port = server.add_insecure_port(address)
     if port == 0:
         raise SystemExit(f"{name}: cannot bind {address}")
-    host = address.rsplit(":", 1)[0]
+    host = advertised_host(address.rsplit(":", 1)[0])
     service_names = register(server, f"{host}:{port}")
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,33 +1,57 @@
-"""Starts the four processes on one host, waits until each is healthy, stops them together.
+"""Starts the stages on one host, waits until each is healthy, stops them together.
 
-    python -m services.launcher [--model M] [--port 8000]
+    python -m services.launcher [--model M] [--port 8000] [--prefill N] [--decode M]
 
+One tokenizer, N prefill and M decode processes, and the frontend over all of them. A stage
+process that exits after start-up is started again on its port (the frontend routes around
+it meanwhile and takes it back once it is healthy); the frontend exiting stops everything.
 Ctrl-C or SIGTERM stops all of them; children also get SIGTERM if the launcher dies.
 """
 
 import argparse
 import ctypes
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from services.engine.loader import DEFAULT_MODEL
+from services.healthcheck import grpc_healthy, http_healthy
 
 _PR_SET_PDEATHSIG = 1
+STAGES = ("tokenizer", "prefill", "decode")
+# A stage process that exits this many times after start-up is given up on (and all stop).
+MAX_RESTARTS = 5
 
 
 @dataclass(slots=True)
 class Child:
     name: str
     address: str
+    module: str
+    args: list[str]
     process: subprocess.Popen
+    restarts: int = 0
+    ready: bool = False
+
+    @property
+    def is_frontend(self) -> bool:
+        return self.module == "frontend"
+
+    def healthy(self) -> bool:
+        return (http_healthy if self.is_frontend else grpc_healthy)(self.address)
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.ready = False
+        self.process = spawn(self.module, self.args)
+
+    def report_ready(self) -> None:
+        self.ready = True
+        print(f"ready: {self.name} on {self.address} (pid {self.process.pid})", flush=True)
 
 
 def free_port(host: str) -> int:
@@ -41,30 +65,11 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def spawn(name: str, module: str, args: list[str]) -> subprocess.Popen:
+def spawn(module: str, args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
-
-
-def grpc_healthy(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1
-            )
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def http_healthy(address: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{address}/health", timeout=1) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def wait_healthy(children: list[Child], timeout_s: float) -> None:
@@ -74,9 +79,8 @@ def wait_healthy(children: list[Child], timeout_s: float) -> None:
         for child in list(pending):
             if child.process.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
-            check = http_healthy if child.name == "frontend" else grpc_healthy
-            if check(child.address):
-                print(f"ready: {child.name} on {child.address}", flush=True)
+            if child.healthy():
+                child.report_ready()
                 pending.remove(child)
         if time.monotonic() > deadline:
             names = ", ".join(c.name for c in pending)
@@ -105,45 +109,84 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--grpc-ports",
         default="50051,50052,50053",
-        help="tokenizer,prefill,decode ports; 0 picks free ones",
+        help="tokenizer,prefill,decode ports (each stage's first instance; the others take "
+        "free ports); 0 picks free ones",
     )
+    parser.add_argument("--prefill", type=int, default=1, help="prefill processes")
+    parser.add_argument("--decode", type=int, default=1, help="decode processes")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(
         "--engine-args", default="", help="extra arguments for prefill and decode, one string"
     )
     parser.add_argument("--prefill-args", default="", help="extra arguments for prefill")
     parser.add_argument("--decode-args", default="", help="extra arguments for decode")
-    return parser.parse_args(argv)
+    parser.add_argument("--frontend-args", default="", help="extra arguments for the frontend")
+    args = parser.parse_args(argv)
+    if args.prefill < 1 or args.decode < 1:
+        parser.error("--prefill and --decode need at least 1")
+    return args
+
+
+def _engine_threads(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """Several engine processes share the host's cores: unless told otherwise, each gets an
+    equal share of torch threads rather than all of them (which oversubscribes the CPU)."""
+    num_engines = args.prefill + args.decode
+    if num_engines <= 2 or "--threads" in extra:
+        return []
+    return ["--threads", str(max(1, (os.cpu_count() or 1) // num_engines))]
 
 
 def start(args: argparse.Namespace) -> list[Child]:
-    ports = [int(p) or free_port(args.host) for p in args.grpc_ports.split(",")]
-    http_port = args.port or free_port(args.host)
-    addresses = {
-        name: f"{args.host}:{port}"
-        for name, port in zip(
-            ("tokenizer", "prefill", "decode", "frontend"), [*ports, http_port], strict=True
-        )
-    }
+    first_ports = dict(zip(STAGES, (int(p) for p in args.grpc_ports.split(",")), strict=True))
+    counts = {"tokenizer": 1, "prefill": args.prefill, "decode": args.decode}
     common = ["--model", args.model, "--host", args.host]
     extras = {
         "tokenizer": [],
         "prefill": [*args.engine_args.split(), *args.prefill_args.split()],
         "decode": [*args.engine_args.split(), *args.decode_args.split()],
     }
-    children = []
-    for name in ("tokenizer", "prefill", "decode"):
-        port = addresses[name].rsplit(":", 1)[1]
-        extra = extras[name]
-        process = spawn(name, f"services.{name}", [*common, "--port", port, *extra])
-        children.append(Child(name, addresses[name], process))
+    children: list[Child] = []
+    addresses: dict[str, list[str]] = {}
+    for stage in STAGES:
+        extra = extras[stage]
+        if stage != "tokenizer":
+            extra = [*_engine_threads(args, extra), *extra]
+        for i in range(counts[stage]):
+            port = (first_ports[stage] if i == 0 else 0) or free_port(args.host)
+            address = f"{args.host}:{port}"
+            name = stage if counts[stage] == 1 else f"{stage}-{i + 1}"
+            module = f"services.{stage}"
+            stage_args = [*common, "--port", str(port), *extra]
+            children.append(Child(name, address, module, stage_args, spawn(module, stage_args)))
+            addresses.setdefault(stage, []).append(address)
+    http_port = args.port or free_port(args.host)
     frontend_args = ["--host", args.host, "--port", str(http_port)]
-    for name in ("tokenizer", "prefill", "decode"):
-        frontend_args += [f"--{name}", addresses[name]]
+    for stage in STAGES:
+        frontend_args += [f"--{stage}", ",".join(addresses[stage])]
+    frontend_args += args.frontend_args.split()
+    frontend = spawn("frontend", frontend_args)
     children.append(
-        Child("frontend", addresses["frontend"], spawn("frontend", "frontend", frontend_args))
+        Child("frontend", f"{args.host}:{http_port}", "frontend", frontend_args, frontend)
     )
     return children
+
+
+def supervise(children: list[Child]) -> str:
+    """Restarts stage processes that exit and reports them ready again; returns why it
+    stopped (the frontend exited, or a process kept failing)."""
+    while True:
+        for child in children:
+            code = child.process.poll()
+            if code is not None:
+                if child.is_frontend:
+                    return f"frontend exited with code {code}"
+                if child.restarts >= MAX_RESTARTS:
+                    return f"{child.name} exited with code {code} after {child.restarts} restarts"
+                print(f"restarting {child.name}: it exited with code {code}", flush=True)
+                child.restart()
+            elif not child.ready and child.healthy():
+                child.report_ready()
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_healthy(children, args.startup_timeout)
         frontend = children[-1].address
         print(f"serving the API on http://{frontend}/v1 (Ctrl-C stops)", flush=True)
-        while all(c.process.poll() is None for c in children):
-            time.sleep(0.5)
-        dead = [c.name for c in children if c.process.poll() is not None]
-        print(f"stopping: {', '.join(dead)} exited", file=sys.stderr, flush=True)
+        print(f"stopping: {supervise(children)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         return 0

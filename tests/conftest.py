@@ -19,6 +19,7 @@ class Stack:
     process: subprocess.Popen
     http_url: str
     addresses: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
     output: list[str] = field(default_factory=list)
 
     def stop(self) -> int:
@@ -53,9 +54,10 @@ def start_stack(*extra: str) -> Stack:
     assert process.stdout is not None
     for line in process.stdout:
         stack.output.append(line)
-        if line.startswith("ready: "):
-            _, name, _, address = line.split()
-            stack.addresses[name] = address
+        if line.startswith("ready: "):  # ready: NAME on ADDRESS (pid PID)
+            words = line.split()
+            stack.addresses[words[1]] = words[3]
+            stack.pids[words[1]] = int(words[5].rstrip(")"))
         if line.startswith("serving the API on "):
             stack.http_url = line.split()[4].removesuffix("/v1")
             break

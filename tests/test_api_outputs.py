@@ -290,5 +290,17 @@ def test_metrics_after_traffic(stack, post):
         labels = f'{{instance="{stack.addresses[service]}",service="{service}"}}'
         queried = value(after, f"llmserve_prefix_cache_queried_blocks_total{labels}")
         assert queried >= value(after, f"llmserve_prefix_cache_hit_blocks_total{labels}") >= 0
-        assert queried > 0 and value(after, f"llmserve_kv_blocks_free{labels}") > 0
+        assert value(after, f"llmserve_kv_blocks_free{labels}") > 0
         assert value(after, f"llmserve_kv_blocks_used{labels}") >= 0
+        assert value(after, f"llmserve_steps_total{labels}") > 0
+        assert value(after, f"llmserve_step_seconds_total{labels}") > 0
+    decode = f'{{instance="{stack.addresses["decode"]}",service="decode"}}'
+    grammar_steps = f"llmserve_grammar_steps_total{decode}"
+    grammar_seconds = f"llmserve_grammar_seconds_total{decode}"
+    json_mode = {"response_format": {"type": "json_object"}, "ignore_eos": True}
+    generated = completion(post, CAPITAL, max_tokens=4, temperature=0, **json_mode)["usage"]
+    constrained = scrape()
+    # The first token comes from prefill; each later one from a constrained decode step.
+    assert generated["completion_tokens"] == 4
+    assert value(constrained, grammar_steps) >= value(after, grammar_steps) + 3
+    assert value(constrained, grammar_seconds) > value(after, grammar_seconds)

@@ -156,7 +156,7 @@ def _samples(text: str) -> dict[str, float]:
     return samples
 
 
-def test_prometheus_metrics(client: TestClient) -> None:
+def test_prometheus_metrics(client: TestClient, fakes: FakeStages) -> None:
     body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 4}
     before = _samples(client.get("/metrics").text)
     assert client.post(COMPLETIONS, json=body).status_code == 200
@@ -178,8 +178,8 @@ def test_prometheus_metrics(client: TestClient) -> None:
         assert grew(f'llmserve_stage_duration_seconds_count{{stage="{stage}"}}') == 1
     assert after['llmserve_requests_total{outcome="completed"}'] >= 1
     # Polled from the stages' Info at scrape time.
-    prefill = 'instance="fake-prefill",service="prefill"'
-    decode = 'instance="fake-decode",service="decode"'
+    prefill = f'instance="{fakes.addresses["prefill"]}",service="prefill"'
+    decode = f'instance="{fakes.addresses["decode"]}",service="decode"'
     assert after[f"llmserve_prefix_cache_queried_blocks_total{{{prefill}}}"] == 40
     assert after[f"llmserve_prefix_cache_hit_blocks_total{{{prefill}}}"] == 30
     assert after[f"llmserve_kv_blocks_used{{{prefill}}}"] == 3

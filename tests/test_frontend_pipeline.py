@@ -28,7 +28,6 @@ STAGE_HEADERS = {
     "fireworks-generation-queue-duration": "0.000005",
     "fireworks-kv-transfer-duration": "0.000006",
     "fireworks-cached-prompt-tokens": "2",
-    "fireworks-backend-host": "fake-decode",
 }
 
 
@@ -92,6 +91,8 @@ def test_completion(client: TestClient, fakes: FakeStages) -> None:
     for name, value in STAGE_HEADERS.items():
         assert response.headers[name] == value
     assert response.headers["fireworks-prompt-tokens"] == "6"
+    # The decode instance that served it, as the frontend addresses it.
+    assert response.headers["fireworks-backend-host"] == fakes.addresses["decode"]
     for name in ("server-time-to-first-token", "server-processing-time"):
         assert float(response.headers[f"fireworks-{name}"]) > 0
     assert fakes.prefill.requests[-1].token_ids == [BOS, *map(ord, "hello")]

@@ -28,15 +28,20 @@ async def list_models(request: Request) -> JSONResponse:
 
 @open_router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 when every stage answers grpc.health.v1 SERVING; else 503 naming the ones down."""
-    stages = await get_state(request).stages.health()
+    """200 when every stage has an instance answering grpc.health.v1 SERVING; else 503 naming
+    the stages that have none. Lists each instance's status."""
+    instances = await get_state(request).stages.health()
+    stages = {
+        stage: SERVING if SERVING in statuses.values() else _down_status(statuses)
+        for stage, statuses in instances.items()
+    }
     down = [stage for stage, status in stages.items() if status != SERVING]
     if not down:
-        return JSONResponse({"status": "ok", "stages": stages})
+        return JSONResponse({"status": "ok", "stages": stages, "instances": instances})
     error = ApiError(
         503, f"Stages not serving: {', '.join(down)}.", type=SERVER_ERROR, code="stage_unavailable"
     )
-    body = {"status": "unavailable", "stages": stages, **error.body()}
+    body = {"status": "unavailable", "stages": stages, "instances": instances, **error.body()}
     return JSONResponse(body, status_code=503)
 
 
@@ -47,3 +52,8 @@ async def metrics(request: Request) -> Response:
     stats, down = await state.stages.stats()
     text = state.server_metrics.render(stats, down, state.in_flight.count)
     return Response(text, media_type=CONTENT_TYPE)
+
+
+def _down_status(statuses: dict[str, str]) -> str:
+    """A stage with no serving instance: the status of its first one, or why it has none."""
+    return next(iter(statuses.values()), "NO_INSTANCES")

@@ -7,6 +7,7 @@ effect at the next step boundary, so blocks are never freed under a running forw
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from services.decode.scheduler import Scheduled, Scheduler
@@ -32,6 +33,9 @@ class DecodeEngine:
         self.num_steps = 0
         self.last_step_batch_size = 0
         self.max_step_batch_size = 0
+        self.step_time_ns = 0
+        self.num_grammar_steps = 0
+        self.grammar_time_ns = 0
         # Guards the scheduler and the block manager (KV pulls allocate from the event loop).
         self.lock = threading.Lock()
         self._pending_aborts: list[str] = []
@@ -75,6 +79,9 @@ class DecodeEngine:
                 "num_steps": self.num_steps,
                 "max_step_batch_size": self.max_step_batch_size,
                 "last_step_batch_size": self.last_step_batch_size,
+                "step_time_ns": self.step_time_ns,
+                "num_grammar_steps": self.num_grammar_steps,
+                "grammar_time_ns": self.grammar_time_ns,
             }
 
     def _run(self) -> None:
@@ -97,6 +104,8 @@ class DecodeEngine:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _step(self, scheduled: list[Scheduled]) -> list:
+        started_ns = time.perf_counter_ns()
+        grammar_ns = 0
         chunks = [
             SeqChunk(
                 item.seq.token_ids[item.seq.num_cached : item.seq.num_cached + item.num_tokens],
@@ -112,8 +121,11 @@ class DecodeEngine:
             rows = [i for i, item in enumerate(scheduled) if item.samples]
             row_logits = logits[rows] if len(rows) < len(scheduled) else logits
             grammars = [seq.grammar for seq in seqs]
-            if any(grammars):
+            constrained = any(grammars)
+            if constrained:
+                mask_started_ns = time.perf_counter_ns()
                 self.grammar_batch.apply(row_logits, grammars)
+                grammar_ns = time.perf_counter_ns() - mask_started_ns
             sampled = self.worker.sampler.sample_tokens(
                 row_logits,
                 [seq.sampling for seq in seqs],
@@ -121,10 +133,16 @@ class DecodeEngine:
                 [seq.history() if seq.sampling.needs_history else _NO_HISTORY for seq in seqs],
                 [seq.mirostat for seq in seqs],
             )
-            for seq, token in zip(seqs, sampled, strict=True):
-                if seq.grammar is not None:
-                    seq.grammar.accept(token.token_id)
+            if constrained:
+                accept_started_ns = time.perf_counter_ns()
+                for seq, token in zip(seqs, sampled, strict=True):
+                    if seq.grammar is not None:
+                        seq.grammar.accept(token.token_id)
+                grammar_ns += time.perf_counter_ns() - accept_started_ns
+                self.num_grammar_steps += 1
+                self.grammar_time_ns += grammar_ns
         self.num_steps += 1
+        self.step_time_ns += time.perf_counter_ns() - started_ns
         self.last_step_batch_size = len(scheduled)
         self.max_step_batch_size = max(self.max_step_batch_size, len(scheduled))
         with self.lock:

@@ -33,6 +33,7 @@ class PrefillEngine:
         )
         self.lease_s = lease_s
         self.num_steps = 0
+        self.step_time_ns = 0
         self._waiting: deque[PrefillJob] = deque()
         self._running: list[PrefillJob] = []  # admitted: blocks held, chunks left to run
         self._handles: dict[str, Handle] = {}
@@ -94,6 +95,7 @@ class PrefillEngine:
                 "prefix_cache_queried_blocks": self.blocks.num_queries,
                 "prefix_cache_hit_blocks": self.blocks.num_hits,
                 "num_steps": self.num_steps,
+                "step_time_ns": self.step_time_ns,
                 "num_pinned_handles": len(self._handles),
             }
 
@@ -189,6 +191,7 @@ class PrefillEngine:
             )
         elapsed = time.monotonic_ns() - start
         self.num_steps += 1
+        self.step_time_ns += elapsed
         with self._lock:
             for job, chunk in batch:
                 job.first_run_ns = job.first_run_ns or start

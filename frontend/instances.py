@@ -1,0 +1,160 @@
+"""The instances of one stage: discovered from configuration, health-checked, marked down on
+failure and back up once they answer again.
+
+A stage is configured as comma-separated `host:port` targets. A host name may resolve to
+several addresses (compose replicas, a Kubernetes headless Service): each address is an
+instance, and names are resolved again on every refresh, so replicas that come and go are
+followed. A name that does not resolve has no instances until it does.
+"""
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass(eq=False)
+class Instance:
+    """One stage process. `stubs` holds the stage's service stub(s) on `channel`."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: object
+    health: health_pb2_grpc.HealthStub
+    healthy: bool = True
+    # Requests this frontend has open on the instance, and (prefill) the prompt tokens they
+    # still have to compute there.
+    in_flight: int = 0
+    queued_tokens: int = 0
+    # From the last Info: requests running + waiting, and the KV pool size in blocks.
+    reported_load: int = 0
+    num_kv_blocks: int = 0
+    status: str = "UNKNOWN"
+    # Bumped each time the instance comes back after being down: it may have restarted.
+    epoch: int = 0
+
+
+def parse_targets(spec: str) -> list[tuple[str, int]]:
+    """'a:1,b:2' -> [('a', 1), ('b', 2)]; IPv6 literals in brackets ('[::1]:50051')."""
+    targets = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"{item!r} is not host:port")
+        targets.append((host.strip("[]"), int(port)))
+    if not targets:
+        raise ValueError(f"{spec!r} names no host:port")
+    return targets
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def resolve(targets: list[tuple[str, int]]) -> list[str]:
+    """Every address the targets name now, in order, without repeats. A name with IPv4
+    addresses gives those only (a host's `localhost` must not count twice)."""
+    loop = asyncio.get_running_loop()
+    addresses: dict[str, None] = {}
+    for host, port in targets:
+        try:
+            ipaddress.ip_address(host)
+            addresses[_join(host, port)] = None
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            logger.debug("cannot resolve %s: %s", host, exc)
+            continue
+        ipv4 = [info for info in infos if info[0] == socket.AF_INET]
+        for info in ipv4 or infos:
+            addresses[_join(info[4][0], port)] = None
+    return list(addresses)
+
+
+@dataclass(eq=False)
+class StagePool:
+    """The instances of `stage`; `make_stub(channel)` builds its service stub."""
+
+    stage: str
+    spec: str
+    make_stub: object
+    channel_options: list
+    health_timeout_s: float
+    instances: dict[str, Instance] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._targets = parse_targets(self.spec)
+
+    async def discover(self) -> None:
+        """Adds instances whose address appeared and drops those that went away."""
+        addresses = await resolve(self._targets)
+        if not addresses:
+            if self.instances:
+                logger.warning("%s: %s resolves to nothing now", self.stage, self.spec)
+            return  # keep the last known instances: a resolver hiccup is not a removal
+        for address in addresses:
+            if address not in self.instances:
+                channel = grpc.aio.insecure_channel(address, options=self.channel_options)
+                self.instances[address] = Instance(
+                    address,
+                    channel,
+                    self.make_stub(channel),  # type: ignore[operator]
+                    health_pb2_grpc.HealthStub(channel),
+                )
+                logger.info("%s instance %s added", self.stage, address)
+        for address in [a for a in self.instances if a not in addresses]:
+            instance = self.instances.pop(address)
+            logger.info("%s instance %s removed", self.stage, address)
+            if instance.in_flight == 0:
+                await instance.channel.close(grace=1.0)
+
+    async def check(self) -> None:
+        """Asks every instance for its grpc.health.v1 status, marking it up or down."""
+        instances = list(self.instances.values())
+        await asyncio.gather(*(self._check(instance) for instance in instances))
+
+    async def _check(self, instance: Instance) -> None:
+        try:
+            reply = await instance.health.Check(
+                health_pb2.HealthCheckRequest(), timeout=self.health_timeout_s
+            )
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError as exc:
+            status = exc.code().name
+        instance.status = status
+        up = status == health_pb2.HealthCheckResponse.ServingStatus.Name(_SERVING)
+        if up != instance.healthy:
+            logger.warning("%s instance %s is %s", self.stage, instance.address, status)
+            instance.epoch += up
+        instance.healthy = up
+
+    def mark_down(self, instance: Instance, reason: str) -> None:
+        """Stops routing to `instance` until a later check finds it serving."""
+        if instance.healthy:
+            logger.warning("%s instance %s marked down: %s", self.stage, instance.address, reason)
+        instance.healthy = False
+        instance.status = reason
+
+    def healthy(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.healthy]
+
+    def get(self, address: str) -> Instance | None:
+        return self.instances.get(address)
+
+    async def close(self) -> None:
+        for instance in self.instances.values():
+            await instance.channel.close(grace=1.0)
+        self.instances.clear()

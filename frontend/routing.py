@@ -1,0 +1,126 @@
+"""Which instance serves a request.
+
+Prefill (`cache_aware`, the default) estimates, for each healthy instance, the prompt tokens
+it would have to compute: the prompt minus the longest prefix that instance is believed to
+hold in its prefix cache, plus the uncached tokens of the requests this frontend already has
+queued there. The instance with the least work wins, so a conversation returns to the
+instance that holds its history, and a prefix every request shares (a system prompt) pulls
+traffic to one instance only until that instance's queue costs more than recomputing the
+prefix elsewhere. `round_robin` takes the instances in turn.
+
+Decode goes to the instance with the fewest requests open from this frontend, then the
+fewest running and waiting sequences it reported last.
+
+The frontend knows what each prefill instance caches from what it sent there: the prompt's
+chained block hashes (the same `services.engine.block_hash` chain the prefill cache keys
+blocks by), kept per instance in an LRU as large as the instance's KV pool. It is an
+estimate: the instance may have evicted sooner, or other frontends may have filled it.
+"""
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from frontend.instances import Instance
+from services.engine.block_hash import hash_blocks
+
+PREFILL_POLICIES = ("cache_aware", "round_robin")
+# Used until an instance reports its pool size.
+_DEFAULT_INDEX_BLOCKS = 4096
+
+
+@dataclass(slots=True)
+class Route:
+    """A chosen prefill instance and the prompt tokens it is expected to compute there."""
+
+    instance: Instance
+    uncached_tokens: int
+
+
+class PrefixIndex:
+    """The block hashes believed cached on one instance, least recently used first."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch  # the instance's epoch it describes: a restart empties the cache
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+
+    def matched(self, hashes: Sequence[bytes]) -> int:
+        """How many leading blocks of the chain are held."""
+        count = 0
+        for block_hash in hashes:
+            if block_hash not in self._blocks:
+                break
+            count += 1
+        return count
+
+    def add(self, hashes: Sequence[bytes], capacity: int) -> None:
+        for block_hash in hashes:
+            self._blocks[block_hash] = None
+            self._blocks.move_to_end(block_hash)
+        while len(self._blocks) > capacity:
+            self._blocks.popitem(last=False)
+
+
+def _rotated(instances: Sequence[Instance], turn: int) -> list[Instance]:
+    """Ties go to the first in order; rotating the order spreads them."""
+    start = turn % len(instances)
+    return [*instances[start:], *instances[:start]]
+
+
+class PrefillRouter:
+    def __init__(self, policy: str, block_size: int) -> None:
+        if policy not in PREFILL_POLICIES:
+            raise ValueError(f"prefill routing {policy!r} is not one of {PREFILL_POLICIES}")
+        self.policy = policy
+        self.block_size = block_size
+        self._indexes: dict[str, PrefixIndex] = {}
+        self._turn = itertools.count()
+
+    def block_hashes(
+        self, token_ids: Sequence[int], salt: str, max_tokens: int | None
+    ) -> list[bytes]:
+        """The blocks prefill may serve from its cache: the last prompt token is always
+        computed, and `max_tokens` (prompt_cache_max_len) caps the cached part."""
+        limit = len(token_ids) - 1 if max_tokens is None else min(len(token_ids) - 1, max_tokens)
+        return hash_blocks(token_ids, self.block_size, salt, max_tokens=limit)
+
+    def choose(
+        self, instances: Sequence[Instance], num_tokens: int, hashes: Sequence[bytes]
+    ) -> Route:
+        """The instance for a prompt of `num_tokens` whose cacheable blocks are `hashes`."""
+
+        def uncached(instance: Instance) -> int:
+            return num_tokens - self.block_size * self._index(instance).matched(hashes)
+
+        ordered = _rotated(instances, next(self._turn))
+        if self.policy == "round_robin":
+            return Route(ordered[0], uncached(ordered[0]))
+        best = min(
+            ordered,
+            key=lambda i: (uncached(i) + i.queued_tokens, i.in_flight, i.reported_load),
+        )
+        return Route(best, uncached(best))
+
+    def record(self, instance: Instance, hashes: Sequence[bytes]) -> None:
+        """`instance` now holds these blocks (called once it prefilled them)."""
+        capacity = instance.num_kv_blocks or _DEFAULT_INDEX_BLOCKS
+        self._index(instance).add(hashes, capacity)
+
+    def _index(self, instance: Instance) -> PrefixIndex:
+        index = self._indexes.get(instance.address)
+        if index is None or index.epoch != instance.epoch:
+            index = self._indexes[instance.address] = PrefixIndex(instance.epoch)
+        return index
+
+
+class LeastLoadedRouter:
+    """Decode and the tokenizer: the fewest requests open from here, then the fewest running
+    and waiting that the instance reported."""
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def choose(self, instances: Sequence[Instance]) -> Instance:
+        ordered = _rotated(instances, next(self._turn))
+        return min(ordered, key=lambda i: (i.in_flight, i.reported_load))
