@@ -150,7 +150,7 @@ def served_model(url: str) -> str:
 
 
 @contextlib.contextmanager
-def launched_stack(model: str, port: int):
+def launched_stack(model: str, port: int, *launcher_args: str):
     """Runs our launcher on free gRPC ports; yields the HTTP base URL."""
     root = pathlib.Path(__file__).resolve().parent.parent
     cmd = [
@@ -163,6 +163,7 @@ def launched_stack(model: str, port: int):
         str(port),
         "--grpc-ports",
         "0,0,0",
+        *launcher_args,
     ]
     process = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
     try:

@@ -137,7 +137,8 @@ class StagePool:
         instance.status = status
         up = status == health_pb2.HealthCheckResponse.ServingStatus.Name(_SERVING)
         if up != instance.healthy:
-            logger.warning("%s instance %s is %s", self.stage, instance.address, status)
+            level = logging.INFO if up else logging.WARNING
+            logger.log(level, "%s instance %s is %s", self.stage, instance.address, status)
             instance.epoch += up
         instance.healthy = up
 

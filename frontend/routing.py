@@ -1,12 +1,20 @@
 """Which instance serves a request.
 
-Prefill (`cache_aware`, the default) estimates, for each healthy instance, the prompt tokens
-it would have to compute: the prompt minus the longest prefix that instance is believed to
-hold in its prefix cache, plus the uncached tokens of the requests this frontend already has
-queued there. The instance with the least work wins, so a conversation returns to the
-instance that holds its history, and a prefix every request shares (a system prompt) pulls
-traffic to one instance only until that instance's queue costs more than recomputing the
-prefix elsewhere. `round_robin` takes the instances in turn.
+Prefill (`cache_aware`, the default) first finds the longest prefix of the prompt that any
+healthy instance is believed to hold in its prefix cache.
+
+- When that covers at least half the prompt (a conversation's next turn), it estimates for
+  each instance the prompt tokens it would have to compute: the prompt minus the prefix that
+  instance holds, plus the uncached tokens of the requests this frontend already has queued
+  there. The least work wins, so a conversation returns to the instance that holds its
+  history, and a long prefix every request shares pulls traffic to one instance only until
+  that instance's queue costs more than recomputing the prefix elsewhere.
+- Otherwise the prompt is mostly new (a new conversation; a short shared system prompt does
+  not count), and it goes to the instance with the fewest queued tokens, then the least
+  cached: new conversations spread over the instances, and each instance's cache holds its
+  share of the histories rather than a copy of all of them.
+
+`round_robin` takes the instances in turn.
 
 Decode goes to the instance with the fewest requests open from this frontend, then the
 fewest running and waiting sequences it reported last.
@@ -26,6 +34,8 @@ from frontend.instances import Instance
 from services.engine.block_hash import hash_blocks
 
 PREFILL_POLICIES = ("cache_aware", "round_robin")
+# A prompt whose best cached prefix covers less than this share of it is placed as new.
+_STICKY_SHARE = 0.5
 # Used until an instance reports its pool size.
 _DEFAULT_INDEX_BLOCKS = 4096
 
@@ -44,6 +54,9 @@ class PrefixIndex:
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch  # the instance's epoch it describes: a restart empties the cache
         self._blocks: OrderedDict[bytes, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
 
     def matched(self, hashes: Sequence[bytes]) -> int:
         """How many leading blocks of the chain are held."""
@@ -90,16 +103,21 @@ class PrefillRouter:
     ) -> Route:
         """The instance for a prompt of `num_tokens` whose cacheable blocks are `hashes`."""
 
-        def uncached(instance: Instance) -> int:
-            return num_tokens - self.block_size * self._index(instance).matched(hashes)
-
         ordered = _rotated(instances, next(self._turn))
+        cached = {i.address: self.block_size * self._index(i).matched(hashes) for i in ordered}
+
+        def uncached(instance: Instance) -> int:
+            return num_tokens - cached[instance.address]
+
         if self.policy == "round_robin":
-            return Route(ordered[0], uncached(ordered[0]))
-        best = min(
-            ordered,
-            key=lambda i: (uncached(i) + i.queued_tokens, i.in_flight, i.reported_load),
-        )
+            best = ordered[0]
+        elif max(cached.values()) >= _STICKY_SHARE * num_tokens:
+            best = min(
+                ordered,
+                key=lambda i: (uncached(i) + i.queued_tokens, i.in_flight, i.reported_load),
+            )
+        else:
+            best = min(ordered, key=lambda i: (i.queued_tokens, len(self._index(i)), i.in_flight))
         return Route(best, uncached(best))
 
     def record(self, instance: Instance, hashes: Sequence[bytes]) -> None:

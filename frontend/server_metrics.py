@@ -132,6 +132,18 @@ _STAGE_GAUGES = (
         "counter",
         "Blocks found in the prefix cache.",
     ),
+    (
+        "instance_requests_total",
+        "num_requests",
+        "counter",
+        "Requests served (prefill: prompts prefilled; decode: sequences admitted).",
+    ),
+    (
+        "instance_tokens_total",
+        "num_tokens",
+        "counter",
+        "Tokens produced (prefill: uncached prompt tokens computed; decode: tokens sampled).",
+    ),
     ("steps_total", "num_steps", "counter", "Batched forward passes run."),
     ("step_seconds_total", "step_seconds", "counter", "Time spent in steps."),
     (

@@ -150,3 +150,5 @@ class StageStats:
     step_seconds: float
     num_grammar_steps: int
     grammar_seconds: float
+    num_requests: int
+    num_tokens: int

@@ -128,6 +128,8 @@ def stats_from_info(stage: str, info: common_pb2.InfoResponse, address: str) -> 
         step_seconds=stats.step_time_ns / 1e9,
         num_grammar_steps=stats.num_grammar_steps,
         grammar_seconds=stats.grammar_time_ns / 1e9,
+        num_requests=stats.num_requests,
+        num_tokens=stats.num_tokens,
     )
 
 

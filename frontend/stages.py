@@ -371,7 +371,7 @@ class StageClients:
 
 
 def no_instance(stage: str) -> ApiError:
-    logger.warning("no %s instance is serving", stage)
+    """No instance of `stage` is serving (each one's going down was logged)."""
     return stage_unavailable(stage)
 
 

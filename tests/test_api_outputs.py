@@ -293,6 +293,8 @@ def test_metrics_after_traffic(stack, post):
         assert value(after, f"llmserve_kv_blocks_free{labels}") > 0
         assert value(after, f"llmserve_kv_blocks_used{labels}") >= 0
         assert value(after, f"llmserve_steps_total{labels}") > 0
+        assert value(after, f"llmserve_instance_requests_total{labels}") > 0
+        assert value(after, f"llmserve_instance_tokens_total{labels}") > 0
         assert value(after, f"llmserve_step_seconds_total{labels}") > 0
     decode = f'{{instance="{stack.addresses["decode"]}",service="decode"}}'
     grammar_steps = f"llmserve_grammar_steps_total{decode}"

@@ -79,6 +79,21 @@ def test_cache_aware_prefill_weighs_the_queue_against_the_cache() -> None:
     assert router.choose([a, b], len(prompt), hashes).instance is b
 
 
+def test_new_conversations_spread_despite_a_shared_system_prompt() -> None:
+    router = PrefillRouter("cache_aware", BLOCK)
+    a, b = instance("a"), instance("b")
+    system = list(range(2000, 2000 + 2 * BLOCK))
+    placed = []
+    for conversation in range(6):
+        prompt = [*system, *range(10_000 * (conversation + 1), 10_000 * (conversation + 1) + 160)]
+        hashes = router.block_hashes(prompt, "", None)
+        route = router.choose([a, b], len(prompt), hashes)
+        router.record(route.instance, hashes)
+        placed.append(route.instance.address)
+    # Two cached blocks of twelve do not make a conversation: each goes where less is cached.
+    assert placed.count("a") == placed.count("b") == 3
+
+
 def test_round_robin_and_least_loaded() -> None:
     a, b, c = instance("a"), instance("b"), instance("c")
     router = PrefillRouter("round_robin", BLOCK)

@@ -36,6 +36,8 @@ class DecodeEngine:
         self.step_time_ns = 0
         self.num_grammar_steps = 0
         self.grammar_time_ns = 0
+        self.num_requests = 0
+        self.num_tokens = 0
         # Guards the scheduler and the block manager (KV pulls allocate from the event loop).
         self.lock = threading.Lock()
         self._pending_aborts: list[str] = []
@@ -58,6 +60,7 @@ class DecodeEngine:
     def add(self, seq: Sequence) -> None:
         with self.lock:
             self.scheduler.add(seq)
+            self.num_requests += 1
         self._wakeup.set()
 
     def abort(self, request_id: str) -> None:
@@ -82,6 +85,8 @@ class DecodeEngine:
                 "step_time_ns": self.step_time_ns,
                 "num_grammar_steps": self.num_grammar_steps,
                 "grammar_time_ns": self.grammar_time_ns,
+                "num_requests": self.num_requests,
+                "num_tokens": self.num_tokens,
             }
 
     def _run(self) -> None:
@@ -142,6 +147,7 @@ class DecodeEngine:
                 self.num_grammar_steps += 1
                 self.grammar_time_ns += grammar_ns
         self.num_steps += 1
+        self.num_tokens += len(sampled)
         self.step_time_ns += time.perf_counter_ns() - started_ns
         self.last_step_batch_size = len(scheduled)
         self.max_step_batch_size = max(self.max_step_batch_size, len(scheduled))

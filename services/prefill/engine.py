@@ -34,6 +34,8 @@ class PrefillEngine:
         self.lease_s = lease_s
         self.num_steps = 0
         self.step_time_ns = 0
+        self.num_requests = 0
+        self.num_tokens = 0
         self._waiting: deque[PrefillJob] = deque()
         self._running: list[PrefillJob] = []  # admitted: blocks held, chunks left to run
         self._handles: dict[str, Handle] = {}
@@ -96,6 +98,8 @@ class PrefillEngine:
                 "prefix_cache_hit_blocks": self.blocks.num_hits,
                 "num_steps": self.num_steps,
                 "step_time_ns": self.step_time_ns,
+                "num_requests": self.num_requests,
+                "num_tokens": self.num_tokens,
                 "num_pinned_handles": len(self._handles),
             }
 
@@ -215,6 +219,8 @@ class PrefillEngine:
                 self.blocks.free(job.block_table)
                 result: PrefillResult | Exception = outcome
             else:
+                self.num_requests += 1
+                self.num_tokens += len(job.token_ids) - job.num_cached_tokens
                 handle_id = uuid.uuid4().hex
                 expires = time.monotonic() + self.lease_s
                 self._handles[handle_id] = Handle(job.block_table, len(job.token_ids), expires)
