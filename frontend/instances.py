@@ -11,7 +11,9 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,11 +25,11 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 
 @dataclass(eq=False)
 class Instance:
-    """One stage process. `stubs` holds the stage's service stub(s) on `channel`."""
+    """One stage process: its channel, the stage's service stub and a health stub on it."""
 
     address: str
     channel: grpc.aio.Channel
-    stub: object
+    stub: Any
     health: health_pb2_grpc.HealthStub
     healthy: bool = True
     # Requests this frontend has open on the instance, and (prefill) the prompt tokens they
@@ -90,8 +92,8 @@ class StagePool:
 
     stage: str
     spec: str
-    make_stub: object
-    channel_options: list
+    make_stub: Callable[[grpc.aio.Channel], Any]
+    channel_options: list[tuple[str, int]]
     health_timeout_s: float
     instances: dict[str, Instance] = field(default_factory=dict)
 
@@ -111,7 +113,7 @@ class StagePool:
                 self.instances[address] = Instance(
                     address,
                     channel,
-                    self.make_stub(channel),  # type: ignore[operator]
+                    self.make_stub(channel),
                     health_pb2_grpc.HealthStub(channel),
                 )
                 logger.info("%s instance %s added", self.stage, address)

@@ -5,6 +5,7 @@ Unit tests drive the routers directly; the rest run the frontend over two sets o
 stages on real gRPC."""
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from frontend.app import create_app
 from frontend.config import FrontendConfig
-from frontend.instances import Instance, parse_targets, resolve
+from frontend.instances import Instance, StagePool, parse_targets, resolve
 from frontend.routing import LeastLoadedRouter, PrefillRouter, PrefixIndex
 from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, start_fake_stages
 
@@ -38,6 +39,36 @@ def test_resolve() -> None:
     assert asyncio.run(resolve([("127.0.0.1", 5), ("::1", 6)])) == ["127.0.0.1:5", "[::1]:6"]
     assert asyncio.run(resolve([("localhost", 7)])) == ["127.0.0.1:7"]
     assert asyncio.run(resolve([("no-such-host.invalid", 8)])) == []
+
+
+def test_a_name_with_several_addresses_is_several_instances(monkeypatch) -> None:
+    """As compose replicas: the name resolves to one address per replica, and replicas that
+    go away are dropped on the next resolution."""
+    replicas = ["10.0.0.2", "10.0.0.3"]
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "decode.test":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in replicas]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    async def discover() -> list[list[str]]:
+        pool = StagePool("decode", "decode.test:50053", lambda channel: None, [], 1.0)
+        seen = []
+        for now in (["10.0.0.2", "10.0.0.3"], ["10.0.0.3"], []):
+            replicas[:] = now
+            await pool.discover()
+            seen.append(sorted(pool.instances))
+        await pool.close()
+        return seen
+
+    assert asyncio.run(discover()) == [
+        ["10.0.0.2:50053", "10.0.0.3:50053"],
+        ["10.0.0.3:50053"],
+        ["10.0.0.3:50053"],  # resolving to nothing keeps the last known instances
+    ]
 
 
 def test_prefix_index_is_a_bounded_lru() -> None:
