@@ -67,6 +67,7 @@ async def conversation(
 
 
 async def multi_turn(url: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
+    before = load_counters(url)
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         runs = await asyncio.gather(
             *(conversation(client, model, i, args) for i in range(args.conversations))
@@ -79,7 +80,7 @@ async def multi_turn(url: str, model: str, args: argparse.Namespace) -> dict[str
         "prompt_tokens": prompt,
         "cached_tokens": cached,
         "hit_rate": cached / prompt,
-    }
+    } | load_since(url, before)
 
 
 def load_counters(url: str) -> dict[tuple[str, str, str], float]:
@@ -92,6 +93,22 @@ def load_counters(url: str) -> dict[tuple[str, str, str], float]:
             key = (name, labels["service"].strip('"'), labels["instance"].strip('"'))
             values[key] = float(line.rsplit(" ", 1)[1])
     return values
+
+
+def load_since(url: str, before: dict[tuple[str, str, str], float]) -> dict[str, Any]:
+    """Each instance's requests and tokens since `before`, and per stage and counter the
+    spread: the busiest instance's count over the idlest's."""
+    load: dict[str, dict[str, dict[str, float]]] = {}
+    for (counter, service, instance), value in load_counters(url).items():
+        grew = value - before.get((counter, service, instance), 0.0)
+        kind = counter.removeprefix("llmserve_instance_").removesuffix("_total")
+        load.setdefault(service, {}).setdefault(kind, {})[instance] = grew
+    spread = {
+        f"{service}_{kind}": max(per.values()) / max(min(per.values()), 1)
+        for service, kinds in load.items()
+        for kind, per in kinds.items()
+    }
+    return {"load": load, "spread": spread}
 
 
 async def distinct(url: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -109,18 +126,7 @@ async def distinct(url: str, model: str, args: argparse.Namespace) -> dict[str, 
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
-    after = load_counters(url)
-    load: dict[str, dict[str, dict[str, float]]] = {}
-    for (counter, service, instance), value in after.items():
-        grew = value - before.get((counter, service, instance), 0.0)
-        kind = counter.removeprefix("llmserve_instance_").removesuffix("_total")
-        load.setdefault(service, {}).setdefault(kind, {})[instance] = grew
-    spread = {
-        f"{service}_{kind}": max(per.values()) / max(min(per.values()), 1)
-        for service, kinds in load.items()
-        for kind, per in kinds.items()
-    }
-    return {"load": load, "spread": spread}
+    return load_since(url, before)
 
 
 async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -163,7 +169,8 @@ def main() -> None:
         print(
             f"{policy}: multi-turn hit rate {100 * turns['hit_rate']:.1f}% "
             f"({turns['cached_tokens']}/{turns['prompt_tokens']} prompt tokens, "
-            f"{turns['requests']} requests); distinct prompts spread "
+            f"{turns['requests']} requests, prefill requests spread "
+            f"{turns['spread']['prefill_requests']:.2f}x); distinct prompts spread "
             + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(result["distinct"]["spread"].items())),
             flush=True,
         )

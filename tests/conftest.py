@@ -8,6 +8,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+import openai
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -74,3 +75,14 @@ def stack():
     stack = start_stack()
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def client(stack):
+    """The openai client on the shared stack (test modules with fake stages have their own)."""
+    return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def model(client):
+    return client.models.list().data[0].id

@@ -4,22 +4,11 @@ import json
 import uuid
 
 import httpx
-import openai
 import pytest
 from fireworks import Fireworks
 
 CAPITAL = "The capital of France is"
 QUESTION = "What is 2+2?"
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,6 @@ COUNTING = "1, 2, 3, 4, 5,"
 
 
 @pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
 def complete(client, model):
     """A completion of `prompt`; Fireworks-only fields go in the body as they are."""
 

@@ -24,16 +24,6 @@ class City(pydantic.BaseModel):
     population: int = pydantic.Field(ge=0, le=10**9)
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def ask(client, model, temperature: float = 0.0, **kwargs):
     messages = [{"role": "user", "content": "Describe a person as JSON."}]
     return client.chat.completions.create(

@@ -12,16 +12,6 @@ from services.rpc import common_pb2, decode_pb2_grpc
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def test_chat_answers_paris(client, model):
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=32

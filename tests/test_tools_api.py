@@ -59,16 +59,6 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def ask(client, model, question: str, **kwargs):
     messages = [{"role": "user", "content": question}]
     kwargs = {"max_tokens": 256, "temperature": 0.0, **kwargs}
