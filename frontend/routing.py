@@ -10,9 +10,9 @@ healthy instance is believed to hold in its prefix cache.
   history, and a long prefix every request shares pulls traffic to one instance only until
   that instance's queue costs more than recomputing the prefix elsewhere.
 - Otherwise the prompt is mostly new (a new conversation; a short shared system prompt does
-  not count), and it goes to the instance with the fewest queued tokens, then the least
-  cached: new conversations spread over the instances, and each instance's cache holds its
-  share of the histories rather than a copy of all of them.
+  not count), and it goes to the instance with the fewest queued tokens, ties taken in turn:
+  new conversations spread over the instances, and each instance's cache holds its share of
+  the histories rather than a copy of all of them.
 
 `round_robin` takes the instances in turn.
 
@@ -54,9 +54,6 @@ class PrefixIndex:
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch  # the instance's epoch it describes: a restart empties the cache
         self._blocks: OrderedDict[bytes, None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._blocks)
 
     def matched(self, hashes: Sequence[bytes]) -> int:
         """How many leading blocks of the chain are held."""
@@ -117,7 +114,7 @@ class PrefillRouter:
                 key=lambda i: (uncached(i) + i.queued_tokens, i.in_flight, i.reported_load),
             )
         else:
-            best = min(ordered, key=lambda i: (i.queued_tokens, len(self._index(i)), i.in_flight))
+            best = min(ordered, key=lambda i: (i.queued_tokens, i.in_flight, i.reported_load))
         return Route(best, uncached(best))
 
     def record(self, instance: Instance, hashes: Sequence[bytes]) -> None:
