@@ -11,8 +11,13 @@ from dataclasses import dataclass, field
 import openai
 import pytest
 
+from services.engine.device import choose_device, choose_dtype
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240
+# What the launcher's engines compute in on this machine (--dtype auto): bfloat16 where the CPU
+# has fast bf16 instructions or there is a GPU, else float32.
+STACK_DTYPE = choose_dtype(choose_device())
 
 
 @dataclass

@@ -5,7 +5,10 @@ import uuid
 
 import httpx
 import pytest
+import torch
 from fireworks import Fireworks
+
+from tests.conftest import STACK_DTYPE
 
 CAPITAL = "The capital of France is"
 QUESTION = "What is 2+2?"
@@ -62,7 +65,10 @@ def test_logprobs_are_the_raw_distribution_whatever_the_temperature(post):
     ids = hot["prompt_token_ids"] + hot["token_ids"]
     echoed = completion(post, ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
     prompt_lps = echoed["choices"][0]["logprobs"]["token_logprobs"][len(hot["prompt_token_ids"]) :]
-    assert prompt_lps[:6] == pytest.approx(hot["logprobs"]["token_logprobs"], abs=1e-3)
+    # Prefill scores the sequence at once, decode a token at a time: the same in float32 up to
+    # rounding, a few percent apart in bfloat16. Tempered logprobs would be far off either way.
+    tolerance = {"abs": 1e-3} if STACK_DTYPE == torch.float32 else {"rel": 0.05, "abs": 0.05}
+    assert prompt_lps[:6] == pytest.approx(hot["logprobs"]["token_logprobs"], **tolerance)
 
 
 def test_chat_logprobs_with_alternatives(post):
