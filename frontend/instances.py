@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 logger = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_UNKNOWN = "UNKNOWN"
 
 
 @dataclass(eq=False)
@@ -39,7 +40,7 @@ class Instance:
     # From the last Info: requests running + waiting, and the KV pool size in blocks.
     reported_load: int = 0
     num_kv_blocks: int = 0
-    status: str = "UNKNOWN"
+    status: str = _UNKNOWN
     # Bumped each time the instance comes back after being down: it may have restarted.
     epoch: int = 0
 
@@ -136,10 +137,11 @@ class StagePool:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.aio.AioRpcError as exc:
             status = exc.code().name
+        starting = instance.status == _UNKNOWN  # not answered yet: still starting, not failed
         instance.status = status
         up = status == health_pb2.HealthCheckResponse.ServingStatus.Name(_SERVING)
         if up != instance.healthy:
-            level = logging.INFO if up else logging.WARNING
+            level = logging.INFO if up or starting else logging.WARNING
             logger.log(level, "%s instance %s is %s", self.stage, instance.address, status)
             instance.epoch += up
         instance.healthy = up

@@ -7,6 +7,7 @@ for the frontend. Used by the launcher and, from the command line, by container 
 exits 0 when the target is serving, 1 otherwise.
 """
 
+import json
 import sys
 import urllib.request
 
@@ -25,12 +26,27 @@ def grpc_healthy(address: str, timeout_s: float = 1.0) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def http_healthy(address: str, timeout_s: float = 1.0) -> bool:
+def http_health(address: str, timeout_s: float = 1.0) -> dict | None:
+    """The frontend's /health body when it answers 200 (every stage has an instance serving);
+    None otherwise."""
     try:
         with urllib.request.urlopen(f"http://{address}/health", timeout=timeout_s) as reply:
-            return reply.status == 200
-    except OSError:
+            return json.load(reply) if reply.status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
+def http_healthy(address: str, timeout_s: float = 1.0) -> bool:
+    return http_health(address, timeout_s) is not None
+
+
+def http_all_serving(address: str, timeout_s: float = 1.0) -> bool:
+    """The frontend is healthy and sees every instance it was given serving."""
+    body = http_health(address, timeout_s)
+    if body is None:
         return False
+    statuses = [status for stage in body["instances"].values() for status in stage.values()]
+    return all(status == "SERVING" for status in statuses)
 
 
 PROBES = {"grpc": grpc_healthy, "http": http_healthy}

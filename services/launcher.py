@@ -5,7 +5,8 @@
 One tokenizer, N prefill and M decode processes, and the frontend over all of them. A stage
 process that exits after start-up is started again on its port (the frontend routes around
 it meanwhile and takes it back once it is healthy); the frontend exiting stops everything.
-Ctrl-C or SIGTERM stops all of them; children also get SIGTERM if the launcher dies.
+Ctrl-C or SIGTERM stops all of them, the frontend first so that it finishes its open requests;
+children also get SIGTERM if the launcher dies.
 """
 
 import argparse
@@ -19,12 +20,13 @@ import time
 from dataclasses import dataclass
 
 from services.engine.loader import DEFAULT_MODEL
-from services.healthcheck import grpc_healthy, http_healthy
+from services.healthcheck import grpc_healthy, http_all_serving
 
 _PR_SET_PDEATHSIG = 1
 STAGES = ("tokenizer", "prefill", "decode")
 # A stage process that exits this many times after start-up is given up on (and all stop).
 MAX_RESTARTS = 5
+FRONTEND_STOP_S = 300.0
 
 
 @dataclass(slots=True)
@@ -42,7 +44,9 @@ class Child:
         return self.module == "frontend"
 
     def healthy(self) -> bool:
-        return (http_healthy if self.is_frontend else grpc_healthy)(self.address)
+        """A stage: grpc.health.v1 SERVING. The frontend: it sees every instance serving, so
+        that traffic sent once the stack is reported ready spreads over all of them."""
+        return (http_all_serving if self.is_frontend else grpc_healthy)(self.address)
 
     def restart(self) -> None:
         self.restarts += 1
@@ -89,6 +93,14 @@ def wait_healthy(children: list[Child], timeout_s: float) -> None:
 
 
 def stop(children: list[Child], grace_s: float = 10.0) -> None:
+    """The frontend first, so that it finishes its open requests while the stages still
+    serve them, then the stages, killed if they take longer than `grace_s`. The frontend
+    bounds its own wait (its --graceful-shutdown-s); FRONTEND_STOP_S only catches a hung one."""
+    _stop_group([c for c in children if c.is_frontend], FRONTEND_STOP_S)
+    _stop_group([c for c in children if not c.is_frontend], grace_s)
+
+
+def _stop_group(children: list[Child], grace_s: float) -> None:
     for child in children:
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)

@@ -1,5 +1,6 @@
 """The launcher starts four healthy processes and leaves none behind when stopped."""
 
+import json
 import os
 import signal
 import time
@@ -26,6 +27,34 @@ def test_stop_signal_stops_all_four(stop_signal):
         while any(alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [pid for pid in children if alive(pid)]
+    finally:
+        if stack.process.poll() is None:
+            os.kill(stack.process.pid, signal.SIGKILL)
+
+
+def test_stopping_lets_open_streams_finish():
+    """SIGTERM stops the frontend first: a stream already open runs to its end, because the
+    stages it needs are stopped only after the frontend has finished."""
+    stack = start_stack("--model", "dummy")
+    try:
+        model = httpx.get(f"{stack.http_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {"model": model, "prompt": "a", "max_tokens": 150, "ignore_eos": True}
+        events = []
+        with httpx.stream(
+            "POST", f"{stack.http_url}/v1/completions", json=body | {"stream": True}, timeout=120
+        ) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if not events:
+                    stack.process.send_signal(signal.SIGTERM)
+                events.append(line.removeprefix("data: "))
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(len(c["choices"][0]["text"]) > 0 for c in chunks) > 1
+        assert stack.process.wait(timeout=60) == 0
     finally:
         if stack.process.poll() is None:
             os.kill(stack.process.pid, signal.SIGKILL)
