@@ -6,12 +6,16 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
+from frontend.app import create_app
 from services.engine.device import choose_device, choose_dtype
+from tests.test_frontend_fake_stages import FakeStages, fake_config, start_fake_stages
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240
@@ -91,3 +95,19 @@ def client(stack):
 @pytest.fixture(scope="session")
 def model(client):
     return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[FakeStages]:
+    """Fake tokenizer, prefill and decode servers (tests/test_frontend_fake_stages.py), one set
+    per test module."""
+    stages = start_fake_stages()
+    yield stages
+    stages.stop()
+
+
+@pytest.fixture(scope="module")
+def fake_client(fakes: FakeStages) -> Iterator[TestClient]:
+    """An in-process frontend over the fakes."""
+    with TestClient(create_app(fake_config(fakes))) as test_client:
+        yield test_client

@@ -8,17 +8,10 @@ from fastapi.testclient import TestClient
 
 from frontend.app import create_app
 from frontend.config import parse_args
-from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, fake_config, start_fake_stages
+from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, fake_config
 
 KEYS = ("key-one", "key-two")
 BODY = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 1}
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeStages]:
-    stages = start_fake_stages()
-    yield stages
-    stages.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,30 +9,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from frontend.app import create_app
 from tests.test_frontend_fake_stages import (
     BOS,
     MODEL_ID,
     FakeStages,
-    fake_config,
-    start_fake_stages,
 )
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeStages]:
-    stages = start_fake_stages()
-    yield stages
-    stages.stop()
-
-
-@pytest.fixture(scope="module")
-def client(fakes: FakeStages) -> Iterator[TestClient]:
-    with TestClient(create_app(fake_config(fakes))) as test_client:
-        yield test_client
 
 
 @pytest.fixture(autouse=True)
@@ -52,9 +36,9 @@ def events_of(text: str) -> list[dict[str, Any]]:
     return [json.loads(f) for f in frames[:-1]]
 
 
-def test_n_choices(client: TestClient, fakes: FakeStages) -> None:
+def test_n_choices(fake_client: TestClient, fakes: FakeStages) -> None:
     body = {"model": MODEL_ID, "prompt": "hi", "n": 3, "max_tokens": 2, "seed": 7}
-    result = client.post(COMPLETIONS, json=body).json()
+    result = fake_client.post(COMPLETIONS, json=body).json()
     assert [(c["index"], c["text"]) for c in result["choices"]] == [(0, "ab"), (1, "ab"), (2, "ab")]
     # Prompt tokens count once; completion tokens over all choices.
     assert result["usage"]["prompt_tokens"] == 3
@@ -67,11 +51,11 @@ def test_n_choices(client: TestClient, fakes: FakeStages) -> None:
     assert sorted(r.sampling.seed for r in fakes.decode.requests) == [7, 8, 9]
 
 
-def test_first_choice_prefills_alone(client: TestClient, fakes: FakeStages) -> None:
+def test_first_choice_prefills_alone(fake_client: TestClient, fakes: FakeStages) -> None:
     fakes.prefill.delay_s = 0.05
     try:
         body = {"model": MODEL_ID, "prompt": "hi", "n": 3, "max_tokens": 1}
-        rid = client.post(COMPLETIONS, json=body).json()["id"]
+        rid = fake_client.post(COMPLETIONS, json=body).json()["id"]
     finally:
         fakes.prefill.delay_s = 0.0
     started, finished = fakes.prefill.started, fakes.prefill.finished
@@ -82,7 +66,7 @@ def test_first_choice_prefills_alone(client: TestClient, fakes: FakeStages) -> N
     assert started[others[1]] < finished[others[0]] and started[others[0]] < finished[others[1]]
 
 
-def test_n_choices_stream(client: TestClient, fakes: FakeStages) -> None:
+def test_n_choices_stream(fake_client: TestClient, fakes: FakeStages) -> None:
     fakes.decode.token_delay_s = 0.002
     body = {
         "model": MODEL_ID,
@@ -93,7 +77,7 @@ def test_n_choices_stream(client: TestClient, fakes: FakeStages) -> None:
         "stream_options": {"include_usage": True},
         "perf_metrics_in_response": True,
     }
-    events = events_of(client.post(CHAT, json=body).text)
+    events = events_of(fake_client.post(CHAT, json=body).text)
     *chunks, usage_only = events
     assert usage_only["choices"] == [] and usage_only["usage"]["completion_tokens"] == 12
     assert all(len(e["choices"]) == 1 for e in chunks)
@@ -114,9 +98,9 @@ def test_n_choices_stream(client: TestClient, fakes: FakeStages) -> None:
     assert finals[-1]["usage"] == usage_only["usage"]
 
 
-def test_several_prompts(client: TestClient, fakes: FakeStages) -> None:
+def test_several_prompts(fake_client: TestClient, fakes: FakeStages) -> None:
     body = {"model": MODEL_ID, "prompt": ["hi", "hey"], "n": 2, "max_tokens": 2, "echo": True}
-    result = client.post(COMPLETIONS, json=body).json()
+    result = fake_client.post(COMPLETIONS, json=body).json()
     # Prompt i, choice j -> index i * n + j.
     assert [(c["index"], c["text"]) for c in result["choices"]] == [
         (0, "hiab"),
@@ -129,16 +113,16 @@ def test_several_prompts(client: TestClient, fakes: FakeStages) -> None:
     assert sorted(len(r.token_ids) for r in fakes.prefill.requests) == [3, 3, 4, 4]
 
 
-def test_token_id_prompts(client: TestClient, fakes: FakeStages) -> None:
+def test_token_id_prompts(fake_client: TestClient, fakes: FakeStages) -> None:
     body = {"model": MODEL_ID, "prompt": [[5, 6], [7]], "max_tokens": 1, "return_token_ids": True}
-    choices = client.post(COMPLETIONS, json=body).json()["choices"]
+    choices = fake_client.post(COMPLETIONS, json=body).json()["choices"]
     assert [c["prompt_token_ids"] for c in choices] == [[5, 6], [7]]
     assert [c["index"] for c in choices] == [0, 1]
 
 
-def test_several_prompts_stream(client: TestClient) -> None:
+def test_several_prompts_stream(fake_client: TestClient) -> None:
     body = {"model": MODEL_ID, "prompt": ["a", "b"], "max_tokens": 2, "stream": True}
-    events = events_of(client.post(COMPLETIONS, json=body).text)
+    events = events_of(fake_client.post(COMPLETIONS, json=body).text)
     texts: dict[int, str] = {}
     for event in events:
         choice = event["choices"][0]
@@ -147,14 +131,16 @@ def test_several_prompts_stream(client: TestClient) -> None:
     assert events[-1]["usage"]["prompt_tokens"] == 4
 
 
-def _chat(client: TestClient, messages: list[dict[str, str]], **fields: Any) -> dict[str, Any]:
+def _chat(fake_client: TestClient, messages: list[dict[str, str]], **fields: Any) -> dict[str, Any]:
     body = {"model": MODEL_ID, "messages": messages, "max_tokens": 1, **fields}
-    response = client.post(CHAT, json=body)
+    response = fake_client.post(CHAT, json=body)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def test_prompt_truncate_len_evicts_earliest_turns(client: TestClient, fakes: FakeStages) -> None:
+def test_prompt_truncate_len_evicts_earliest_turns(
+    fake_client: TestClient, fakes: FakeStages
+) -> None:
     messages = [
         {"role": "system", "content": "s"},
         {"role": "user", "content": "1"},
@@ -164,52 +150,52 @@ def test_prompt_truncate_len_evicts_earliest_turns(client: TestClient, fakes: Fa
         {"role": "user", "content": "5"},
     ]
     # BOS + "system:s\n" (9) + "assistant:4\n" (12) + "user:5\n" (7) = 29 tokens.
-    result = _chat(client, messages, prompt_truncate_len=29)
+    result = _chat(fake_client, messages, prompt_truncate_len=29)
     assert result["usage"]["prompt_tokens"] == 29
     kept = fakes.prefill.requests[-1].token_ids
     assert bytes(kept[1:]).decode() == "system:s\nassistant:4\nuser:5\n"
     fakes.tokenizer.renders.clear()
     # The default (1500) fits the whole chat: rendered once.
-    whole = _chat(client, messages)
+    whole = _chat(fake_client, messages)
     assert len(fakes.tokenizer.renders) == 1
     assert whole["usage"]["prompt_tokens"] == 1 + 9 + 7 + 12 + 7 + 12 + 7
 
 
-def test_prompt_truncate_len_keeps_last_turn(client: TestClient, fakes: FakeStages) -> None:
+def test_prompt_truncate_len_keeps_last_turn(fake_client: TestClient, fakes: FakeStages) -> None:
     messages = [{"role": "user", "content": "x" * 20}, {"role": "user", "content": "y" * 30}]
     # Even the last turn alone is longer: it is kept, and the context check decides.
-    result = _chat(client, messages, prompt_truncate_len=5)
+    result = _chat(fake_client, messages, prompt_truncate_len=5)
     assert result["usage"]["prompt_tokens"] == 1 + len("user:\n") + 30
     tool_chat = [
         {"role": "user", "content": "q"},
         {"role": "tool", "content": "42", "tool_call_id": "call_1"},
     ]
-    _chat(client, tool_chat)
+    _chat(fake_client, tool_chat)
     assert [m.role for m in fakes.tokenizer.renders[-1].messages] == ["user", "tool"]
 
 
-def test_logit_bias_outside_vocabulary(client: TestClient, fakes: FakeStages) -> None:
+def test_logit_bias_outside_vocabulary(fake_client: TestClient, fakes: FakeStages) -> None:
     body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 1, "logit_bias": {"256": 1}}
-    response = client.post(COMPLETIONS, json=body)
+    response = fake_client.post(COMPLETIONS, json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "logit_bias"
     assert not fakes.prefill.requests
     body["logit_bias"] = {"255": -100, "3": 2.5}
-    assert client.post(COMPLETIONS, json=body).status_code == 200
+    assert fake_client.post(COMPLETIONS, json=body).status_code == 200
     assert dict(fakes.prefill.requests[-1].sampling.logit_bias) == {255: -100.0, 3: 2.5}
 
 
-def test_prompt_ids_start_with_bos(client: TestClient, fakes: FakeStages) -> None:
-    _chat(client, [{"role": "user", "content": "hi"}])
+def test_prompt_ids_start_with_bos(fake_client: TestClient, fakes: FakeStages) -> None:
+    _chat(fake_client, [{"role": "user", "content": "hi"}])
     assert fakes.prefill.requests[-1].token_ids[0] == BOS
 
 
-def test_failed_decode_releases_every_choice(client: TestClient, fakes: FakeStages) -> None:
+def test_failed_decode_releases_every_choice(fake_client: TestClient, fakes: FakeStages) -> None:
     fakes.decode.mode = "unavailable"
     fakes.prefill.released.clear()
     try:
         body = {"model": MODEL_ID, "prompt": ["a", "b"], "n": 3, "max_tokens": 2}
-        response = client.post(COMPLETIONS, json=body)
+        response = fake_client.post(COMPLETIONS, json=body)
     finally:
         fakes.decode.mode = "normal"
     assert response.status_code == 503

@@ -3,39 +3,21 @@ gets a 400 (or 404) naming its field, and the valid requests around them finish 
 
 import copy
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
-from frontend.app import create_app
 from tests.test_frontend_fake_stages import (
     ALPHABET,
     MODEL_ID,
     FakeStages,
-    fake_config,
-    start_fake_stages,
 )
 from tests.test_frontend_validation import CHAT, CHAT_CASES, COMPLETION_CASES, COMPLETIONS, MODEL
 
 NUM_VALID = 12
 VALID_MAX_TOKENS = 20
 VALID_N = 2
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeStages]:
-    stages = start_fake_stages()
-    yield stages
-    stages.stop()
-
-
-@pytest.fixture(scope="module")
-def client(fakes: FakeStages) -> Iterator[TestClient]:
-    with TestClient(create_app(fake_config(fakes))) as test_client:
-        yield test_client
 
 
 def _served(body: dict[str, Any]) -> dict[str, Any]:
@@ -60,8 +42,8 @@ def _valid(index: int) -> tuple[str, dict[str, Any]]:
     return COMPLETIONS, {**fields, "prompt": f"hi {index}"}
 
 
-def _stream_texts(client: TestClient, path: str, body: dict[str, Any]) -> dict[int, str]:
-    response = client.post(path, json=body)
+def _stream_texts(fake_client: TestClient, path: str, body: dict[str, Any]) -> dict[int, str]:
+    response = fake_client.post(path, json=body)
     assert response.status_code == 200, response.text
     texts: dict[int, str] = {}
     frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f]
@@ -75,10 +57,10 @@ def _stream_texts(client: TestClient, path: str, body: dict[str, Any]) -> dict[i
     return texts
 
 
-def _check_invalid(client: TestClient, path: str, case: tuple[Any, int, str]) -> str | None:
+def _check_invalid(fake_client: TestClient, path: str, case: tuple[Any, int, str]) -> str | None:
     """None when the case was refused as expected, else what went wrong."""
     body, status, param = case
-    response = client.post(path, json=_served(body))
+    response = fake_client.post(path, json=_served(body))
     error = response.json().get("error", {})
     if response.status_code != status or error.get("param") != param:
         return f"{path} {body}: {response.status_code} {error}"
@@ -86,15 +68,17 @@ def _check_invalid(client: TestClient, path: str, case: tuple[Any, int, str]) ->
 
 
 def test_invalid_fields_are_refused_without_disturbing_valid_requests(
-    client: TestClient, fakes: FakeStages
+    fake_client: TestClient, fakes: FakeStages
 ) -> None:
     fakes.decode.token_delay_s = 0.002
     fakes.prefill.requests.clear()
     invalid = [(COMPLETIONS, c) for c in COMPLETION_CASES] + [(CHAT, c) for c in CHAT_CASES]
     try:
         with ThreadPoolExecutor(max_workers=16) as pool:
-            valid = [pool.submit(_stream_texts, client, *_valid(i)) for i in range(NUM_VALID)]
-            refused = [pool.submit(_check_invalid, client, path, case) for path, case in invalid]
+            valid = [pool.submit(_stream_texts, fake_client, *_valid(i)) for i in range(NUM_VALID)]
+            refused = [
+                pool.submit(_check_invalid, fake_client, path, case) for path, case in invalid
+            ]
             failures = [f.result() for f in refused if f.result() is not None]
             texts = [f.result() for f in valid]
     finally:

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from frontend.app import create_app
-from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, fake_config, start_fake_stages
+from tests.test_frontend_fake_stages import MODEL_ID, FakeStages
 
 COMPLETIONS = "/v1/completions"
 # The terms that tile arrival -> first token (see frontend.metrics).
@@ -24,19 +23,6 @@ TTFT_TERMS = (
     "frontend-duration",
 )
 TOLERANCE_S = 0.005
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeStages]:
-    stages = start_fake_stages()
-    yield stages
-    stages.stop()
-
-
-@pytest.fixture(scope="module")
-def client(fakes: FakeStages) -> Iterator[TestClient]:
-    with TestClient(create_app(fake_config(fakes))) as test_client:
-        yield test_client
 
 
 @pytest.fixture
@@ -59,9 +45,9 @@ def assert_ttft_adds_up(metrics: dict[str, str]) -> None:
 
 
 @pytest.mark.usefixtures("slow_stages")
-def test_ttft_is_the_sum_of_its_stages(client: TestClient) -> None:
+def test_ttft_is_the_sum_of_its_stages(fake_client: TestClient) -> None:
     body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 3, "perf_metrics_in_response": True}
-    response = client.post(COMPLETIONS, json=body)
+    response = fake_client.post(COMPLETIONS, json=body)
     headers = {
         k.removeprefix("fireworks-"): v
         for k, v in response.headers.items()
@@ -74,7 +60,7 @@ def test_ttft_is_the_sum_of_its_stages(client: TestClient) -> None:
 
 
 @pytest.mark.usefixtures("slow_stages")
-def test_ttft_sum_in_stream_and_for_chat_and_n(client: TestClient) -> None:
+def test_ttft_sum_in_stream_and_for_chat_and_n(fake_client: TestClient) -> None:
     body = {
         "model": MODEL_ID,
         "messages": [{"role": "user", "content": "hi"}],
@@ -83,15 +69,15 @@ def test_ttft_sum_in_stream_and_for_chat_and_n(client: TestClient) -> None:
         "stream": True,
         "perf_metrics_in_response": True,
     }
-    response = client.post("/v1/chat/completions", json=body)
+    response = fake_client.post("/v1/chat/completions", json=body)
     frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f][:-1]
     final = json.loads(frames[-1])
     assert_ttft_adds_up(final["perf_metrics"])
 
 
-def test_sampling_options_header(client: TestClient) -> None:
+def test_sampling_options_header(fake_client: TestClient) -> None:
     body = {"model": MODEL_ID, "prompt": "hi", "top_k": 5, "logit_bias": {"7": 1}, "stop": "x"}
-    response = client.post(COMPLETIONS, json=body)
+    response = fake_client.post(COMPLETIONS, json=body)
     options = json.loads(response.headers["fireworks-sampling-options"])
     assert options == {
         "max_tokens": 16,
@@ -113,11 +99,13 @@ def test_sampling_options_header(client: TestClient) -> None:
         "stop": ["x"],
         "ignore_eos": False,
     }
-    stream = client.post(COMPLETIONS, json={**body, "stream": True, "max_tokens": 1000})
+    stream = fake_client.post(COMPLETIONS, json={**body, "stream": True, "max_tokens": 1000})
     assert json.loads(stream.headers["fireworks-sampling-options"])["max_tokens"] == 64 - 3
 
 
-def test_every_sampling_field_reaches_the_stages(client: TestClient, fakes: FakeStages) -> None:
+def test_every_sampling_field_reaches_the_stages(
+    fake_client: TestClient, fakes: FakeStages
+) -> None:
     fields: dict[str, Any] = {
         "temperature": 0.5,
         "top_p": 0.9,
@@ -134,14 +122,14 @@ def test_every_sampling_field_reaches_the_stages(client: TestClient, fakes: Fake
         "top_logprobs": 4,
     }
     body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2, **fields}
-    assert client.post(COMPLETIONS, json=body).status_code == 200
+    assert fake_client.post(COMPLETIONS, json=body).status_code == 200
     sampling = fakes.prefill.requests[-1].sampling
     for name, value in fields.items():
         assert getattr(sampling, name) == pytest.approx(value), name
     assert fakes.decode.requests[-1].sampling == sampling
     # Mirostat's state after prefill's token goes on to decode.
     assert fakes.decode.requests[-1].mirostat_mu == 5.5
-    client.post(COMPLETIONS, json={"model": MODEL_ID, "prompt": "hi", "top_p": 0})
+    fake_client.post(COMPLETIONS, json={"model": MODEL_ID, "prompt": "hi", "top_p": 0})
     assert not fakes.decode.requests[-1].HasField("mirostat_mu")
     # The API's top_p 0 (the most likely token only) is not the stages' 0 (off).
     assert 0 < fakes.prefill.requests[-1].sampling.top_p < 1e-30
@@ -156,11 +144,11 @@ def _samples(text: str) -> dict[str, float]:
     return samples
 
 
-def test_prometheus_metrics(client: TestClient, fakes: FakeStages) -> None:
+def test_prometheus_metrics(fake_client: TestClient, fakes: FakeStages) -> None:
     body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 4}
-    before = _samples(client.get("/metrics").text)
-    assert client.post(COMPLETIONS, json=body).status_code == 200
-    response = client.get("/metrics")
+    before = _samples(fake_client.get("/metrics").text)
+    assert fake_client.post(COMPLETIONS, json=body).status_code == 200
+    response = fake_client.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = response.text
     assert re.search(r"^# TYPE llmserve_time_to_first_token_seconds histogram$", text, re.M)

@@ -2,21 +2,16 @@
 echo, raw_output and return_token_ids, whole and streamed, against the fake stages."""
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
-from frontend.app import create_app
 from tests.test_frontend_fake_stages import (
     BOS,
     BOS_TEXT,
     MODEL_ID,
     FakeStages,
-    fake_config,
     fake_logprob,
-    start_fake_stages,
 )
 
 COMPLETIONS = "/v1/completions"
@@ -24,26 +19,13 @@ CHAT = "/v1/chat/completions"
 HI_IDS = [BOS, ord("h"), ord("i")]
 
 
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeStages]:
-    stages = start_fake_stages()
-    yield stages
-    stages.stop()
-
-
-@pytest.fixture(scope="module")
-def client(fakes: FakeStages) -> Iterator[TestClient]:
-    with TestClient(create_app(fake_config(fakes))) as test_client:
-        yield test_client
-
-
-def post(client: TestClient, path: str, **fields: Any) -> dict[str, Any]:
+def post(fake_client: TestClient, path: str, **fields: Any) -> dict[str, Any]:
     body = {"model": MODEL_ID, "max_tokens": 3, **fields}
     if path == COMPLETIONS:
         body.setdefault("prompt", "hi")
     else:
         body.setdefault("messages", [{"role": "user", "content": "hi"}])
-    response = client.post(path, json=body)
+    response = fake_client.post(path, json=body)
     assert response.status_code == 200, response.text
     if not fields.get("stream"):
         return response.json()
@@ -57,8 +39,8 @@ def top(count: int, **sampled: float) -> dict[str, float]:
     return {chr(ord("A") + i): -0.125 * (i + 1) for i in range(count)} | sampled
 
 
-def test_completion_logprobs_legacy_shape(client: TestClient, fakes: FakeStages) -> None:
-    choice = post(client, COMPLETIONS, logprobs=2)["choices"][0]
+def test_completion_logprobs_legacy_shape(fake_client: TestClient, fakes: FakeStages) -> None:
+    choice = post(fake_client, COMPLETIONS, logprobs=2)["choices"][0]
     assert choice["text"] == "abc"
     assert choice["logprobs"] == {
         "tokens": ["a", "b", "c"],
@@ -73,15 +55,15 @@ def test_completion_logprobs_legacy_shape(client: TestClient, fakes: FakeStages)
     assert fakes.decode.requests[-1].first_token_logprob.token == "a"
 
 
-def test_completion_logprobs_boolean_form_takes_top_logprobs(client: TestClient) -> None:
-    lps = post(client, COMPLETIONS, logprobs=True, top_logprobs=1)["choices"][0]["logprobs"]
+def test_completion_logprobs_boolean_form_takes_top_logprobs(fake_client: TestClient) -> None:
+    lps = post(fake_client, COMPLETIONS, logprobs=True, top_logprobs=1)["choices"][0]["logprobs"]
     assert lps["top_logprobs"][0] == top(1, a=fake_logprob(ord("a")))
-    lps = post(client, COMPLETIONS, logprobs=0)["choices"][0]["logprobs"]
+    lps = post(fake_client, COMPLETIONS, logprobs=0)["choices"][0]["logprobs"]
     assert lps["top_logprobs"][0] == {"a": fake_logprob(ord("a"))}
 
 
-def test_completion_echo_with_logprobs(client: TestClient, fakes: FakeStages) -> None:
-    choice = post(client, COMPLETIONS, logprobs=1, echo=True)["choices"][0]
+def test_completion_echo_with_logprobs(fake_client: TestClient, fakes: FakeStages) -> None:
+    choice = post(fake_client, COMPLETIONS, logprobs=1, echo=True)["choices"][0]
     assert choice["text"] == "hiabc"
     lps = choice["logprobs"]
     assert lps["tokens"] == [BOS_TEXT, "h", "i", "a", "b", "c"]
@@ -95,24 +77,24 @@ def test_completion_echo_with_logprobs(client: TestClient, fakes: FakeStages) ->
     assert fakes.prefill.requests[-1].prompt_logprobs is True
 
 
-def test_completion_echo_last_and_plain_echo(client: TestClient) -> None:
-    choice = post(client, COMPLETIONS, logprobs=0, echo_last=1)["choices"][0]
+def test_completion_echo_last_and_plain_echo(fake_client: TestClient) -> None:
+    choice = post(fake_client, COMPLETIONS, logprobs=0, echo_last=1)["choices"][0]
     assert choice["text"] == "iabc"
     assert choice["logprobs"]["tokens"] == ["i", "a", "b", "c"]
     assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3]
-    assert post(client, COMPLETIONS, echo=True)["choices"][0] == {
+    assert post(fake_client, COMPLETIONS, echo=True)["choices"][0] == {
         "index": 0,
         "text": "hiabc",
         "logprobs": None,
         "finish_reason": "length",
     }
     # A token-id prompt is echoed as its text.
-    echoed = post(client, COMPLETIONS, prompt=[ord("o"), ord("k")], echo=True)["choices"][0]
+    echoed = post(fake_client, COMPLETIONS, prompt=[ord("o"), ord("k")], echo=True)["choices"][0]
     assert echoed["text"] == "okabc"
 
 
-def test_chat_logprobs_shape(client: TestClient) -> None:
-    choice = post(client, CHAT, logprobs=True, top_logprobs=2)["choices"][0]
+def test_chat_logprobs_shape(fake_client: TestClient) -> None:
+    choice = post(fake_client, CHAT, logprobs=True, top_logprobs=2)["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "abc"}
     assert choice["logprobs"]["content"][0] == {
         "token": "a",
@@ -124,11 +106,11 @@ def test_chat_logprobs_shape(client: TestClient) -> None:
         ],
     }
     assert [e["token"] for e in choice["logprobs"]["content"]] == ["a", "b", "c"]
-    assert post(client, CHAT)["choices"][0]["logprobs"] is None
+    assert post(fake_client, CHAT)["choices"][0]["logprobs"] is None
 
 
-def test_chat_echo_with_logprobs(client: TestClient) -> None:
-    choice = post(client, CHAT, logprobs=True, echo=True)["choices"][0]
+def test_chat_echo_with_logprobs(fake_client: TestClient) -> None:
+    choice = post(fake_client, CHAT, logprobs=True, echo=True)["choices"][0]
     rendered = "user:hi\n"
     assert choice["message"]["content"] == rendered + "abc"
     content = choice["logprobs"]["content"]
@@ -137,8 +119,8 @@ def test_chat_echo_with_logprobs(client: TestClient) -> None:
     assert content[1]["logprob"] == fake_logprob(ord("u"))
 
 
-def test_raw_output(client: TestClient) -> None:
-    choice = post(client, COMPLETIONS, raw_output=True, logprobs=1)["choices"][0]
+def test_raw_output(fake_client: TestClient) -> None:
+    choice = post(fake_client, COMPLETIONS, raw_output=True, logprobs=1)["choices"][0]
     raw = choice["raw_output"]
     assert raw["prompt_fragments"] == ["hi"]
     assert raw["prompt_token_ids"] == HI_IDS
@@ -152,23 +134,23 @@ def test_raw_output(client: TestClient) -> None:
         "text_offset": 1,
         "top_logprobs": [{"token": "A", "logprob": -0.125, "bytes": [65], "token_id": 65}],
     }
-    chat = post(client, CHAT, raw_output=True)["choices"][0]["raw_output"]
+    chat = post(fake_client, CHAT, raw_output=True)["choices"][0]["raw_output"]
     assert chat["prompt_fragments"] == ["user:hi\n"]
     assert chat["completion_logprobs"] is None
 
 
-def test_return_token_ids(client: TestClient) -> None:
+def test_return_token_ids(fake_client: TestClient) -> None:
     for path in (COMPLETIONS, CHAT):
-        choice = post(client, path, return_token_ids=True)["choices"][0]
+        choice = post(fake_client, path, return_token_ids=True)["choices"][0]
         assert choice["token_ids"] == [ord(c) for c in "abc"]
         assert choice["prompt_token_ids"][0] == BOS
-    assert "token_ids" not in post(client, COMPLETIONS)["choices"][0]
+    assert "token_ids" not in post(fake_client, COMPLETIONS)["choices"][0]
 
 
-def test_stream_carries_logprobs_and_token_ids(client: TestClient) -> None:
+def test_stream_carries_logprobs_and_token_ids(fake_client: TestClient) -> None:
     fields = {"logprobs": 1, "echo": True, "return_token_ids": True, "raw_output": True}
-    whole = post(client, COMPLETIONS, **fields)["choices"][0]
-    events = post(client, COMPLETIONS, stream=True, **fields)["events"]
+    whole = post(fake_client, COMPLETIONS, **fields)["choices"][0]
+    events = post(fake_client, COMPLETIONS, stream=True, **fields)["events"]
     choices = [e["choices"][0] for e in events]
     assert choices[0]["prompt_token_ids"] == HI_IDS
     assert "".join(c["text"] for c in choices) == whole["text"]
@@ -180,16 +162,16 @@ def test_stream_carries_logprobs_and_token_ids(client: TestClient) -> None:
     assert choices[-1]["raw_output"] == whole["raw_output"]
 
 
-def test_chat_stream_logprobs(client: TestClient) -> None:
-    events = post(client, CHAT, stream=True, logprobs=True)["events"]
+def test_chat_stream_logprobs(fake_client: TestClient) -> None:
+    events = post(fake_client, CHAT, stream=True, logprobs=True)["events"]
     choices = [e["choices"][0] for e in events]
     assert choices[0]["delta"] == {"role": "assistant", "content": ""}
     tokens = [e["token"] for c in choices if c["logprobs"] for e in c["logprobs"]["content"]]
     assert tokens == ["a", "b", "c"]
 
 
-def test_accepted_fields_without_effect(client: TestClient) -> None:
+def test_accepted_fields_without_effect(fake_client: TestClient) -> None:
     fields = {"metadata": {"trace_id": "t-1"}, "reasoning_effort": "high", "user": "u-1"}
-    result = post(client, CHAT, **fields)
+    result = post(fake_client, CHAT, **fields)
     assert "t-1" not in json.dumps(result) and "u-1" not in json.dumps(result)
     assert result["choices"][0]["message"]["content"] == "abc"

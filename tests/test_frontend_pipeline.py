@@ -3,7 +3,6 @@
 import json
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,24 +30,6 @@ STAGE_HEADERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeStages]:
-    stages = start_fake_stages()
-    yield stages
-    stages.stop()
-
-
-@pytest.fixture(scope="module")
-def client(fakes: FakeStages) -> Iterator[TestClient]:
-    config = FrontendConfig(
-        tokenizer_address=fakes.addresses["tokenizer"],
-        prefill_address=fakes.addresses["prefill"],
-        decode_address=fakes.addresses["decode"],
-    )
-    with TestClient(create_app(config)) as test_client:
-        yield test_client
-
-
 @pytest.fixture(autouse=True)
 def normal_decode(fakes: FakeStages) -> None:
     fakes.decode.mode = "normal"
@@ -70,9 +51,9 @@ def _eventually(check: Any, timeout_s: float = 10.0) -> bool:
     return check()
 
 
-def test_completion(client: TestClient, fakes: FakeStages) -> None:
+def test_completion(fake_client: TestClient, fakes: FakeStages) -> None:
     body = {"model": MODEL_ID, "prompt": "hello", "max_tokens": 5}
-    response = client.post("/v1/completions", json=body)
+    response = fake_client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["id"].startswith("cmpl-")
@@ -99,7 +80,7 @@ def test_completion(client: TestClient, fakes: FakeStages) -> None:
     assert fakes.decode.requests[-1].kv_handle.handle_id == f"kv-{result['id']}"
 
 
-def test_completion_passes_sampling_and_stop(client: TestClient, fakes: FakeStages) -> None:
+def test_completion_passes_sampling_and_stop(fake_client: TestClient, fakes: FakeStages) -> None:
     body = {
         "model": "accounts/fireworks/models/" + MODEL_ID,
         "prompt": [5, 6, 7],
@@ -111,7 +92,7 @@ def test_completion_passes_sampling_and_stop(client: TestClient, fakes: FakeStag
         "ignore_eos": True,
         "perf_metrics_in_response": True,
     }
-    response = client.post("/v1/completions", json=body)
+    response = fake_client.post("/v1/completions", json=body)
     result = response.json()
     assert result["choices"][0]["text"] == "abc"
     assert result["choices"][0]["finish_reason"] == "stop"
@@ -134,14 +115,14 @@ def test_completion_passes_sampling_and_stop(client: TestClient, fakes: FakeStag
     }
 
 
-def test_defaults_when_unset(client: TestClient, fakes: FakeStages) -> None:
-    client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "x"})
+def test_defaults_when_unset(fake_client: TestClient, fakes: FakeStages) -> None:
+    fake_client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "x"})
     sampling = fakes.prefill.requests[-1].sampling
     assert (sampling.temperature, sampling.top_p, sampling.top_k) == (1.0, 1.0, 0)
     assert fakes.decode.requests[-1].stopping.max_tokens == 16
 
 
-def test_completion_stream(client: TestClient) -> None:
+def test_completion_stream(fake_client: TestClient) -> None:
     body = {
         "model": MODEL_ID,
         "prompt": "hello",
@@ -150,7 +131,7 @@ def test_completion_stream(client: TestClient) -> None:
         "stream_options": {"include_usage": True},
         "perf_metrics_in_response": True,
     }
-    response = client.post("/v1/completions", json=body)
+    response = fake_client.post("/v1/completions", json=body)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     events = _events(response.text)
@@ -172,8 +153,8 @@ def test_completion_stream(client: TestClient) -> None:
     assert usage_only["choices"] == [] and usage_only["usage"] == usage
 
 
-def test_chat(client: TestClient, fakes: FakeStages) -> None:
-    response = client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": USER})
+def test_chat(fake_client: TestClient, fakes: FakeStages) -> None:
+    response = fake_client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": USER})
     result = response.json()
     assert result["id"].startswith("chatcmpl-")
     assert result["object"] == "chat.completion"
@@ -188,9 +169,9 @@ def test_chat(client: TestClient, fakes: FakeStages) -> None:
     assert result["usage"]["prompt_tokens"] == prompt_tokens
 
 
-def test_chat_stream(client: TestClient) -> None:
+def test_chat_stream(fake_client: TestClient) -> None:
     body = {"model": MODEL_ID, "messages": USER, "max_tokens": 2, "stream": True}
-    events = _events(client.post("/v1/chat/completions", json=body).text)
+    events = _events(fake_client.post("/v1/chat/completions", json=body).text)
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [e["choices"][0]["delta"] for e in events[1:-1]] == [{"content": "a"}, {"content": "b"}]
@@ -205,9 +186,9 @@ def test_chat_stream(client: TestClient) -> None:
     assert "perf_metrics" not in final
 
 
-def test_max_tokens_lowered_to_fit(client: TestClient, fakes: FakeStages) -> None:
+def test_max_tokens_lowered_to_fit(fake_client: TestClient, fakes: FakeStages) -> None:
     body = {"model": MODEL_ID, "prompt": "hello", "max_tokens": 1000}
-    assert client.post("/v1/completions", json=body).status_code == 200
+    assert fake_client.post("/v1/completions", json=body).status_code == 200
     assert fakes.decode.requests[-1].stopping.max_tokens == MAX_MODEL_LEN - 6
 
 
@@ -224,37 +205,39 @@ def test_max_tokens_lowered_to_fit(client: TestClient, fakes: FakeStages) -> Non
     ],
 )
 def test_context_length_exceeded(
-    client: TestClient, path: str, body: dict[str, Any], param: str
+    fake_client: TestClient, path: str, body: dict[str, Any], param: str
 ) -> None:
-    response = client.post(path, json={"model": MODEL_ID, **body})
+    response = fake_client.post(path, json={"model": MODEL_ID, **body})
     assert response.status_code == 400
     error = response.json()["error"]
     assert (error["param"], error["code"]) == (param, "context_length_exceeded")
 
 
-def test_tokenizer_rejection_is_400(client: TestClient) -> None:
-    response = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": [1, 999]})
+def test_tokenizer_rejection_is_400(fake_client: TestClient) -> None:
+    response = fake_client.post("/v1/completions", json={"model": MODEL_ID, "prompt": [1, 999]})
     assert response.status_code == 400
     assert response.json()["error"]["message"] == "token id out of range"
     assert response.json()["error"]["param"] == "prompt"
 
 
-def test_decode_down_is_503_and_releases_the_kv(client: TestClient, fakes: FakeStages) -> None:
+def test_decode_down_is_503_and_releases_the_kv(fake_client: TestClient, fakes: FakeStages) -> None:
     fakes.decode.mode = "unavailable"
-    response = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "hi"})
+    response = fake_client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "hi"})
     assert response.status_code == 503
     assert "decode" in response.json()["error"]["message"]
     handle_id = fakes.decode.requests[-1].kv_handle.handle_id
     assert _eventually(lambda: handle_id in fakes.prefill.released)
 
 
-def test_health_and_models(client: TestClient) -> None:
-    response = client.get("/health")
+def test_health_and_models(fake_client: TestClient) -> None:
+    response = fake_client.get("/health")
     assert response.status_code == 200
     assert response.json()["stages"] == dict.fromkeys(("tokenizer", "prefill", "decode"), "SERVING")
-    models = client.get("/v1/models").json()["data"]
+    models = fake_client.get("/v1/models").json()["data"]
     assert [m["id"] for m in models] == [MODEL_ID]
-    assert client.post("/v1/completions", json={"model": "x", "prompt": "a"}).status_code == 404
+    assert (
+        fake_client.post("/v1/completions", json={"model": "x", "prompt": "a"}).status_code == 404
+    )
 
 
 def test_frontend_started_before_the_stages(fakes: FakeStages) -> None:
@@ -268,14 +251,16 @@ def test_frontend_started_before_the_stages(fakes: FakeStages) -> None:
         prefill_address=f"127.0.0.1:{ports['prefill']}",
         decode_address=f"127.0.0.1:{ports['decode']}",
     )
-    with TestClient(create_app(config)) as client:
+    with TestClient(create_app(config)) as early_client:
         # No served name configured: it comes from Info, which cannot be fetched yet.
-        assert client.get("/v1/models").status_code == 503
+        assert early_client.get("/v1/models").status_code == 503
         late = start_fake_stages(ports)
         try:
-            assert _eventually(lambda: client.get("/v1/models").status_code == 200)
-            assert client.get("/v1/models").json()["data"][0]["id"] == MODEL_ID
+            assert _eventually(lambda: early_client.get("/v1/models").status_code == 200)
+            assert early_client.get("/v1/models").json()["data"][0]["id"] == MODEL_ID
             body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}
-            assert _eventually(lambda: client.post("/v1/completions", json=body).status_code == 200)
+            assert _eventually(
+                lambda: early_client.post("/v1/completions", json=body).status_code == 200
+            )
         finally:
             late.stop()

@@ -181,16 +181,6 @@ async def run_all(base_url: str, model: str) -> list[Outcome]:
 
 
 @pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
 def outcomes(stack, model) -> list[Outcome]:
     return asyncio.run(run_all(f"{stack.http_url}/v1", model))
 
