@@ -35,8 +35,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+@dataclass(slots=True)
+class RotaryAngles:
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, num_heads, head_dim]."""
+        x1, x2 = x.chunk(2, dim=-1)
+        cos, sin = self.cos, self.sin
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 class Rotary(nn.Module):
-    """Rotate-half rotary embedding with a precomputed cos/sin table."""
+    """Rotate-half rotary embedding with a precomputed cos/sin table. The table rows of a
+    forward pass's positions are looked up once (`angles`) and used by every layer."""
 
     def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
         super().__init__()
@@ -45,12 +58,10 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, num_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [num_tokens, 1, head_dim / 2]
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
+        cos = self.cos[positions].unsqueeze(1).to(dtype)  # [num_tokens, 1, head_dim / 2]
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        return RotaryAngles(cos, sin)
 
 
 class Attention(nn.Module):
@@ -61,23 +72,23 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qk_size = q_size + kv_size
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: Rotary,
+        rotary: RotaryAngles,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions)
-        k = rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # Q's and K's heads side by side, rotated in one pass.
+        qk = qkv[:, : self.qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, -1)
+        q, k = rotary.rotate(qk).split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
 
         # kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]
         kv_slots = kv_cache.view(2, -1, self.num_kv_heads, self.head_dim)
@@ -92,7 +103,7 @@ class Attention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         hd, kvh = self.head_dim, self.num_kv_heads
         if meta.query_rows is None:
-            q_pad = q
+            q_pad = q.contiguous()
         else:
             q_pad = q.new_zeros(num_seqs * max_q, self.num_heads, hd)
             q_pad[meta.query_rows] = q
@@ -136,8 +147,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rotary, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+    def forward(self, x, rotary, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -165,8 +176,9 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,  # [num_logits] tokens whose next-token logits are wanted
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rotary = self.rotary.angles(positions, x.dtype)
         for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
-            x = layer(x, positions, self.rotary, layer_cache, meta)
+            x = layer(x, rotary, layer_cache, meta)
         x = self.norm(x[logits_indices])
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()  # [num_logits, vocab_size]
