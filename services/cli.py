@@ -4,6 +4,7 @@ import argparse
 import logging
 
 from services.engine.loader import DEFAULT_MODEL
+from services.engine.quantization import QUANTIZATIONS
 from services.engine.worker import WorkerOptions
 
 
@@ -28,6 +29,12 @@ def engine_parser(
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="none",
+        help="int8: weight-only int8 matmuls on the CPU (faster small-batch decoding)",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
         "--kv-cache-tokens", type=int, help=f"KV pool size in tokens (default {kv_cache_tokens})"
@@ -54,6 +61,7 @@ def worker_options(args: argparse.Namespace, shared_kv: bool = False) -> WorkerO
         device=args.device,
         dtype=args.dtype,
         shared_kv=shared_kv,
+        quantization=args.quantization,
     )
 
 

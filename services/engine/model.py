@@ -160,7 +160,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
-        self.lm_head = (
+        self.lm_head: nn.Module | None = (
             None
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -180,8 +180,8 @@ class LlamaModel(nn.Module):
         for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
             x = layer(x, rotary, layer_cache, meta)
         x = self.norm(x[logits_indices])
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()  # [num_logits, vocab_size]
+        logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+        return logits.float()  # [num_logits, vocab_size]
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Loads Hugging Face Llama names, fusing q/k/v and gate/up into single matmuls."""

@@ -11,6 +11,7 @@ from services.engine.config import ModelConfig
 from services.engine.device import choose_device, choose_dtype, free_memory_bytes
 from services.engine.kv_pool import KVPool, kv_bytes_per_token
 from services.engine.model import LlamaModel, build_model
+from services.engine.quantization import quantize
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
 
@@ -26,6 +27,7 @@ class WorkerOptions:
     device: str = "auto"
     dtype: str = "auto"
     shared_kv: bool = False  # pool in host shared memory (prefill, for same-host decode)
+    quantization: str = "none"  # services.engine.quantization.QUANTIZATIONS
 
 
 def kv_pool_tokens(options: WorkerOptions, bytes_per_token: int, device: torch.device) -> int:
@@ -46,6 +48,7 @@ class Worker:
         weights = loader.load_weights(options.model, self.dtype)
         self.model: LlamaModel = build_model(self.config, weights, self.device)
         del weights
+        quantize(self.model, options.quantization)
         num_tokens = kv_pool_tokens(
             options, kv_bytes_per_token(self.config, self.dtype), self.device
         )
@@ -55,9 +58,10 @@ class Worker:
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self.sampler = Sampler(self.device)
         log.info(
-            "loaded %s (%s, %s) with %d KV blocks of %d tokens in %.1fs",
+            "loaded %s (%s, quantization %s, %s) with %d KV blocks of %d tokens in %.1fs",
             self.config.model_id,
             self.dtype,
+            options.quantization,
             self.device,
             self.pool.num_blocks,
             options.block_size,
