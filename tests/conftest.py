@@ -20,7 +20,7 @@ from tests.test_frontend_fake_stages import FakeStages, fake_config, start_fake_
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240
 # What the launcher's engines compute in on this machine (--dtype auto): bfloat16 where the CPU
-# has fast bf16 instructions or there is a GPU, else float32.
+# has AMX or there is a GPU, else float32.
 STACK_DTYPE = choose_dtype(choose_device())
 
 

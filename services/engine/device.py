@@ -4,21 +4,26 @@ import pathlib
 
 import torch
 
-# CPU flags under which bf16 matmuls run fast: AMX tiles or AVX-512 BF16 instructions.
-_FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# bfloat16 pays on a CPU only with AMX tiles. AVX-512 BF16 alone is slower than float32 on
+# Xeons and 2.4x slower at batch 16 on EPYCs, and on every CPU it changes greedy answers
+# (docs/architecture.md, "Compute dtype").
+_FAST_BF16_CPU_FLAGS = ("amx_bf16",)
 
 
-def cpu_has_fast_bf16() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = set()
+        return set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return any(flag in flags for flag in _FAST_BF16_CPU_FLAGS)
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    return any(flag in cpu_flags() for flag in _FAST_BF16_CPU_FLAGS)
 
 
 def choose_device(requested: str = "auto") -> torch.device:
