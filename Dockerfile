@@ -25,12 +25,17 @@ RUN apt-get update \
 
 FROM base-${VARIANT} AS base
 ENV PATH=/opt/venv/bin:$PATH \
+    LLMSERVE_KERNEL_DIR=/opt/venv/share/llmserve-kernels \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 FROM base AS build
 ARG VARIANT
+# The C++ compiler builds our CPU kernels; the runtime image carries only the libraries.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=""
 RUN python3 -m venv /opt/venv
@@ -54,7 +59,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip install . \
     && python -m services.rpc.generate \
     && pip install --no-deps --force-reinstall . \
-    && python -P -c "import frontend.app, services.rpc.decode_pb2_grpc"
+    && python -P -c "import frontend.app, services.rpc.decode_pb2_grpc" \
+    && python -P -m services.engine.kernels avx512 avx2 portable
 
 FROM base AS runtime
 RUN groupadd --gid 10001 app \

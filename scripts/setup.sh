@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv, installs the project and its test tools, the default model and the gRPC stubs.
+# Creates .venv, installs the project and its test tools, the default model and the gRPC stubs,
+# and builds the CPU kernels for this machine.
 # Idempotent: a second run only regenerates the stubs when the protos changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,3 +28,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 python -m services.rpc.generate
+python -m services.engine.kernels

@@ -32,8 +32,9 @@ def engine_parser(
     parser.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
-        default="none",
-        help="int8: weight-only int8 matmuls on the CPU (faster small-batch decoding)",
+        default="auto",
+        help="auto: a GGUF's own blocks on the CPU (gguf), else none (the checkpoint's floats); "
+        "int8: weight-only int8 matmuls on the CPU",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(

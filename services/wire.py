@@ -1,6 +1,6 @@
 """Conversions between protobuf messages and internal types, shared by the services."""
 
-from services.engine.config import ModelConfig
+from services.engine.config import EngineInfo, ModelConfig
 from services.engine.sampling_params import SampledToken, SamplingParams, validate
 from services.engine.tokenizer import Tokenizer
 from services.errors import InvalidArgumentError
@@ -12,13 +12,18 @@ DEFAULT_MIROSTAT_LR = 0.1
 
 
 def model_info(
-    config: ModelConfig, dtype: str, device: str, block_size: int
+    config: ModelConfig, engine: EngineInfo | None, block_size: int
 ) -> common_pb2.ModelInfo:
+    """`engine` None: a stage that runs no model (the tokenizer)."""
+    engine = engine or EngineInfo(dtype="", device="cpu", weight_format="")
     return common_pb2.ModelInfo(
         model_id=config.model_id,
         architecture=config.architecture,
-        dtype=dtype,
-        device=device,
+        dtype=engine.dtype,
+        device=engine.device,
+        weight_format=engine.weight_format,
+        kernels=engine.kernels,
+        batch_invariant=engine.batch_invariant,
         vocab_size=config.vocab_size,
         context_length=config.max_position_embeddings,
         block_size=block_size,

@@ -3,21 +3,29 @@
 import torch
 
 from services.engine import loader
+from services.engine.attention import tokens_kv
 from services.engine.kv_pool import KVPool
 from services.engine.model import build_model
 from services.engine.runner import ModelRunner, SeqChunk
 
 
+def default_runner(num_tokens: int, block_size: int = 16) -> ModelRunner:
+    """The default model as the services run it by default: the GGUF's own blocks, float32
+    activations, our CPU kernels."""
+    config = loader.load_config("default")
+    weights = loader.load_weights("default", torch.float32, keep_blocks=True)
+    cpu = torch.device("cpu")
+    model = build_model(config, weights, cpu)
+    return ModelRunner(model, KVPool(config, num_tokens, block_size, torch.float32, cpu), cpu)
+
+
 class Reference:
-    """The default model run directly (float32, CPU), as the services run it."""
+    """The default model run directly in this process, as the services run it."""
 
     def __init__(self, num_tokens: int = 4096, block_size: int = 16) -> None:
-        self.config = loader.load_config("default")
-        weights = loader.load_weights("default", torch.float32)
-        cpu = torch.device("cpu")
-        model = build_model(self.config, weights, cpu)
-        self.pool = KVPool(self.config, num_tokens, block_size, torch.float32, cpu)
-        self.runner = ModelRunner(model, self.pool, cpu)
+        self.runner = default_runner(num_tokens, block_size)
+        self.config = self.runner.model.config
+        self.pool = self.runner.pool
         self.block_size = block_size
 
     def _allocate(self, num_tokens: int) -> list[int]:
@@ -44,8 +52,7 @@ class Reference:
         try:
             with torch.no_grad():
                 self.runner.forward([SeqChunk(list(prompt), 0, table)])
-            # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-            kv = self.pool.cache[:, :, table].clone()
+            kv = tokens_kv(self.pool.cache, table, self.config.head_dim).clone()
         finally:
             self.pool.blocks.free(table)
-        return kv.flatten(2, 3)[:, :, : len(prompt)]
+        return kv[:, :, : len(prompt)]

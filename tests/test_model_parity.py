@@ -1,33 +1,48 @@
 """Our Llama forward equals an independent implementation (transformers) on the same GGUF.
 
-One teacher-forced reference pass over prompt + our greedy tokens checks both: the
-reference's argmax at every position must be our next token (so its greedy decoding
-equals ours token for token), and its logits must agree within LOGITS_ATOL (float32).
+Our side runs as the services do by default: the file's Q4_1/Q8_0 blocks multiplied by our
+CPU kernels in float32. The reference is transformers in float32 on the same weights,
+dequantized. One teacher-forced reference pass over prompt + our greedy tokens checks both:
+the reference's argmax at each position should be our next token (so its greedy decoding
+equals ours), and its logits must agree within LOGITS_ATOL.
 """
 
 import os
+import pathlib
 
 import pytest
 import torch
 
 from services.engine import loader
-from services.engine.kv_pool import KVPool
-from services.engine.model import build_model
 from services.engine.runner import ModelRunner, SeqChunk
+from tests.engine_reference import default_runner
 
 NUM_NEW_TOKENS = 32
+BLOCK = 16
 # float32 on both sides; differences come only from summation order.
 LOGITS_ATOL = 2e-3
-PROMPTS = [
+# Positions where the reference's greedy choice is ours. Summation order alone can flip a
+# near-tie; anything systematic (a wrong weight, a bfloat16 rounding) falls far below this.
+MIN_AGREEMENT = 0.98
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LONG_TOKENS = 1000
+CHAT_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
     "def fibonacci(n):",
     "The three primary colors are",
+    "Explain why the sky is blue in one sentence.",
+    "Give me three tips for a job interview.",
+    "What is 17 times 23?",
+]
+PLAIN_PROMPTS = [
     "Translate to French: Good morning, how are you?",
     "List five prime numbers:",
     "Once upon a time, in a small village,",
-    "Explain why the sky is blue in one sentence.",
     "1, 2, 3, 5, 8, 13,",
+    "The mitochondria is",
+    "import numpy as np\n\ndef softmax(x):",
+    "Dear customer, we regret to inform you that",
 ]
 
 
@@ -38,12 +53,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def runner():
-    config = loader.load_config("default")
-    model = build_model(config, loader.load_weights("default", torch.float32), torch.device("cpu"))
-    pool = KVPool(
-        config, num_tokens=8192, block_size=16, dtype=torch.float32, device=torch.device("cpu")
-    )
-    return ModelRunner(model, pool, torch.device("cpu"))
+    return default_runner(8192, BLOCK)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +76,7 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
 def generate_batched(runner: ModelRunner, prompts: list[list[int]]):
     """Greedy decoding of all prompts together: one forward pass per step for the batch."""
     blocks = runner.pool.blocks
-    tables = [blocks.allocate(-(-(len(p) + NUM_NEW_TOKENS) // 16)) for p in prompts]
+    tables = [blocks.allocate(-(-(len(p) + NUM_NEW_TOKENS) // BLOCK)) for p in prompts]
     seqs = [list(p) for p in prompts]
     chunks = [SeqChunk(list(p), 0, t) for p, t in zip(prompts, tables, strict=True)]
     step_logits = []
@@ -84,21 +94,33 @@ def generate_batched(runner: ModelRunner, prompts: list[list[int]]):
     )
 
 
+def long_prompts(tokenizer) -> list[list[int]]:
+    """~1,000-token prompts: prose to summarize (chat) and code to continue (plain)."""
+    prose = tokenizer.encode((ROOT / "README.md").read_text())[:LONG_TOKENS]
+    code = tokenizer.encode((ROOT / "services/engine/model.py").read_text())[:LONG_TOKENS]
+    summary = chat_prompt_ids(tokenizer, "Summarize this:\n" + tokenizer.decode(prose))
+    return [summary, code]
+
+
 def test_greedy_tokens_and_logits_match_transformers(tokenizer, runner, reference):
-    prompts = [chat_prompt_ids(tokenizer, text) for text in PROMPTS[:4]]
-    prompts += [tokenizer.encode(text) for text in PROMPTS[4:]]
+    prompts = [chat_prompt_ids(tokenizer, text) for text in CHAT_PROMPTS]
+    prompts += [tokenizer.encode(text) for text in PLAIN_PROMPTS]
+    prompts += long_prompts(tokenizer)
+    assert len(prompts) >= 16 and max(map(len, prompts)) >= LONG_TOKENS
     ours, our_logits = generate_batched(runner, prompts)
+    agree = 0
     for i, (prompt, tokens) in enumerate(zip(prompts, ours, strict=True)):
         with torch.no_grad():
             forced = reference(torch.tensor([prompt + tokens])).logits[0]
         # Logits that predicted each of our tokens: positions len(prompt)-1 .. end-1.
         ref_logits = forced[len(prompt) - 1 : len(prompt) - 1 + NUM_NEW_TOKENS]
         expected = ref_logits.argmax(-1).tolist()
-        assert tokens == expected, f"prompt {i}: {tokenizer.decode(tokens)!r}"
+        agree += sum(a == b for a, b in zip(tokens, expected, strict=True))
         diff = (our_logits[i] - ref_logits).abs().max().item()
         assert diff < LOGITS_ATOL, f"prompt {i}: max |logit diff| {diff}"
+    assert agree / (len(prompts) * NUM_NEW_TOKENS) >= MIN_AGREEMENT
 
 
 def test_paris(tokenizer, runner):
-    (tokens,), _ = generate_batched(runner, [chat_prompt_ids(tokenizer, PROMPTS[0])])
-    assert "Paris" in tokenizer.decode(tokens)
+    (tokens,), _ = generate_batched(runner, [chat_prompt_ids(tokenizer, CHAT_PROMPTS[0])])
+    assert tokenizer.decode(tokens).startswith("The capital of France is Paris.")

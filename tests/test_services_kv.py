@@ -7,6 +7,7 @@ import grpc
 import pytest
 import torch
 
+from services.engine.attention import tokens_kv
 from services.engine.tokenizer import Tokenizer
 from services.rpc import decode_pb2, prefill_pb2
 from tests.engine_reference import Reference
@@ -40,10 +41,10 @@ def test_pull_kv_matches_engine(stack, engine_reference: Reference, default_toke
     handle = stack.run_prefill(prompt).kv_handle
     chunks = pull(stack, handle.handle_id)
     config = engine_reference.config
-    block_shape = [16, config.num_kv_heads, config.head_dim]
+    block_shape = [config.num_kv_heads, 16 * config.head_dim]
     assert handle.num_blocks == 44 and len(chunks) > config.num_layers
     covered = collections.Counter()
-    # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    # [num_layers, 2, num_blocks, num_kv_heads, block_size * head_dim]
     pulled = torch.full((config.num_layers, 2, handle.num_blocks, *block_shape), float("nan"))
     for c in chunks:
         assert c.dtype == "float32" and list(c.shape) == [c.num_blocks, *block_shape]
@@ -53,7 +54,8 @@ def test_pull_kv_matches_engine(stack, engine_reference: Reference, default_toke
             pulled[c.layer, kv, c.block_offset : c.block_offset + c.num_blocks] = values
     assert covered == {(layer, b): 1 for layer in range(config.num_layers) for b in range(44)}
     expected = engine_reference.prompt_kv(prompt)
-    torch.testing.assert_close(pulled.flatten(2, 3)[:, :, :700], expected, atol=1e-3, rtol=1e-3)
+    pulled_tokens = tokens_kv(pulled, list(range(44)), config.head_dim)[:, :, :700]
+    torch.testing.assert_close(pulled_tokens, expected, atol=1e-3, rtol=1e-3)
     assert rpc_error(pull, stack, handle.handle_id).code() == NOT_FOUND
     assert stack.wait_idle("prefill").num_used_blocks == 0
 

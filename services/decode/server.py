@@ -205,12 +205,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return common_pb2.InfoResponse(
             service="decode",
             instance=self.address,
-            model=model_info(
-                self.worker.config,
-                self.worker.dtype_name,
-                str(self.worker.device),
-                self.worker.pool.block_size,
-            ),
+            model=model_info(self.worker.config, self.worker.info, self.worker.pool.block_size),
             limits=common_pb2.Limits(
                 max_batch_size=self.engine.scheduler.max_batch_size,
                 num_kv_blocks=self.worker.pool.num_blocks,

@@ -74,3 +74,14 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
         }
+
+
+@dataclass(slots=True)
+class EngineInfo:
+    """How an instance computes, as its Info RPC reports it."""
+
+    dtype: str  # activations, norms, KV cache
+    device: str
+    weight_format: str  # "gguf:Q4_1+Q8_0", "int8", or the dense weights' dtype
+    kernels: str = ""  # CPU kernel variant in use, "" where torch computes
+    batch_invariant: bool = False

@@ -8,6 +8,8 @@ like every Hugging Face Llama checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +22,7 @@ from gguf import GGUFReader
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from services.engine.block_linear import BlockQuantized, Weight, block_format
 from services.engine.config import ModelConfig
 from services.engine.tokenizer import Tokenizer, bytes_to_unicode, end_token_ids
 
@@ -45,6 +48,7 @@ _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
 # llama.cpp pre-tokenizer names (tokenizer.ggml.pre) whose split we reproduce.
 _GPT2_PRE = frozenset({"default", "gpt-2"})
 _DIGITS_PRE = frozenset({"smollm", "starcoder", "refact"})
+log = logging.getLogger(__name__)
 _QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|[BF]F?16|F32)$", re.IGNORECASE)
 
 
@@ -160,26 +164,54 @@ def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
     return values if values.flags.writeable else values.copy()
 
 
-def read_weights(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, dtype: torch.dtype, keep_blocks: bool = False) -> dict[str, Weight]:
+    """HF names to float tensors in `dtype`; with `keep_blocks`, 2-D tensors in a block format
+    our kernels multiply (Q4_1, Q8_0) stay as the file's blocks (`BlockQuantized`)."""
     config = read_config(path)
     tensors = _tensor_index(path)
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, Weight] = {}
+    unsupported: set[str] = set()
     for name, shape in config.weight_shapes().items():
         gguf_name = _gguf_name(name)
         if gguf_name not in tensors:
             raise ValueError(f"{path}: missing tensor {gguf_name!r}")
-        weight = torch.from_numpy(_dequantize(tensors[gguf_name]))
+        weight = _read_tensor(tensors[gguf_name], shape, keep_blocks, unsupported)
         if gguf_name.endswith("attn_q.weight"):
-            weight = unpermute_rotary(weight, config.num_heads)
+            weight = _unpermute(weight, config.num_heads)
         elif gguf_name.endswith("attn_k.weight"):
-            weight = unpermute_rotary(weight, config.num_kv_heads)
+            weight = _unpermute(weight, config.num_kv_heads)
         if tuple(weight.shape) != shape:
             raise ValueError(f"{path}: {gguf_name} has shape {tuple(weight.shape)}, want {shape}")
-        weights[name] = weight.to(dtype).contiguous()
+        weights[name] = weight if isinstance(weight, BlockQuantized) else weight.to(dtype)
     unknown = set(tensors) - {_gguf_name(name) for name in weights}
     if unknown:
         raise ValueError(f"{path}: unexpected tensors {sorted(unknown)[:5]}")
+    if unsupported:
+        log.warning(
+            "%s: no CPU kernel for GGUF type(s) %s; those tensors are dequantized to %s",
+            path.name,
+            sorted(unsupported),
+            dtype,
+        )
     return weights
+
+
+def _read_tensor(
+    tensor: gguf.ReaderTensor, shape: tuple[int, ...], keep_blocks: bool, unsupported: set[str]
+) -> Weight:
+    type_name = tensor.tensor_type.name
+    if keep_blocks and len(shape) == 2 and type_name not in ("F32", "F16", "BF16"):
+        fmt = block_format(type_name, (shape[0], shape[1]))
+        if fmt is not None:
+            return BlockQuantized(fmt, torch.from_numpy(np.array(tensor.data)), shape[1])
+        unsupported.add(type_name)
+    return torch.from_numpy(_dequantize(tensor))
+
+
+def _unpermute(weight: Weight, num_heads: int) -> Weight:
+    if isinstance(weight, BlockQuantized):  # blocks run along rows: permute the file's rows
+        return dataclasses.replace(weight, rows=unpermute_rotary(weight.rows, num_heads))
+    return unpermute_rotary(weight, num_heads)
 
 
 def _gguf_name(name: str) -> str:

@@ -2,7 +2,8 @@
 
 import torch
 
-from services.engine import shm_storage
+from services.engine import kernels, shm_storage
+from services.engine.attention import cache_shape
 from services.engine.block_manager import BlockManager
 from services.engine.config import ModelConfig
 
@@ -26,8 +27,11 @@ class KVPool:
         num_blocks = max(1, num_tokens // block_size)
         self.block_size = block_size
         self.blocks = BlockManager(num_blocks, block_size)
-        # [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
-        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        # [num_layers, 2 (k, v), num_blocks, num_kv_heads, block_size * head_dim]: the layout
+        # inside a block's head is attention's (services/engine/attention.py).
+        shape = cache_shape(
+            config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim
+        )
         self.shared: shm_storage.SharedStorage | None = None
         if shared_memory and device.type == "cpu":
             self.shared = shm_storage.create(shape, dtype)
@@ -36,6 +40,8 @@ class KVPool:
             self.cache = torch.empty(shape, dtype=dtype, device=device)
         # Zeroed: masked-out slots must hold finite values, or NaN leaks through attention.
         self.cache.zero_()
+        if kernels.serves(self.cache):
+            kernels.load()
 
     @property
     def num_blocks(self) -> int:

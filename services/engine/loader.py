@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from services.engine import gguf_loader, hf_loader
+from services.engine.block_linear import Weight
 from services.engine.config import ModelConfig
 from services.engine.tokenizer import Tokenizer
 
@@ -87,14 +88,18 @@ def load_config(spec: str) -> ModelConfig:
     return _dummy_config(source.path)
 
 
-def load_weights(spec: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF Llama names, [out, in] layouts, on CPU in `dtype`; lm_head only when untied."""
+def load_weights(spec: str, dtype: torch.dtype, keep_blocks: bool = False) -> dict[str, Weight]:
+    """HF Llama names, [out, in] layouts, on CPU in `dtype`; lm_head only when untied. With
+    `keep_blocks`, a GGUF's Q4_1/Q8_0 matrices stay in their blocks (`BlockQuantized`)."""
     source = resolve(spec)
     if source.kind == "gguf":
-        return gguf_loader.read_weights(_path(source), dtype)
+        return gguf_loader.read_weights(_path(source), dtype, keep_blocks)
+    weights: dict[str, Weight] = {}
     if source.kind == "hf":
-        return hf_loader.read_weights(_path(source), dtype)
-    return dummy_weights(_dummy_config(source.path), dtype)
+        weights.update(hf_loader.read_weights(_path(source), dtype))
+    else:
+        weights.update(dummy_weights(_dummy_config(source.path), dtype))
+    return weights
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -1,4 +1,8 @@
-"""Weight-only int8 quantization of the model's matmuls, for decoding on the CPU.
+"""Which weight format the model's matmuls use, and weight-only int8 for float checkpoints.
+
+`--quantization`: `gguf` keeps a GGUF file's Q4_1/Q8_0 blocks as they are and multiplies with
+our float32 CPU kernels (the default for a GGUF on the CPU: `auto`); `none` dequantizes to
+the compute dtype; `int8` is described below.
 
 At small batches a decode step is bound by reading the weights: int8 weights with one scale
 per output channel read half the bytes of bfloat16 (a quarter of float32), and the CPU kernel
@@ -13,7 +17,28 @@ from torch import nn
 
 from services.engine.model import LlamaModel
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("auto", "gguf", "none", "int8")
+
+
+def resolve_quantization(requested: str, model_kind: str, device: torch.device) -> str:
+    """`auto` -> `gguf` for a GGUF file on the CPU, else `none`; impossible choices raise."""
+    if requested not in QUANTIZATIONS:
+        raise ValueError(f"quantization {requested!r} is not one of {QUANTIZATIONS}")
+    if requested == "auto":
+        return "gguf" if model_kind == "gguf" and device.type == "cpu" else "none"
+    if requested == "gguf" and (model_kind != "gguf" or device.type != "cpu"):
+        raise ValueError("--quantization gguf needs a GGUF model on the CPU")
+    return requested
+
+
+def compute_dtype(quantization: str, dtype: torch.dtype) -> torch.dtype:
+    """GGUF block kernels take float32 activations; other dtypes need dequantized weights."""
+    if quantization == "gguf" and dtype != torch.float32:
+        raise ValueError(
+            f"GGUF block weights compute in float32, not {dtype}; "
+            "pass --quantization none to run the dequantized model in another dtype"
+        )
+    return dtype
 
 
 class Int8Linear(nn.Module):
@@ -35,9 +60,9 @@ class Int8Linear(nn.Module):
 
 def quantize(model: LlamaModel, method: str) -> None:
     """Replaces the model's linear layers and its output head in place (`none`: no change)."""
-    if method not in QUANTIZATIONS:
-        raise ValueError(f"quantization {method!r} is not one of {QUANTIZATIONS}")
-    if method == "none":
+    if method not in QUANTIZATIONS or method == "auto":
+        raise ValueError(f"quantization {method!r} is not one of {QUANTIZATIONS[1:]}")
+    if method in ("none", "gguf"):  # gguf: the loader already kept the blocks
         return
     if model.embed_tokens.weight.device.type != "cpu":
         raise ValueError("--quantization int8 runs on the CPU only")

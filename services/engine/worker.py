@@ -5,13 +5,16 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from services.engine import loader
-from services.engine.config import ModelConfig
+from services.engine import kernels, loader
+from services.engine.attention import in_place
+from services.engine.block_linear import BlockLinear
+from services.engine.config import EngineInfo, ModelConfig
 from services.engine.device import choose_device, choose_dtype, free_memory_bytes
 from services.engine.kv_pool import KVPool, kv_bytes_per_token
 from services.engine.model import LlamaModel, build_model
-from services.engine.quantization import quantize
+from services.engine.quantization import compute_dtype, quantize, resolve_quantization
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
 
@@ -27,7 +30,7 @@ class WorkerOptions:
     device: str = "auto"
     dtype: str = "auto"
     shared_kv: bool = False  # pool in host shared memory (prefill, for same-host decode)
-    quantization: str = "none"  # services.engine.quantization.QUANTIZATIONS
+    quantization: str = "auto"  # services.engine.quantization.QUANTIZATIONS
 
 
 def kv_pool_tokens(options: WorkerOptions, bytes_per_token: int, device: torch.device) -> int:
@@ -43,12 +46,20 @@ class Worker:
     def __init__(self, options: WorkerOptions) -> None:
         start = time.monotonic()
         self.device = choose_device(options.device)
-        self.dtype = choose_dtype(self.device, options.dtype)
+        self.quantization = resolve_quantization(
+            options.quantization, loader.resolve(options.model).kind, self.device
+        )
+        auto_dtype = "float32" if self.quantization == "gguf" and options.dtype == "auto" else None
+        self.dtype = compute_dtype(
+            self.quantization, choose_dtype(self.device, auto_dtype or options.dtype)
+        )
         self.config: ModelConfig = loader.load_config(options.model)
-        weights = loader.load_weights(options.model, self.dtype)
+        weights = loader.load_weights(
+            options.model, self.dtype, keep_blocks=self.quantization == "gguf"
+        )
         self.model: LlamaModel = build_model(self.config, weights, self.device)
         del weights
-        quantize(self.model, options.quantization)
+        quantize(self.model, self.quantization)
         num_tokens = kv_pool_tokens(
             options, kv_bytes_per_token(self.config, self.dtype), self.device
         )
@@ -61,11 +72,34 @@ class Worker:
             "loaded %s (%s, quantization %s, %s) with %d KV blocks of %d tokens in %.1fs",
             self.config.model_id,
             self.dtype,
-            options.quantization,
+            self.quantization,
             self.device,
             self.pool.num_blocks,
             options.block_size,
             time.monotonic() - start,
+        )
+
+    @property
+    def info(self) -> EngineInfo:
+        linears = [m for m in self.model.modules() if isinstance(m, BlockLinear | nn.Linear)]
+        formats = sorted({m.fmt.name for m in linears if isinstance(m, BlockLinear)})
+        if self.quantization == "gguf":
+            weight_format = "gguf:" + "+".join(formats)
+        elif self.quantization == "int8":
+            weight_format = "int8"
+        else:
+            weight_format = self.dtype_name
+        kernels_used = in_place(self.pool.cache)
+        return EngineInfo(
+            dtype=self.dtype_name,
+            device=str(self.device),
+            weight_format=weight_format,
+            kernels=kernels.load() if kernels_used else "",
+            # Every matmul and attention in our fixed-order kernels (dense float weights go
+            # through BLAS, whose reduction order depends on the batch).
+            batch_invariant=kernels_used
+            and not any(isinstance(m, nn.Linear) for m in linears)
+            and self.quantization == "gguf",
         )
 
     @property

@@ -119,12 +119,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return common_pb2.InfoResponse(
             service="prefill",
             instance=self.address,
-            model=model_info(
-                self.worker.config,
-                self.worker.dtype_name,
-                str(self.worker.device),
-                self.worker.pool.block_size,
-            ),
+            model=model_info(self.worker.config, self.worker.info, self.worker.pool.block_size),
             limits=common_pb2.Limits(
                 max_prefill_tokens=self.engine.max_prefill_tokens,
                 num_kv_blocks=self.worker.pool.num_blocks,
@@ -136,7 +131,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 def kv_chunks(cache: torch.Tensor, block_ids: list[int], first_block: int, dtype: str):
     """Yields each layer's K and V for runs of blocks from `first_block` on, as raw bytes."""
-    # cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    # cache: [num_layers, 2, num_blocks, num_kv_heads, block_size * head_dim]
     block_bytes = cache[0, 0, 0].numel() * cache.element_size()
     per_chunk = max(1, KV_CHUNK_BYTES // (2 * block_bytes))
     index = torch.tensor(block_ids, device=cache.device)

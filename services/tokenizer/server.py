@@ -91,7 +91,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return common_pb2.InfoResponse(
             service="tokenizer",
             instance=self.address,
-            model=model_info(self.config, dtype="", device="cpu", block_size=0),
+            model=model_info(self.config, None, block_size=0),
             limits=common_pb2.Limits(max_model_len=self.config.max_position_embeddings),
         )
 

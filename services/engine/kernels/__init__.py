@@ -1,0 +1,97 @@
+"""CPU kernels of our own (C++), built for this machine's instruction set on first use.
+
+`load()` compiles `quant_linear.cpp`, `paged_attention.cpp` and `layer_ops.cpp` with the
+machine's compiler for the widest vector extension the CPU has (AVX-512, else AVX2, else
+portable code) and
+registers them as `torch.ops.llmserve.*`. The build is cached beside this file (or under
+`LLMSERVE_KERNEL_DIR`), one library per variant, sources, flags and torch version;
+`scripts/setup.sh` builds this machine's variant (`python -m services.engine.kernels`), so
+services start without compiling. `LLMSERVE_KERNEL_VARIANT` forces a variant.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from services.engine.device import cpu_flags
+
+log = logging.getLogger(__name__)
+
+_SOURCES = ("quant_linear.cpp", "paged_attention.cpp", "layer_ops.cpp")
+_HERE = Path(__file__).resolve().parent
+# Each variant's flags name exactly what its code may use, so a build runs on any CPU with them.
+_VARIANTS = {
+    "avx512": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    ),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+    "portable": ((), []),
+}
+# -ffp-contract=fast: a * b + c is one fused multiply-add wherever the variant has FMA.
+_COMMON_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp"]
+
+
+def cpu_variant() -> str:
+    flags = cpu_flags()
+    forced = os.environ.get("LLMSERVE_KERNEL_VARIANT")
+    if forced:
+        if forced not in _VARIANTS:
+            raise ValueError(f"LLMSERVE_KERNEL_VARIANT={forced!r} is not one of {list(_VARIANTS)}")
+        return forced
+    return next(name for name, (needs, _) in _VARIANTS.items() if set(needs) <= flags)
+
+
+def serves(tensor: torch.Tensor) -> bool:
+    """Our kernels compute float32 on the CPU; everything else goes to torch."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32
+
+
+def _build_dir(variant: str) -> Path:
+    sources = b"".join((_HERE / name).read_bytes() for name in (*_SOURCES, "simd.h"))
+    flags = " ".join([*_COMMON_FLAGS, *_VARIANTS[variant][1]]).encode()
+    digest = hashlib.sha256(sources + flags + torch.__version__.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("LLMSERVE_KERNEL_DIR", _HERE / "build"))
+    return root / f"{variant}-{digest}"
+
+
+@functools.cache
+def load() -> str:
+    """Loads the kernels, building them first if this variant of these sources was never
+    built; returns the variant loaded."""
+    variant = cpu_variant()
+    build_dir = _build_dir(variant)
+    library = build_dir / f"llmserve_kernels_{variant}.so"
+    if not library.exists():
+        _build(variant, build_dir)
+    torch.ops.load_library(str(library))
+    return variant
+
+
+def _build(variant: str, build_dir: Path) -> None:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the pip package's binary, outside an activated venv
+        import ninja
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    cpp_extension.load(
+        name=f"llmserve_kernels_{variant}",
+        sources=[str(_HERE / name) for name in _SOURCES],
+        extra_cflags=[*_COMMON_FLAGS, *_VARIANTS[variant][1]],
+        extra_include_paths=[str(_HERE)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    log.info("built the CPU kernels (%s) in %.1fs", variant, time.monotonic() - start)

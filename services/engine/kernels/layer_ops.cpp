@@ -1,0 +1,76 @@
+// Row-wise float32 ops of a decoder layer, one pass each: RMSNorm and SiLU(gate) * up.
+// Each row is computed alone, in a fixed order, whatever the number of rows.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "simd.h"
+
+namespace llmserve {
+namespace {
+
+constexpr int64_t kRowsPerTask = 16;  // small batches run on the calling thread
+
+// y = x / sqrt(mean(x^2) + eps) * weight, per row of x [rows, dim].
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat);
+  const int64_t dim = x.size(-1);
+  TORCH_CHECK(dim % kLanes == 0 && weight.numel() == dim && weight.is_contiguous());
+  at::Tensor rows = x.reshape({-1, dim}).contiguous();
+  at::Tensor out = at::empty(rows.sizes(), rows.options());
+  const float* xp = rows.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * dim;
+      V squares = {};
+      for (int64_t i = 0; i < dim; i += kLanes) {
+        V v = load(row + i);
+        squares = v * v + squares;
+      }
+      const float inv = 1.0f / std::sqrt(hsum(squares) / dim + static_cast<float>(eps));
+      for (int64_t i = 0; i < dim; i += kLanes)
+        store(op + r * dim + i, load(row + i) * inv * load(wp + i));
+    }
+  });
+  return out.view(x.sizes());
+}
+
+// gate_up [rows, 2 * n] -> silu(gate) * up [rows, n].
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.dim() == 2);
+  at::Tensor rows = gate_up.contiguous();
+  const int64_t n = rows.size(1) / 2;
+  TORCH_CHECK(n % kLanes == 0);
+  at::Tensor out = at::empty({rows.size(0), n}, rows.options());
+  const float* gp = rows.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t i = 0; i < n; i += kLanes) {
+        V g = load(gp + r * 2 * n + i), u = load(gp + r * 2 * n + n + i);
+        V e = vexp(g > 0 ? -g : g);  // e^-|g| <= 1: no overflow
+        V sigmoid = (g > 0 ? splat(1.0f) : e) / (e + 1.0f);
+        store(op + r * n + i, g * sigmoid * u);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace llmserve
+
+TORCH_LIBRARY_FRAGMENT(llmserve, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
+  m.impl("rms_norm", &llmserve::rms_norm);
+  m.impl("silu_mul", &llmserve::silu_mul);
+}
