@@ -1,12 +1,14 @@
-"""Serving benchmark: N concurrent streaming chat requests against an OpenAI-style server.
+"""Serving benchmark: streaming chat requests against OpenAI-style servers, ours and a peer.
 
     python bench/serving.py --launch                  # starts our stack on free ports
-    python bench/serving.py --url http://127.0.0.1:8000 --peer-url http://127.0.0.1:8080
+    python bench/serving.py --launch --peer-url http://127.0.0.1:8100   # llama-server beside it
 
-Prints one summary line per (server, concurrency) and writes bench/results/serving.json:
-requests/s, output tokens/s, TTFT and inter-token latency p50/p99. A warm-up round is run
-and discarded. With --peer-url a second server (e.g. llama.cpp's llama-server on the same
-GGUF) is measured in the same run with the same requests.
+Workloads, each run on every server in turn (interleaved, same requests):
+  - closed-loop chat streams at each --concurrency level: output tok/s, TTFT and ITL p50/p99;
+  - a long prompt (--long-words words): TTFT cold (a prompt no cache has seen), then the same
+    prompt again (prefix cache, KV handoff included).
+A warm-up round is run and discarded. Prints progress and one line per result, and writes
+bench/results/serving.json and serving.png (output tok/s and ITL p50 against concurrency).
 """
 
 import argparse
@@ -15,6 +17,8 @@ import contextlib
 import itertools
 import json
 import pathlib
+import random
+import secrets
 import subprocess
 import sys
 import threading
@@ -41,6 +45,11 @@ TOPICS = [
     "a mountain village",
     "a time traveller's mistake",
 ]
+WORDS = (
+    "river stone garden window morning letter bridge candle winter market orchard harbor "
+    "mountain lantern meadow journey silver kitchen thunder valley painter whisper forest "
+    "engine station courage shadow island memory season ladder pocket mirror compass"
+).split()
 
 
 @dataclass(slots=True)
@@ -53,7 +62,8 @@ class RequestResult:
 
 @dataclass(slots=True)
 class Summary:
-    server: str
+    server: str  # "ours" or "peer"
+    workload: str  # "chat" or "long-cold" / "long-again"
     concurrency: int
     num_requests: int
     requests_per_s: float
@@ -63,6 +73,14 @@ class Summary:
     itl_p50_ms: float
     itl_p99_ms: float
 
+    def line(self) -> str:
+        return (
+            f"{self.server:>4} {self.workload:<10} c={self.concurrency:<3} "
+            f"{self.output_tokens_per_s:7.1f} tok/s  TTFT p50/p99 {self.ttft_p50_ms:6.0f}/"
+            f"{self.ttft_p99_ms:6.0f} ms  ITL p50/p99 {self.itl_p50_ms:5.1f}/"
+            f"{self.itl_p99_ms:5.1f} ms"
+        )
+
 
 def percentile(values: list[float], q: float) -> float:
     if not values:
@@ -71,17 +89,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def one_request(
-    client: httpx.AsyncClient, model: str, index: int, max_tokens: int, extra: dict | None = None
-):
+async def one_request(client: httpx.AsyncClient, model: str, content: str, max_tokens: int, extra):
     """`extra` adds or overrides body fields (e.g. a response_format) for every request."""
     body = {
         "model": model,
-        "messages": [
-            {"role": "user", "content": f"Write a long story about {TOPICS[index % 16]}."}
-        ],
+        "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "temperature": 0.0,
+        # Every request generates max_tokens (Fireworks' and llama.cpp's extension).
+        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
         **(extra or {}),
@@ -97,7 +113,8 @@ async def one_request(
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 num_tokens = chunk["usage"]["completion_tokens"]
-            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+            # A token is a chunk with generated text; a role-only opening chunk is not.
+            if any(_carries_text(c.get("delta", {})) for c in chunk.get("choices", [])):
                 arrivals.append(time.perf_counter())
     end = time.perf_counter()
     if not arrivals:
@@ -106,42 +123,76 @@ async def one_request(
     return RequestResult(arrivals[0] - start, itl, num_tokens or len(arrivals), end - start)
 
 
+def _carries_text(delta: dict) -> bool:
+    content = delta.get("content")
+    return bool(content) or (content is not None and "role" not in delta)
+
+
+def _client(url: str, concurrency: int) -> httpx.AsyncClient:
+    # A fresh connection per request: some servers close a streamed keep-alive connection.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+    return httpx.AsyncClient(base_url=url, timeout=600, limits=limits)
+
+
 async def run_level(
     url: str,
     model: str,
     concurrency: int,
-    num_requests: int,
+    prompts: list[str],
     max_tokens: int,
     extra: dict | None = None,
-):
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(num_requests):
-            queue.put_nowait(i)
+    label: str = "",
+) -> tuple[list[RequestResult], float]:
+    """Closed loop: `concurrency` clients send `prompts` in turn; returns results and seconds."""
+    async with _client(url, concurrency) as client:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        for prompt in prompts:
+            queue.put_nowait(prompt)
         results: list[RequestResult] = []
 
         async def worker() -> None:
             while not queue.empty():
-                index = queue.get_nowait()
-                results.append(await one_request(client, model, index, max_tokens, extra))
+                prompt = queue.get_nowait()
+                results.append(await one_request(client, model, prompt, max_tokens, extra))
+                if label and sys.stdout.isatty():
+                    print(f"\r  {label}: {len(results)}/{len(prompts)}", end="", flush=True)
 
+        if label and not sys.stdout.isatty():
+            print(f"  running {label} ({len(prompts)} requests)", flush=True)
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+    if label and sys.stdout.isatty():
+        print("\r" + " " * 60 + "\r", end="", flush=True)
+    return results, elapsed
+
+
+def summarize(server, workload, concurrency, results, elapsed) -> Summary:
     itl = [gap for r in results for gap in r.itl_s]
     ttft = [r.ttft_s for r in results]
     return Summary(
-        server=url,
+        server=server,
+        workload=workload,
         concurrency=concurrency,
-        num_requests=num_requests,
-        requests_per_s=num_requests / elapsed,
+        num_requests=len(results),
+        requests_per_s=len(results) / elapsed,
         output_tokens_per_s=sum(r.num_tokens for r in results) / elapsed,
         ttft_p50_ms=percentile(ttft, 50) * 1e3,
         ttft_p99_ms=percentile(ttft, 99) * 1e3,
         itl_p50_ms=percentile(itl, 50) * 1e3,
         itl_p99_ms=percentile(itl, 99) * 1e3,
     )
+
+
+def story_prompts(count: int) -> list[str]:
+    return [f"Write a long story about {TOPICS[i % len(TOPICS)]}." for i in range(count)]
+
+
+def long_prompt(num_words: int) -> str:
+    """The same words for every server; a fresh nonce in front keeps every cache cold."""
+    words = random.Random(0).choices(WORDS, k=num_words)
+    text = " ".join(words)
+    return f"Session {secrets.token_hex(4)}. Summarize these notes in one sentence: {text}"
 
 
 def served_model(url: str) -> str:
@@ -153,18 +204,8 @@ def served_model(url: str) -> str:
 def launched_stack(model: str, port: int, *launcher_args: str):
     """Runs our launcher on free gRPC ports; yields the HTTP base URL."""
     root = pathlib.Path(__file__).resolve().parent.parent
-    cmd = [
-        sys.executable,
-        "-m",
-        "services.launcher",
-        "--model",
-        model,
-        "--port",
-        str(port),
-        "--grpc-ports",
-        "0,0,0",
-        *launcher_args,
-    ]
+    cmd = [sys.executable, "-m", "services.launcher", "--model", model, "--port", str(port)]
+    cmd += ["--grpc-ports", "0,0,0", *launcher_args]
     process = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -181,22 +222,56 @@ def launched_stack(model: str, port: int, *launcher_args: str):
         process.wait(timeout=30)
 
 
-async def measure(url: str, args: argparse.Namespace) -> list[Summary]:
-    model = served_model(url)
-    await run_level(url, model, 2, 2, 8)  # warm-up, discarded
-    summaries = []
-    for concurrency in args.concurrency:
-        num_requests = max(args.requests, concurrency)
-        summary = await run_level(url, model, concurrency, num_requests, args.max_tokens)
-        print(
-            f"{url} c={concurrency}: {summary.requests_per_s:.2f} req/s, "
-            f"{summary.output_tokens_per_s:.1f} tok/s, TTFT p50/p99 "
-            f"{summary.ttft_p50_ms:.0f}/{summary.ttft_p99_ms:.0f} ms, ITL p50/p99 "
-            f"{summary.itl_p50_ms:.0f}/{summary.itl_p99_ms:.0f} ms",
-            flush=True,
-        )
+async def measure(servers: dict[str, str], args: argparse.Namespace) -> list[Summary]:
+    models = {name: served_model(url) for name, url in servers.items()}
+    for name, url in servers.items():  # warm-up, discarded
+        await run_level(url, models[name], 2, ["Hello!", "Hi there!"], 8)
+    summaries: list[Summary] = []
+
+    def report(summary: Summary) -> None:
+        print(summary.line(), flush=True)
         summaries.append(summary)
+
+    for concurrency in args.concurrency:
+        count = max(args.requests, concurrency)
+        prompts = story_prompts(count)
+        for name, url in servers.items():
+            label = f"{name} chat c={concurrency}"
+            results, elapsed = await run_level(
+                url, models[name], concurrency, prompts, args.max_tokens, label=label
+            )
+            report(summarize(name, "chat", concurrency, results, elapsed))
+    for name, url in servers.items():
+        prompt = long_prompt(args.long_words)
+        for workload in ("long-cold", "long-again"):
+            label = f"{name} {workload} ({args.long_words} words)"
+            results, elapsed = await run_level(url, models[name], 1, [prompt], 4, label=label)
+            report(summarize(name, workload, 1, results, elapsed))
     return summaries
+
+
+def plot(summaries: list[Summary], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (throughput, latency) = pyplot.subplots(1, 2, figsize=(10, 4))
+    for server in sorted({s.server for s in summaries}):
+        chat = sorted(
+            (s for s in summaries if s.server == server and s.workload == "chat"),
+            key=lambda s: s.concurrency,
+        )
+        levels = [s.concurrency for s in chat]
+        throughput.plot(levels, [s.output_tokens_per_s for s in chat], "o-", label=server)
+        latency.plot(levels, [s.itl_p50_ms for s in chat], "o-", label=server)
+    throughput.set(xlabel="concurrent streams", ylabel="output tokens/s", xscale="log")
+    latency.set(xlabel="concurrent streams", ylabel="inter-token latency p50 (ms)", xscale="log")
+    for axes in (throughput, latency):
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -207,22 +282,20 @@ def main() -> None:
     parser.add_argument("--peer-url", help="another OpenAI-compatible server to measure")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per level (>= c)")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--long-words", type=int, default=1750, help="words of the long prompt")
     parser.add_argument("--out", default="bench/results/serving.json")
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(launched_stack(args.model, 0)) if args.launch else args.url
-        results = asyncio.run(measure(url, args))
-        if args.peer_url:
-            results += asyncio.run(measure(args.peer_url, args))
+        servers = {"ours": url, **({"peer": args.peer_url} if args.peer_url else {})}
+        results = asyncio.run(measure(servers, args))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    print(
-        f"wrote {out}; summary: "
-        + "; ".join(f"c={r.concurrency} {r.output_tokens_per_s:.1f} tok/s" for r in results)
-    )
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

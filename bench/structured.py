@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from bench.serving import Summary, launched_stack, run_level, served_model
+from bench.serving import launched_stack, run_level, served_model, story_prompts, summarize
 
 
 def text(min_length: int, max_length: int) -> dict[str, Any]:
@@ -119,7 +119,7 @@ async def measure(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     the host's load lands on both modes alike."""
     model = served_model(url)
     for extra in MODES.values():
-        await run_level(url, model, 2, 2, 8, extra)  # warm-up, discarded
+        await run_level(url, model, 2, story_prompts(2), 8, extra)  # warm-up, discarded
     rows = []
     for concurrency in args.concurrency:
         num_requests = max(args.min_requests, args.rounds * concurrency)
@@ -127,9 +127,15 @@ async def measure(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             order = list(MODES) if repeat % 2 == 0 else list(reversed(MODES))
             for mode in order:
                 before = decode_counters(url)
-                summary: Summary = await run_level(
-                    url, model, concurrency, num_requests, args.max_tokens, MODES[mode]
+                results, elapsed = await run_level(
+                    url,
+                    model,
+                    concurrency,
+                    story_prompts(num_requests),
+                    args.max_tokens,
+                    MODES[mode],
                 )
+                summary = summarize("ours", mode, concurrency, results, elapsed)
                 costs = step_costs(before, decode_counters(url))
                 tokens_per_request = summary.output_tokens_per_s / summary.requests_per_s
                 print(

@@ -60,6 +60,8 @@ class Worker:
         self.model: LlamaModel = build_model(self.config, weights, self.device)
         del weights
         quantize(self.model, self.quantization)
+        if self.quantization == "gguf":  # every op of a step is ours: give our kernels the CPU
+            kernels.take_cpu_threads()
         num_tokens = kv_pool_tokens(
             options, kv_bytes_per_token(self.config, self.dtype), self.device
         )

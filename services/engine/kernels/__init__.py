@@ -1,7 +1,7 @@
 """CPU kernels of our own (C++), built for this machine's instruction set on first use.
 
-`load()` compiles `quant_linear.cpp`, `paged_attention.cpp` and `layer_ops.cpp` with the
-machine's compiler for the widest vector extension the CPU has (AVX-512, else AVX2, else
+`load()` compiles the kernels (`quant_linear.cpp`, `paged_attention.cpp`, `layer_ops.cpp`,
+split over the threads of `thread_pool.cpp`) with the machine's compiler for the widest vector extension the CPU has (AVX-512, else AVX2, else
 portable code) and
 registers them as `torch.ops.llmserve.*`. The build is cached beside this file (or under
 `LLMSERVE_KERNEL_DIR`), one library per variant, sources, flags and torch version;
@@ -25,7 +25,7 @@ from services.engine.device import cpu_flags
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("quant_linear.cpp", "paged_attention.cpp", "layer_ops.cpp")
+_SOURCES = ("quant_linear.cpp", "paged_attention.cpp", "layer_ops.cpp", "thread_pool.cpp")
 _HERE = Path(__file__).resolve().parent
 # Each variant's flags name exactly what its code may use, so a build runs on any CPU with them.
 _VARIANTS = {
@@ -37,7 +37,7 @@ _VARIANTS = {
     "portable": ((), []),
 }
 # -ffp-contract=fast: a * b + c is one fused multiply-add wherever the variant has FMA.
-_COMMON_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp"]
+_COMMON_FLAGS = ["-O3", "-ffp-contract=fast"]
 
 
 def cpu_variant() -> str:
@@ -50,13 +50,25 @@ def cpu_variant() -> str:
     return next(name for name, (needs, _) in _VARIANTS.items() if set(needs) <= flags)
 
 
+def take_cpu_threads() -> int:
+    """Our kernels get the threads torch would use (--threads) and torch keeps one: two
+    thread teams on the same cores wait on each other at every step. Returns the count."""
+    load()
+    threads = torch.get_num_threads()
+    torch.ops.llmserve.set_num_threads(threads)
+    torch.set_num_threads(1)
+    return threads
+
+
 def serves(tensor: torch.Tensor) -> bool:
     """Our kernels compute float32 on the CPU; everything else goes to torch."""
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32
 
 
 def _build_dir(variant: str) -> Path:
-    sources = b"".join((_HERE / name).read_bytes() for name in (*_SOURCES, "simd.h"))
+    sources = b"".join(
+        (_HERE / name).read_bytes() for name in (*_SOURCES, "simd.h", "thread_pool.h")
+    )
     flags = " ".join([*_COMMON_FLAGS, *_VARIANTS[variant][1]]).encode()
     digest = hashlib.sha256(sources + flags + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("LLMSERVE_KERNEL_DIR", _HERE / "build"))

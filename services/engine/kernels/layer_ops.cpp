@@ -1,6 +1,5 @@
 // Row-wise float32 ops of a decoder layer, one pass each: RMSNorm and SiLU(gate) * up.
 // Each row is computed alone, in a fixed order, whatever the number of rows.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -8,6 +7,7 @@
 #include <cmath>
 
 #include "simd.h"
+#include "thread_pool.h"
 
 namespace llmserve {
 namespace {
@@ -24,7 +24,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const float* xp = rows.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+  parallel_for(rows.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * dim;
       V squares = {};
@@ -49,7 +49,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   at::Tensor out = at::empty({rows.size(0), n}, rows.options());
   const float* gp = rows.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+  parallel_for(rows.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t i = 0; i < n; i += kLanes) {
         V g = load(gp + r * 2 * n + i), u = load(gp + r * 2 * n + n + i);

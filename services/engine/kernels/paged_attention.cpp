@@ -7,7 +7,6 @@
 // output depends only on its query, its position and its own sequence's cache, computed in an
 // order fixed by its position: the same whatever else is in the batch or how the prompt was
 // chunked (batch invariance).
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -17,6 +16,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "thread_pool.h"
 
 namespace llmserve {
 namespace {
@@ -71,52 +71,117 @@ void rotate_and_store(const float* qkv, const float* cos, const float* sin, cons
   }
 }
 
-struct Query {
-  const float* q;  // [head_dim]
-  float* out;      // [head_dim]
+// GS query heads of one token that share a KV head: their keys are read once for all.
+template <int GS>
+struct Queries {
+  const float* q[GS];  // [head_dim] each
+  float* out[GS];      // [head_dim] each
+  float* scores[GS];   // [num_keys rounded up to the block size] each
   const int64_t* blocks;
   int64_t num_keys;  // attends keys [0, num_keys)
 };
 
-// One query head over its sequence's keys: scores, softmax, weighted sum of V.
-void attend(const Cache& c, const Query& job, int64_t kv_head, float scale, float* scores) {
-  const int64_t num_chunks = (job.num_keys + kLanes - 1) / kLanes;
-  const int64_t chunks_per_block = c.block_size / kLanes;
-  V best = splat(-std::numeric_limits<float>::infinity());
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    const int64_t block = job.blocks[chunk / chunks_per_block];
-    const float* kt = c.k + c.head_offset(block, kv_head) + (chunk % chunks_per_block) * kLanes;
-    V s[4] = {};  // four partial sums over head_dim, combined in a fixed order
-    for (int64_t d = 0; d < c.head_dim; d += 4)
-      for (int j = 0; j < 4; ++j) s[j] = splat(job.q[d + j]) * load(kt + (d + j) * c.block_size) + s[j];
-    V score = ((s[0] + s[1]) + (s[2] + s[3])) * scale;
-    const int64_t valid = job.num_keys - chunk * kLanes;
-    if (valid < kLanes) {
-      float lanes[kLanes];
-      store(lanes, score);
-      for (int64_t i = valid; i < kLanes; ++i) lanes[i] = -std::numeric_limits<float>::infinity();
-      score = load(lanes);
+// Scores (two partial sums over head_dim, even and odd dims, added in that order), softmax
+// and the weighted sum of V, for each head of `job`. DV: head_dim in vectors, so the sums
+// live in registers. Per head the arithmetic is the same whatever GS or the batch.
+template <int DV, int GS>
+void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t bs = c.block_size, num_keys = job.num_keys;
+  const int64_t num_blocks = (num_keys + bs - 1) / bs;
+  V best[GS];
+  for (int g = 0; g < GS; ++g) best[g] = splat(kNegInf);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const float* kt = c.k + c.head_offset(job.blocks[b], kv_head);
+    for (int64_t off = 0; off < bs && b * bs + off < num_keys; off += kLanes) {
+      V even[GS] = {}, odd[GS] = {};
+      for (int64_t d = 0; d < DV * kLanes; d += 2) {
+        const V k0 = load(kt + d * bs + off), k1 = load(kt + (d + 1) * bs + off);
+        for (int g = 0; g < GS; ++g) {
+          even[g] = splat(job.q[g][d]) * k0 + even[g];
+          odd[g] = splat(job.q[g][d + 1]) * k1 + odd[g];
+        }
+      }
+      const int64_t first = b * bs + off, valid = num_keys - first;
+      for (int g = 0; g < GS; ++g) {
+        V score = (even[g] + odd[g]) * scale;
+        if (valid < kLanes) {
+          float lanes[kLanes];
+          store(lanes, score);
+          for (int64_t i = valid; i < kLanes; ++i) lanes[i] = kNegInf;
+          score = load(lanes);
+        }
+        store(job.scores[g] + first, score);
+        best[g] = vmax(best[g], score);
+      }
     }
-    store(scores + chunk * kLanes, score);
-    best = vmax(best, score);
   }
-  const float max_score = hmax(best);
-  V total = {};
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    V e = vexp(load(scores + chunk * kLanes) - max_score);
-    store(scores + chunk * kLanes, e);
-    total += e;
+  const int64_t num_chunks = (num_keys + kLanes - 1) / kLanes;
+  float inv_total[GS];
+  for (int g = 0; g < GS; ++g) {
+    const float max_score = hmax(best[g]);
+    V total = {};
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+      V e = vexp(load(job.scores[g] + chunk * kLanes) - max_score);
+      store(job.scores[g] + chunk * kLanes, e);
+      total += e;
+    }
+    inv_total[g] = 1.0f / hsum(total);
   }
-  const float inv_total = 1.0f / hsum(total);
-  const int64_t dv = c.head_dim / kLanes;
-  std::vector<V> acc(dv, V{});
-  for (int64_t key = 0; key < job.num_keys; ++key) {
-    const int64_t block = job.blocks[key / c.block_size];
-    const float* vr = c.v + c.head_offset(block, kv_head) + (key % c.block_size) * c.head_dim;
-    const V weight = splat(scores[key]);
-    for (int64_t i = 0; i < dv; ++i) acc[i] = weight * load(vr + i * kLanes) + acc[i];
+  V acc[GS][DV] = {};
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const float* vb = c.v + c.head_offset(job.blocks[b], kv_head);
+    const int64_t n = std::min(bs, num_keys - b * bs);
+    for (int64_t key = 0; key < n; ++key) {
+      V v[DV];
+      for (int i = 0; i < DV; ++i) v[i] = load(vb + (key * DV + i) * kLanes);
+      for (int g = 0; g < GS; ++g) {
+        const V weight = splat(job.scores[g][b * bs + key]);
+        for (int i = 0; i < DV; ++i) acc[g][i] = weight * v[i] + acc[g][i];
+      }
+    }
   }
-  for (int64_t i = 0; i < dv; ++i) store(job.out + i * kLanes, acc[i] * inv_total);
+  for (int g = 0; g < GS; ++g)
+    for (int i = 0; i < DV; ++i) store(job.out[g] + i * kLanes, acc[g][i] * inv_total[g]);
+}
+
+template <int DV, int GS>
+void attend_heads(const Cache& c, const float* q, float* out, float* scores,
+                  int64_t scores_stride, const int64_t* blocks, int64_t num_keys,
+                  int64_t first_head, int64_t group, float scale) {
+  Queries<GS> job;
+  for (int g = 0; g < GS; ++g) {
+    job.q[g] = q + (first_head + g) * DV * kLanes;
+    job.out[g] = out + (first_head + g) * DV * kLanes;
+    job.scores[g] = scores + g * scores_stride;
+  }
+  job.blocks = blocks;
+  job.num_keys = num_keys;
+  attend<DV, GS>(c, job, first_head / group, scale);
+}
+
+using AttendFn = void (*)(const Cache&, const float*, float*, float*, int64_t, const int64_t*,
+                          int64_t, int64_t, int64_t, float);
+
+template <int DV>
+AttendFn attend_for_heads(int64_t num_heads) {
+  switch (num_heads) {
+    case 1: return &attend_heads<DV, 1>;
+    case 2: return &attend_heads<DV, 2>;
+    case 3: return &attend_heads<DV, 3>;
+    case 4: return &attend_heads<DV, 4>;
+  }
+  TORCH_CHECK(false, "unsupported heads per item ", num_heads);
+}
+
+AttendFn attend_for(int64_t head_dim, int64_t num_heads) {
+  switch (head_dim / kLanes) {
+    case 2: return attend_for_heads<2>(num_heads);
+    case 4: return attend_for_heads<4>(num_heads);
+    case 8: return attend_for_heads<8>(num_heads);
+    case 16: return attend_for_heads<16>(num_heads);
+  }
+  TORCH_CHECK(false, "head_dim ", head_dim, " is not one of 32, 64, 128, 256");
 }
 
 // qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], rows may be strided;
@@ -157,7 +222,7 @@ at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at
   float* qp = q.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* snp = sin.data_ptr<float>();
-  at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+  parallel_for(num_tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t angle = pp[t] * (l.head_dim / 2);
       rotate_and_store(qkv.data_ptr<float>() + t * qkv.stride(0), cp + angle, snp + angle, l, c,
@@ -167,14 +232,22 @@ at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at
   at::Tensor out = at::empty({num_tokens, num_heads * l.head_dim}, qkv.options());
   float* op = out.data_ptr<float>();
   const int64_t group = num_heads / num_kv_heads;
-  at::parallel_for(0, num_tokens * num_heads, 1, [&](int64_t begin, int64_t end) {
+  // Work items: a token's heads of one KV head, in runs of at most heads_per_item.
+  const int64_t run = std::min(group, l.head_dim <= 64 ? int64_t{4} : 256 / l.head_dim);
+  const int64_t runs_per_group = (group + run - 1) / run;
+  const int64_t stride = max_blocks * c.block_size;
+  parallel_for(num_tokens * num_kv_heads * runs_per_group, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scores;
-    scores.resize(max_blocks * c.block_size);
+    scores.resize(run * stride);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / num_heads, h = item % num_heads;
-      const int64_t at = (t * num_heads + h) * l.head_dim;
-      Query job{qp + at, op + at, tp + sp[t] * max_blocks, pp[t] + 1};
-      attend(c, job, h / group, static_cast<float>(scale), scores.data());
+      const int64_t t = item / (num_kv_heads * runs_per_group);
+      const int64_t kv_head = item / runs_per_group % num_kv_heads;
+      const int64_t first = kv_head * group + item % runs_per_group * run;
+      const int64_t heads = std::min(run, (kv_head + 1) * group - first);
+      const int64_t at = t * num_heads * l.head_dim;
+      attend_for(l.head_dim, heads)(c, qp + at, op + at, scores.data(), stride,
+                                    tp + sp[t] * max_blocks, pp[t] + 1, first, group,
+                                    static_cast<float>(scale));
     }
   });
   return out;

@@ -2,13 +2,13 @@
 //
 // Weights are the file's own blocks regrouped by 16 output features ("tiles", see
 // services/engine/kernels/packing.py): a tile holds, for 16 outputs and 32 inputs, the 16
-// float16 scales (and Q4_1's 16 minimums) and the quantized values laid out input-major, so one
-// 16-byte load gives one input's weight for 16 outputs. A weight is dequantized exactly as
-// the file defines it (d * q + m, in float32) and every output accumulates its 32-input blocks
-// in one fixed order, in one lane: inputs p (p = 0..15) of every block into one sum, inputs
-// p + 16 into another, the two added at the end. Nothing in a row's result depends on the
-// other rows of the call or on how the work is tiled, so output is batch invariant.
-#include <ATen/Parallel.h>
+// float16 scales d (and Q4_1's 16 minimums m) and the quantized values q laid out input-major,
+// so one 16-byte load gives one input's q for 16 outputs. The file defines w = d * q (+ m);
+// per output and block we sum x * q over the block's 32 inputs in float32 (inputs p and
+// p + 16 for p = 0..15, into two sums), then add d * (both sums) + m * (sum of the block's x)
+// to the output's total. Every output lane follows that one order whatever the number of rows
+// or the tiling of the call, so a row's result never depends on the other rows: batch
+// invariance.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "thread_pool.h"
 
 namespace llmserve {
 namespace {
@@ -26,37 +27,36 @@ constexpr int kIn = 32;   // inputs per tile (one GGUF block)
 
 struct Q4_1 {
   static constexpr int64_t kTileBytes = 2 * kOut * 2 + kOut * kIn / 2;  // d, m, nibbles
+  static constexpr bool kHasMin = true;
   static void scales(const uint8_t* t, V& d, V& m) {
     d = load_half(reinterpret_cast<const uint16_t*>(t));
     m = load_half(reinterpret_cast<const uint16_t*>(t + 2 * kOut));
   }
-  // Inputs p and p + 16 of the block, for the tile's 16 outputs.
-  static void weights(const uint8_t* t, int p, V d, V m, V& lo, V& hi) {
-    U8x16 q = load_u8(t + 4 * kOut + p * kOut);
-    lo = u8_to_float(q & 15) * d + m;
-    hi = u8_to_float(q >> 4) * d + m;
+  // q of inputs i and i + 16 of the block, for the tile's 16 outputs.
+  static void values(const uint8_t* t, int i, V& lo, V& hi) {
+    nibbles_to_float(t + 4 * kOut + i * kOut, lo, hi);
   }
 };
 
 struct Q8_0 {
   static constexpr int64_t kTileBytes = 2 * kOut + kOut * kIn;  // d, int8 values
+  static constexpr bool kHasMin = false;
   static void scales(const uint8_t* t, V& d, V& m) {
     d = load_half(reinterpret_cast<const uint16_t*>(t));
     m = V{};
   }
-  static void weights(const uint8_t* t, int p, V d, V, V& lo, V& hi) {
-    lo = i8_to_float(load_i8(t + 2 * kOut + p * kOut)) * d;
-    hi = i8_to_float(load_i8(t + 2 * kOut + (p + 16) * kOut)) * d;
+  static void values(const uint8_t* t, int i, V& lo, V& hi) {
+    lo = i8_to_float(load_i8(t + 2 * kOut + i * kOut));
+    hi = i8_to_float(load_i8(t + 2 * kOut + (i + 16) * kOut));
   }
 };
 
-// Register tiles (rows x groups of 16 outputs), two accumulators each.
 #if defined(__AVX512F__)
-constexpr int kDirectRows = 4, kPanelRows = 6, kPanelGroups = 2;
+constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 2;
 #else
 constexpr int kDirectRows = 2, kPanelRows = 2, kPanelGroups = 1;
 #endif
-constexpr int64_t kPanelMinRows = 16;  // from here on a dequantized panel pays for itself
+constexpr int64_t kPanelMinRows = 64;  // from here on a panel of q as floats pays for itself
 constexpr int64_t kRowChunk = 128;     // rows per pass over a panel (their x stays in cache)
 
 struct Problem {
@@ -66,20 +66,37 @@ struct Problem {
   int64_t num_blocks;
   float* y;
   int64_t ldy;
+  const float* xsum;  // [rows, num_blocks]: each block's sum of x (for the minimums)
 };
 
-// Two sums per (row, output) lane: inputs p of each block, and inputs p + 16.
+// Per (row, output) lane: the block's two sums of x * q, and the running total.
 template <int R, int G>
 struct Accumulators {
-  V lo[R][G] = {}, hi[R][G] = {};
+  V total[R][G] = {}, lo[R][G], hi[R][G];
 
-  // Inputs i and i + 16 of a block: x rows at xk (stride ldx), weights wl / wh per group.
-  void add(const float* xk, int64_t ldx, int i, const V* wl, const V* wh) {
+  void begin_block() {
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g) lo[r][g] = hi[r][g] = V{};
+  }
+
+  // Inputs i and i + 16 of the block: x rows at xk (stride ldx), q per group.
+  void add(const float* xk, int64_t ldx, int i, const V* ql, const V* qh) {
     for (int r = 0; r < R; ++r) {
       V xl = splat(xk[r * ldx + i]), xh = splat(xk[r * ldx + i + 16]);
       for (int g = 0; g < G; ++g) {
-        lo[r][g] = xl * wl[g] + lo[r][g];
-        hi[r][g] = xh * wh[g] + hi[r][g];
+        lo[r][g] = xl * ql[g] + lo[r][g];
+        hi[r][g] = xh * qh[g] + hi[r][g];
+      }
+    }
+  }
+
+  // xsum: the block's sum of x for the first row, the next row num_blocks further on.
+  template <bool kHasMin>
+  void end_block(const float* xsum, int64_t num_blocks, const V* d, const V* m) {
+    for (int r = 0; r < R; ++r) {
+      for (int g = 0; g < G; ++g) {
+        total[r][g] = (lo[r][g] + hi[r][g]) * d[g] + total[r][g];
+        if constexpr (kHasMin) total[r][g] = splat(xsum[r * num_blocks]) * m[g] + total[r][g];
       }
     }
   }
@@ -87,62 +104,83 @@ struct Accumulators {
   void store(const Problem& p, int64_t row, int64_t group) const {
     for (int r = 0; r < R; ++r)
       for (int g = 0; g < G; ++g)
-        llmserve::store(p.y + (row + r) * p.ldy + (group + g) * kOut, lo[r][g] + hi[r][g]);
+        llmserve::store(p.y + (row + r) * p.ldy + (group + g) * kOut, total[r][g]);
   }
 };
 
-// Rows [row, row + R) x groups [group, group + G), dequantizing in registers.
+// Rows [row, row + R) x groups [group, group + G), unpacking q in registers.
 template <class F, int R, int G>
 void direct_tile(const Problem& p, int64_t row, int64_t group) {
   Accumulators<R, G> acc;
   for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
     const uint8_t* t[G];
-    V d[G], m[G];
-    for (int g = 0; g < G; ++g) {
-      t[g] = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
-      F::scales(t[g], d[g], m[g]);
-    }
+    for (int g = 0; g < G; ++g) t[g] = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
+    const float* xk = p.x + row * p.ldx + kb * kIn;
+    acc.begin_block();
     for (int i = 0; i < kIn / 2; ++i) {
-      V lo[G], hi[G];
-      for (int g = 0; g < G; ++g) F::weights(t[g], i, d[g], m[g], lo[g], hi[g]);
-      acc.add(p.x + row * p.ldx + kb * kIn, p.ldx, i, lo, hi);
+      V ql[G], qh[G];
+      for (int g = 0; g < G; ++g) F::values(t[g], i, ql[g], qh[g]);
+      acc.add(xk, p.ldx, i, ql, qh);
     }
+    V d[G], m[G];
+    for (int g = 0; g < G; ++g) F::scales(t[g], d[g], m[g]);
+    acc.template end_block<F::kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
   }
   acc.store(p, row, group);
 }
 
-// Same arithmetic as direct_tile, reading weights from a dequantized panel
-// [num_blocks, 32, G * 16] (input-major within a block, in the block's p, p + 16 order).
-template <int R, int G>
-void panel_tile(const Problem& p, const float* panel, int64_t row, int64_t group) {
+// A panel holds a group pair's q as floats, [num_blocks, 32, G * 16] (inputs i, i + 16
+// interleaved), and their scales, [num_blocks, 2 (d, m), G * 16].
+template <int G>
+struct Panel {
+  std::vector<float> q, scales;
+};
+
+// Same arithmetic as direct_tile, reading q and scales from a panel.
+template <bool kHasMin, int R, int G>
+void panel_tile(const Problem& p, const Panel<G>& panel, int64_t row, int64_t group) {
   Accumulators<R, G> acc;
   for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
-    const float* wk = panel + kb * kIn * G * kOut;
+    const float* qk = panel.q.data() + kb * kIn * G * kOut;
+    const float* xk = p.x + row * p.ldx + kb * kIn;
+    acc.begin_block();
     for (int i = 0; i < kIn / 2; ++i) {
-      V lo[G], hi[G];
+      V ql[G], qh[G];
       for (int g = 0; g < G; ++g) {
-        lo[g] = load(wk + (2 * i) * G * kOut + g * kOut);
-        hi[g] = load(wk + (2 * i + 1) * G * kOut + g * kOut);
+        ql[g] = load(qk + (2 * i) * G * kOut + g * kOut);
+        qh[g] = load(qk + (2 * i + 1) * G * kOut + g * kOut);
       }
-      acc.add(p.x + row * p.ldx + kb * kIn, p.ldx, i, lo, hi);
+      acc.add(xk, p.ldx, i, ql, qh);
     }
+    const float* sk = panel.scales.data() + kb * 2 * G * kOut;
+    V d[G], m[G];
+    for (int g = 0; g < G; ++g) {
+      d[g] = load(sk + g * kOut);
+      m[g] = load(sk + (G + g) * kOut);
+    }
+    acc.template end_block<kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
   }
   acc.store(p, row, group);
 }
 
 template <class F, int G>
-void fill_panel(const Problem& p, int64_t group, float* panel) {
+void fill_panel(const Problem& p, int64_t group, Panel<G>& panel) {
+  panel.q.resize(p.num_blocks * kIn * G * kOut);
+  panel.scales.resize(p.num_blocks * 2 * G * kOut);
   for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
-    float* wk = panel + kb * kIn * G * kOut;
+    float* qk = panel.q.data() + kb * kIn * G * kOut;
+    float* sk = panel.scales.data() + kb * 2 * G * kOut;
     for (int g = 0; g < G; ++g) {
       const uint8_t* t = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
       V d, m;
       F::scales(t, d, m);
+      store(sk + g * kOut, d);
+      store(sk + (G + g) * kOut, m);
       for (int i = 0; i < kIn / 2; ++i) {
         V lo, hi;
-        F::weights(t, i, d, m, lo, hi);
-        store(wk + (2 * i) * G * kOut + g * kOut, lo);
-        store(wk + (2 * i + 1) * G * kOut + g * kOut, hi);
+        F::values(t, i, lo, hi);
+        store(qk + (2 * i) * G * kOut + g * kOut, lo);
+        store(qk + (2 * i + 1) * G * kOut + g * kOut, hi);
       }
     }
   }
@@ -173,14 +211,13 @@ void direct_groups(const Problem& p, int64_t num_rows, int64_t group_begin, int6
 template <class F>
 void panel_groups(const Problem& p, int64_t num_rows, int64_t group_begin, int64_t group_end) {
   constexpr int G = kPanelGroups;
-  thread_local std::vector<float> panel;
-  panel.resize(p.num_blocks * kIn * G * kOut);
+  thread_local Panel<G> panel;
   for (int64_t chunk = 0; chunk < num_rows; chunk += kRowChunk) {
     int64_t chunk_end = std::min(num_rows, chunk + kRowChunk);
     for (int64_t group = group_begin; group < group_end; group += G) {
-      fill_panel<F, G>(p, group, panel.data());
+      fill_panel<F, G>(p, group, panel);
       over_rows<kPanelRows>(chunk, chunk_end, [&](int64_t row, auto rows) {
-        panel_tile<decltype(rows)::value, G>(p, panel.data(), row, group);
+        panel_tile<F::kHasMin, decltype(rows)::value, G>(p, panel, row, group);
       });
     }
   }
@@ -198,14 +235,18 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t in
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = num_groups * kOut;
   at::Tensor y = at::empty({num_rows, num_groups * kOut}, x.options());
-  Problem p{x2.data_ptr<float>(), in_features, tiles.data_ptr<uint8_t>(), tiles.size(1),
-            y.data_ptr<float>(), num_groups * kOut};
+  const int64_t num_blocks = tiles.size(1);
+  std::vector<float> xsum(F::kHasMin ? num_rows * num_blocks : 0);
+  const float* xp = x2.data_ptr<float>();
+  for (size_t i = 0; i < xsum.size(); ++i) xsum[i] = hsum(load(xp + i * kIn) + load(xp + i * kIn + 16));
+  Problem p{xp, in_features, tiles.data_ptr<uint8_t>(), num_blocks, y.data_ptr<float>(),
+            num_groups * kOut, xsum.data()};
   const bool use_panel = num_rows >= kPanelMinRows && num_groups % kPanelGroups == 0;
   // Groups per work item: as many as still leave 8 items, so small matrices split evenly.
   int64_t step = use_panel ? kPanelGroups : 1;
   for (int64_t wider : {2, 4})
     if (!use_panel && num_groups % wider == 0 && num_groups / wider >= 8) step = wider;
-  at::parallel_for(0, num_groups / step, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(num_groups / step, 1, [&](int64_t begin, int64_t end) {
     const int64_t first = begin * step, last = end * step;
     if (use_panel) {
       panel_groups<F>(p, num_rows, first, last);

@@ -28,7 +28,18 @@ inline V load(const float* p) {
 
 inline void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
 
-inline V splat(float x) { return V{} + x; }
+inline V splat(float x) {
+#if defined(__AVX512F__)
+  __m512 w = _mm512_set1_ps(x);
+  V v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+#else
+  V v;
+  for (int i = 0; i < kLanes; ++i) v[i] = x;
+  return v;
+#endif
+}
 
 inline U8x16 load_u8(const uint8_t* p) {
   U8x16 v;
@@ -88,8 +99,24 @@ inline V bytes_to_float(Bytes b) {
 #endif
 }
 
-inline V u8_to_float(U8x16 b) { return bytes_to_float<false>(b); }
 inline V i8_to_float(I8x16 b) { return bytes_to_float<true>(b); }
+
+// Sixteen bytes of two 4-bit values each, as floats: lo = low nibbles, hi = high nibbles.
+// lo = byte - 16 * hi is exact in float32 and saves a mask and a conversion.
+inline void nibbles_to_float(const uint8_t* p, V& lo, V& hi) {
+#if defined(__AVX512F__)
+  __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __m512 whole = _mm512_cvtepi32_ps(bytes);
+  __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+  __m512 low = _mm512_fmadd_ps(high, _mm512_set1_ps(-16.0f), whole);
+  std::memcpy(&lo, &low, sizeof lo);
+  std::memcpy(&hi, &high, sizeof hi);
+#else
+  U8x16 q = load_u8(p);
+  lo = bytes_to_float<false>(q & 15);
+  hi = bytes_to_float<false>(q >> 4);
+#endif
+}
 
 inline V vmax(V a, V b) { return a > b ? a : b; }
 
