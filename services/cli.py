@@ -34,6 +34,7 @@ def engine_parser(
         choices=QUANTIZATIONS,
         default="auto",
         help="auto: a GGUF's own blocks on the CPU (gguf), else none (the checkpoint's floats); "
+        "int4: float weights rounded to Q4_1 blocks on our CPU kernels; "
         "int8: weight-only int8 matmuls on the CPU",
     )
     size = parser.add_mutually_exclusive_group()

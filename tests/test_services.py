@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from services.engine import kernels
 from services.engine.tokenizer import Tokenizer
 from services.rpc import common_pb2, decode_pb2, tokenizer_pb2
 from tests.engine_reference import Reference
@@ -83,6 +84,9 @@ def test_info(stack, name):
         return
     num_blocks = {"prefill": PREFILL_KV_TOKENS, "decode": DECODE_KV_TOKENS}[name] // 16
     assert (model.dtype, model.block_size, info.limits.num_kv_blocks) == ("float32", 16, num_blocks)
+    # The default engine: the GGUF's own blocks on our kernels, batch invariant.
+    assert (model.weight_format, model.batch_invariant) == ("gguf:Q4_1+Q8_0", True)
+    assert model.kernels == kernels.cpu_variant()
     assert info.stats.num_free_blocks + info.stats.num_used_blocks == num_blocks
     if name == "prefill":
         assert info.limits.max_prefill_tokens == 2048

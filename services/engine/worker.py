@@ -14,7 +14,12 @@ from services.engine.config import EngineInfo, ModelConfig
 from services.engine.device import choose_device, choose_dtype, free_memory_bytes
 from services.engine.kv_pool import KVPool, kv_bytes_per_token
 from services.engine.model import LlamaModel, build_model
-from services.engine.quantization import compute_dtype, quantize, resolve_quantization
+from services.engine.quantization import (
+    KERNEL_FORMATS,
+    compute_dtype,
+    quantize,
+    resolve_quantization,
+)
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
 
@@ -49,7 +54,8 @@ class Worker:
         self.quantization = resolve_quantization(
             options.quantization, loader.resolve(options.model).kind, self.device
         )
-        auto_dtype = "float32" if self.quantization == "gguf" and options.dtype == "auto" else None
+        kernel_weights = self.quantization in KERNEL_FORMATS
+        auto_dtype = "float32" if kernel_weights and options.dtype == "auto" else None
         self.dtype = compute_dtype(
             self.quantization, choose_dtype(self.device, auto_dtype or options.dtype)
         )
@@ -60,7 +66,7 @@ class Worker:
         self.model: LlamaModel = build_model(self.config, weights, self.device)
         del weights
         quantize(self.model, self.quantization)
-        if self.quantization == "gguf":  # every op of a step is ours: give our kernels the CPU
+        if kernel_weights:  # every op of a step is ours: give our kernels the CPU
             kernels.take_cpu_threads()
         num_tokens = kv_pool_tokens(
             options, kv_bytes_per_token(self.config, self.dtype), self.device
@@ -87,8 +93,8 @@ class Worker:
         formats = sorted({m.fmt.name for m in linears if isinstance(m, BlockLinear)})
         if self.quantization == "gguf":
             weight_format = "gguf:" + "+".join(formats)
-        elif self.quantization == "int8":
-            weight_format = "int8"
+        elif self.quantization in ("int4", "int8"):
+            weight_format = self.quantization
         else:
             weight_format = self.dtype_name
         kernels_used = in_place(self.pool.cache)
@@ -101,7 +107,7 @@ class Worker:
             # through BLAS, whose reduction order depends on the batch).
             batch_invariant=kernels_used
             and not any(isinstance(m, nn.Linear) for m in linears)
-            and self.quantization == "gguf",
+            and self.quantization in KERNEL_FORMATS,
         )
 
     @property

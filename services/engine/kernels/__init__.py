@@ -50,9 +50,11 @@ def cpu_variant() -> str:
     return next(name for name, (needs, _) in _VARIANTS.items() if set(needs) <= flags)
 
 
+@functools.cache
 def take_cpu_threads() -> int:
     """Our kernels get the threads torch would use (--threads) and torch keeps one: two
-    thread teams on the same cores wait on each other at every step. Returns the count."""
+    thread teams on the same cores wait on each other at every step. Once per process;
+    returns the count."""
     load()
     threads = torch.get_num_threads()
     torch.ops.llmserve.set_num_threads(threads)
