@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -26,3 +30,22 @@ def test_explicit_dtype_wins_and_bad_names_are_refused():
 
 def test_this_machine_flags_are_read():
     assert device.cpu_flags(), "no flags line in /proc/cpuinfo"
+
+
+def test_a_failed_kernel_build_falls_back_to_torch_and_says_so(tmp_path):
+    """No working compiler: the engine still serves, on torch ops, and logs why."""
+    script = (
+        "from services.engine.worker import Worker, WorkerOptions\n"
+        "from services.engine.runner import SeqChunk\n"
+        "w = Worker(WorkerOptions(model='default', kv_cache_tokens=256))\n"
+        "table = w.pool.blocks.allocate(1)\n"
+        "logits = w.runner.forward([SeqChunk([1, 2, 3], 0, table)])\n"
+        "print('INFO', w.info.weight_format, w.info.batch_invariant, repr(w.info.kernels))\n"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "LLMSERVE_KERNEL_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "INFO float32 False ''" in done.stdout
+    assert "the CPU kernels could not be built or loaded" in done.stderr

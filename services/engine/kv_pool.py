@@ -2,7 +2,7 @@
 
 import torch
 
-from services.engine import kernels, shm_storage
+from services.engine import shm_storage
 from services.engine.attention import cache_shape
 from services.engine.block_manager import BlockManager
 from services.engine.config import ModelConfig
@@ -40,8 +40,6 @@ class KVPool:
             self.cache = torch.empty(shape, dtype=dtype, device=device)
         # Zeroed: masked-out slots must hold finite values, or NaN leaks through attention.
         self.cache.zero_()
-        if kernels.serves(self.cache):
-            kernels.load()
 
     @property
     def num_blocks(self) -> int:

@@ -168,6 +168,4 @@ def build_model(
         model = LlamaModel(config)
     model.load_hf_weights(weights)
     model.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
-    if device.type == "cpu":
-        kernels.load()
     return model.to(device).eval()

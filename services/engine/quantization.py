@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from services.engine import kernels
 from services.engine.block_linear import BlockLinear, BlockQuantized
 from services.engine.kernels.packing import Q4_1, Q8_0, can_pack
 from services.engine.model import LlamaModel
@@ -36,10 +37,13 @@ def resolve_quantization(requested: str, model_kind: str, device: torch.device) 
     """`auto` -> `gguf` for a GGUF file on the CPU, else `none`; impossible choices raise."""
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization {requested!r} is not one of {QUANTIZATIONS}")
+    on_kernels = device.type == "cpu" and kernels.available()
     if requested == "auto":
-        return "gguf" if model_kind == "gguf" and device.type == "cpu" else "none"
+        return "gguf" if model_kind == "gguf" and on_kernels else "none"
     if requested == "gguf" and (model_kind != "gguf" or device.type != "cpu"):
         raise ValueError("--quantization gguf needs a GGUF model on the CPU")
+    if requested in KERNEL_FORMATS and not on_kernels:
+        raise ValueError(f"--quantization {requested} needs the CPU kernels, which did not load")
     if requested in ("int4", "int8") and device.type != "cpu":
         raise ValueError(f"--quantization {requested} runs on the CPU only")
     return requested

@@ -62,9 +62,27 @@ def take_cpu_threads() -> int:
     return threads
 
 
+@functools.cache
+def available() -> bool:
+    """Whether the kernels load (building them if needed). If they cannot (no compiler, a
+    failed build), the engine falls back to torch ops: dense weights, not batch invariant,
+    several times slower. That is logged as an error, never silent."""
+    try:
+        load()
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means the fallback
+        log.error(
+            "the CPU kernels could not be built or loaded (%s); falling back to torch ops: "
+            "dense weights, not batch invariant, slower. `python -m services.engine.kernels` "
+            "shows the build output.",
+            exc,
+        )
+        return False
+    return True
+
+
 def serves(tensor: torch.Tensor) -> bool:
     """Our kernels compute float32 on the CPU; everything else goes to torch."""
-    return tensor.device.type == "cpu" and tensor.dtype == torch.float32
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and available()
 
 
 def _build_dir(variant: str) -> Path:
