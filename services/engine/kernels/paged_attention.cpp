@@ -71,29 +71,33 @@ void rotate_and_store(const float* qkv, const float* cos, const float* sin, cons
   }
 }
 
-// GS query heads of one token that share a KV head: their keys are read once for all.
+// GS queries that share a KV head (heads of one token, or of a few consecutive tokens of one
+// sequence): the keys are read once for all of them.
 template <int GS>
 struct Queries {
-  const float* q[GS];  // [head_dim] each
-  float* out[GS];      // [head_dim] each
-  float* scores[GS];   // [num_keys rounded up to the block size] each
-  const int64_t* blocks;
-  int64_t num_keys;  // attends keys [0, num_keys)
+  const float* q[GS];       // [head_dim] each
+  float* out[GS];           // [head_dim] each
+  float* scores[GS];        // [max num_keys rounded up to the block size] each
+  int64_t num_keys[GS];     // query g attends keys [0, num_keys[g])
+  const int64_t* blocks;    // the sequence's block table
 };
 
-// Scores (two partial sums over head_dim, even and odd dims, added in that order), softmax
-// and the weighted sum of V, for each head of `job`. DV: head_dim in vectors, so the sums
-// live in registers. Per head the arithmetic is the same whatever GS or the batch.
+// Per query: scores (two partial sums over head_dim, even and odd dims, added in that
+// order), softmax over its own keys, and the weighted sum of V. Keys beyond a query's own
+// get weight exactly 0 (adding 0 * v changes no sum), so each query's arithmetic is the same
+// whatever else shares its item or its batch. DV: head_dim in vectors (sums in registers).
 template <int DV, int GS>
 void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t bs = c.block_size, num_keys = job.num_keys;
-  const int64_t num_blocks = (num_keys + bs - 1) / bs;
+  const int64_t bs = c.block_size;
+  int64_t max_keys = 0;
+  for (int g = 0; g < GS; ++g) max_keys = std::max(max_keys, job.num_keys[g]);
+  const int64_t num_blocks = (max_keys + bs - 1) / bs;
   V best[GS];
   for (int g = 0; g < GS; ++g) best[g] = splat(kNegInf);
   for (int64_t b = 0; b < num_blocks; ++b) {
     const float* kt = c.k + c.head_offset(job.blocks[b], kv_head);
-    for (int64_t off = 0; off < bs && b * bs + off < num_keys; off += kLanes) {
+    for (int64_t off = 0; off < bs && b * bs + off < max_keys; off += kLanes) {
       V even[GS] = {}, odd[GS] = {};
       for (int64_t d = 0; d < DV * kLanes; d += 2) {
         const V k0 = load(kt + d * bs + off), k1 = load(kt + (d + 1) * bs + off);
@@ -102,8 +106,13 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
           odd[g] = splat(job.q[g][d + 1]) * k1 + odd[g];
         }
       }
-      const int64_t first = b * bs + off, valid = num_keys - first;
+      const int64_t first = b * bs + off;
       for (int g = 0; g < GS; ++g) {
+        const int64_t valid = job.num_keys[g] - first;
+        if (valid <= 0) {  // wholly past this query's keys: weight 0
+          store(job.scores[g] + first, V{});
+          continue;
+        }
         V score = (even[g] + odd[g]) * scale;
         if (valid < kLanes) {
           float lanes[kLanes];
@@ -116,10 +125,10 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
       }
     }
   }
-  const int64_t num_chunks = (num_keys + kLanes - 1) / kLanes;
   float inv_total[GS];
   for (int g = 0; g < GS; ++g) {
     const float max_score = hmax(best[g]);
+    const int64_t num_chunks = (job.num_keys[g] + kLanes - 1) / kLanes;
     V total = {};
     for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
       V e = vexp(load(job.scores[g] + chunk * kLanes) - max_score);
@@ -131,7 +140,7 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
   V acc[GS][DV] = {};
   for (int64_t b = 0; b < num_blocks; ++b) {
     const float* vb = c.v + c.head_offset(job.blocks[b], kv_head);
-    const int64_t n = std::min(bs, num_keys - b * bs);
+    const int64_t n = std::min(bs, max_keys - b * bs);
     for (int64_t key = 0; key < n; ++key) {
       V v[DV];
       for (int i = 0; i < DV; ++i) v[i] = load(vb + (key * DV + i) * kLanes);
@@ -145,43 +154,89 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
     for (int i = 0; i < DV; ++i) store(job.out[g] + i * kLanes, acc[g][i] * inv_total[g]);
 }
 
+// A work item: tokens [token, token + num_tokens) of one sequence, heads
+// [first_head, first_head + num_heads) of one KV head.
+struct Item {
+  int64_t token, num_tokens, first_head, num_heads;
+};
+
+struct Batch {
+  const float* q;  // [tokens, heads * head_dim] rotated queries
+  float* out;      // same shape
+  const int64_t* tables;
+  int64_t max_blocks;
+  const int64_t* token_seq;
+  const int64_t* positions;
+  int64_t num_heads, group, head_dim;
+  float scale;
+};
+
 template <int DV, int GS>
-void attend_heads(const Cache& c, const float* q, float* out, float* scores,
-                  int64_t scores_stride, const int64_t* blocks, int64_t num_keys,
-                  int64_t first_head, int64_t group, float scale) {
+void attend_item(const Cache& c, const Batch& batch, const Item& item, float* scores,
+                 int64_t stride) {
   Queries<GS> job;
-  for (int g = 0; g < GS; ++g) {
-    job.q[g] = q + (first_head + g) * DV * kLanes;
-    job.out[g] = out + (first_head + g) * DV * kLanes;
-    job.scores[g] = scores + g * scores_stride;
+  int g = 0;
+  for (int64_t t = item.token; t < item.token + item.num_tokens; ++t) {
+    for (int64_t h = item.first_head; h < item.first_head + item.num_heads; ++h, ++g) {
+      const int64_t at = (t * batch.num_heads + h) * batch.head_dim;
+      job.q[g] = batch.q + at;
+      job.out[g] = batch.out + at;
+      job.scores[g] = scores + g * stride;
+      job.num_keys[g] = batch.positions[t] + 1;
+    }
   }
-  job.blocks = blocks;
-  job.num_keys = num_keys;
-  attend<DV, GS>(c, job, first_head / group, scale);
+  job.blocks = batch.tables + batch.token_seq[item.token] * batch.max_blocks;
+  attend<DV, GS>(c, job, item.first_head / batch.group, batch.scale);
 }
 
-using AttendFn = void (*)(const Cache&, const float*, float*, float*, int64_t, const int64_t*,
-                          int64_t, int64_t, int64_t, float);
+using AttendFn = void (*)(const Cache&, const Batch&, const Item&, float*, int64_t);
 
 template <int DV>
-AttendFn attend_for_heads(int64_t num_heads) {
-  switch (num_heads) {
-    case 1: return &attend_heads<DV, 1>;
-    case 2: return &attend_heads<DV, 2>;
-    case 3: return &attend_heads<DV, 3>;
-    case 4: return &attend_heads<DV, 4>;
+AttendFn attend_for_queries(int64_t num_queries) {
+  switch (num_queries) {
+    case 1: return &attend_item<DV, 1>;
+    case 2: return &attend_item<DV, 2>;
+    case 3: return &attend_item<DV, 3>;
+    case 4: return &attend_item<DV, 4>;
+    case 5: return &attend_item<DV, 5>;
+    case 6: return &attend_item<DV, 6>;
   }
-  TORCH_CHECK(false, "unsupported heads per item ", num_heads);
+  TORCH_CHECK(false, "unsupported queries per item ", num_queries);
 }
 
-AttendFn attend_for(int64_t head_dim, int64_t num_heads) {
+AttendFn attend_for(int64_t head_dim, int64_t num_queries) {
   switch (head_dim / kLanes) {
-    case 2: return attend_for_heads<2>(num_heads);
-    case 4: return attend_for_heads<4>(num_heads);
-    case 8: return attend_for_heads<8>(num_heads);
-    case 16: return attend_for_heads<16>(num_heads);
+    case 2: return attend_for_queries<2>(num_queries);
+    case 4: return attend_for_queries<4>(num_queries);
+    case 8: return attend_for_queries<8>(num_queries);
+    case 16: return attend_for_queries<16>(num_queries);
   }
   TORCH_CHECK(false, "head_dim ", head_dim, " is not one of 32, 64, 128, 256");
+}
+
+// Queries per item, by head_dim: as many as the output sums leave registers for.
+int64_t max_queries(int64_t head_dim) { return head_dim <= 64 ? 6 : 256 / head_dim; }
+
+// Items: runs of consecutive tokens of one sequence x runs of heads of one KV head, each
+// with at most max_queries(head_dim) queries.
+std::vector<Item> plan_items(const int64_t* token_seq, int64_t num_tokens, int64_t num_heads,
+                             int64_t group, int64_t head_dim) {
+  const int64_t limit = max_queries(head_dim);
+  const int64_t heads_per_item = std::min(group, limit);
+  const int64_t tokens_per_item = std::max<int64_t>(1, limit / heads_per_item);
+  std::vector<Item> items;
+  for (int64_t t = 0; t < num_tokens;) {
+    int64_t n = 1;
+    while (n < tokens_per_item && t + n < num_tokens && token_seq[t + n] == token_seq[t]) ++n;
+    for (int64_t first = 0; first < num_heads; first += heads_per_item) {
+      const int64_t kv_end = (first / group + 1) * group;
+      const int64_t heads = std::min(heads_per_item, kv_end - first);
+      items.push_back({t, n, first, heads});
+      if (heads < heads_per_item) first = kv_end - heads_per_item;  // next KV head
+    }
+    t += n;
+  }
+  return items;
 }
 
 // qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], rows may be strided;
@@ -232,22 +287,17 @@ at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at
   at::Tensor out = at::empty({num_tokens, num_heads * l.head_dim}, qkv.options());
   float* op = out.data_ptr<float>();
   const int64_t group = num_heads / num_kv_heads;
-  // Work items: a token's heads of one KV head, in runs of at most heads_per_item.
-  const int64_t run = std::min(group, l.head_dim <= 64 ? int64_t{4} : 256 / l.head_dim);
-  const int64_t runs_per_group = (group + run - 1) / run;
+  const std::vector<Item> items = plan_items(sp, num_tokens, num_heads, group, l.head_dim);
+  const Batch batch{qp, op, tp, max_blocks, sp, pp, num_heads, group, l.head_dim,
+                    static_cast<float>(scale)};
   const int64_t stride = max_blocks * c.block_size;
-  parallel_for(num_tokens * num_kv_heads * runs_per_group, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scores;
-    scores.resize(run * stride);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / (num_kv_heads * runs_per_group);
-      const int64_t kv_head = item / runs_per_group % num_kv_heads;
-      const int64_t first = kv_head * group + item % runs_per_group * run;
-      const int64_t heads = std::min(run, (kv_head + 1) * group - first);
-      const int64_t at = t * num_heads * l.head_dim;
-      attend_for(l.head_dim, heads)(c, qp + at, op + at, scores.data(), stride,
-                                    tp + sp[t] * max_blocks, pp[t] + 1, first, group,
-                                    static_cast<float>(scale));
+    scores.resize(max_queries(l.head_dim) * stride);
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& item = items[i];
+      attend_for(l.head_dim, item.num_tokens * item.num_heads)(c, batch, item, scores.data(),
+                                                               stride);
     }
   });
   return out;

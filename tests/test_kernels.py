@@ -1,0 +1,85 @@
+"""Our CPU kernels against torch on the same numbers, and their batch invariance, on shapes
+beyond the default model's (GQA groups of 1, 3 and 4, head_dim 32 to 128)."""
+
+import numpy as np
+import pytest
+import torch
+
+from services.engine import attention, kernels
+from services.engine.attention import AttentionMetadata, Rotary
+from services.engine.block_linear import BlockLinear
+from services.engine.quantization import q4_1_blocks, q8_0_blocks
+
+BLOCK = 16
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels did not build")
+
+
+def metadata(lengths: list[int], starts: list[int], max_blocks: int) -> AttentionMetadata:
+    """Sequence i holds tokens [starts[i], lengths[i]) in blocks i*max_blocks.. onwards."""
+    slots, seqs, positions = [], [], []
+    for i, (length, start) in enumerate(zip(lengths, starts, strict=True)):
+        for pos in range(start, length):
+            slots.append((i * max_blocks + pos // BLOCK) * BLOCK + pos % BLOCK)
+            seqs.append(i)
+            positions.append(pos)
+    tables = [[i * max_blocks + b for b in range(max_blocks)] for i in range(len(lengths))]
+    tensor = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return AttentionMetadata(tensor(slots), tensor(tables), tensor(seqs), tensor(positions))
+
+
+def run(qkv, rotary, cache, meta, heads, kv_heads, gathered: bool):
+    if not gathered:
+        return attention.rope_attention(qkv, rotary, cache, meta, heads, kv_heads)
+    meta.attn_mask = None
+    seq_lengths = torch.bincount(meta.token_seq)
+    max_q = int(seq_lengths.max())
+    rows, mask = [], torch.zeros(len(seq_lengths), 1, max_q, meta.block_tables.shape[1] * BLOCK)
+    for i in range(len(seq_lengths)):
+        positions = meta.positions[meta.token_seq == i]
+        for j, pos in enumerate(positions.tolist()):
+            rows.append(i * max_q + j)
+            mask[i, 0, j, : pos + 1] = 1
+    meta.attn_mask, meta.max_query_len = mask.bool(), max_q
+    meta.query_rows = torch.tensor(rows) if max_q > 1 else None
+    head_dim = qkv.shape[1] // (heads + 2 * kv_heads)
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(qkv.shape[0], heads + kv_heads, -1)
+    q, k = rotary.angles(meta.positions, qkv.dtype).rotate(qk).split((heads, kv_heads), dim=1)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(qkv.shape[0], kv_heads, head_dim)
+    attention._store_gathered(k, v, cache, meta.slot_mapping)
+    return attention._attend_gathered(q, cache, meta)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
+def test_attention_matches_torch_and_does_not_depend_on_the_batch(heads, kv_heads, head_dim):
+    generator = torch.Generator().manual_seed(heads)
+    lengths, max_blocks = [37, 5, 70], 5
+    rotary = Rotary(head_dim, 10000.0, 256)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(sum(lengths), width, generator=generator)
+    outs = {}
+    for gathered in (False, True):
+        cache = torch.zeros(2, 3 * max_blocks, kv_heads, BLOCK * head_dim)
+        meta = metadata(lengths, [0, 0, 0], max_blocks)
+        outs[gathered] = run(qkv, rotary, cache, meta, heads, kv_heads, gathered)
+    torch.testing.assert_close(outs[False], outs[True], rtol=1e-4, atol=1e-5)
+    # The last token of sequence 0 alone, its prompt already cached: bitwise the same row.
+    cache = torch.zeros(2, 3 * max_blocks, kv_heads, BLOCK * head_dim)
+    run(qkv, rotary, cache, metadata(lengths, [0, 0, 0], max_blocks), heads, kv_heads, False)
+    alone = run(qkv[36:37], rotary, cache, metadata([37], [36], max_blocks), heads, kv_heads, False)
+    assert torch.equal(alone[0], outs[False][36])
+
+
+@pytest.mark.parametrize("to_blocks", [q4_1_blocks, q8_0_blocks])
+def test_block_matmuls_match_float64_and_do_not_depend_on_the_rows(to_blocks):
+    generator = torch.Generator().manual_seed(0)
+    weight = to_blocks(torch.randn(160, 1536, generator=generator))
+    layer = BlockLinear(weight)
+    x = torch.randn(130, 1536, generator=generator)
+    expected = x.double() @ weight.dequantize().double().T
+    got = layer(x)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+    # Row 0 and row 129, computed with 1 to 130 rows (register tiles, panels, threads).
+    for rows in (1, 2, 3, 5, 16, 17, 63, 64, 65, 130):
+        part = layer(x[:rows])
+        assert torch.equal(part[0], got[0]) and torch.equal(part[-1], got[rows - 1])
+    assert np.isfinite(got.numpy()).all()
