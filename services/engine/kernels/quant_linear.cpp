@@ -58,6 +58,7 @@ constexpr int kDirectRows = 2, kPanelRows = 2, kPanelGroups = 1;
 #endif
 constexpr int64_t kPanelMinRows = 64;  // from here on a panel of q as floats pays for itself
 constexpr int64_t kRowChunk = 128;     // rows per pass over a panel (their x stays in cache)
+constexpr int64_t kPrefetchTiles = 4;  // how far ahead direct tiles prefetch weights
 
 struct Problem {
   const float* x;
@@ -114,7 +115,12 @@ void direct_tile(const Problem& p, int64_t row, int64_t group) {
   Accumulators<R, G> acc;
   for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
     const uint8_t* t[G];
-    for (int g = 0; g < G; ++g) t[g] = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
+    for (int g = 0; g < G; ++g) {
+      t[g] = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
+      // Weights stream from memory once per step: ask for a later block's lines now.
+      for (int64_t line = 0; line < F::kTileBytes; line += 64)
+        __builtin_prefetch(t[g] + kPrefetchTiles * F::kTileBytes + line);
+    }
     const float* xk = p.x + row * p.ldx + kb * kIn;
     acc.begin_block();
     for (int i = 0; i < kIn / 2; ++i) {
