@@ -76,6 +76,7 @@ class Worker:
         )
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self.sampler = Sampler(self.device)
+        self.info = self._describe()  # fixed from here on; every Info RPC reports it
         log.info(
             "loaded %s (%s, quantization %s, %s) with %d KV blocks of %d tokens in %.1fs",
             self.config.model_id,
@@ -87,8 +88,7 @@ class Worker:
             time.monotonic() - start,
         )
 
-    @property
-    def info(self) -> EngineInfo:
+    def _describe(self) -> EngineInfo:
         linears = [m for m in self.model.modules() if isinstance(m, BlockLinear | nn.Linear)]
         formats = sorted({m.fmt.name for m in linears if isinstance(m, BlockLinear)})
         if self.quantization == "gguf":
