@@ -5,6 +5,7 @@ status codes, and a clean stop on SIGINT/SIGTERM (health turns NOT_SERVING first
 """
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -59,8 +60,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request, context) -> AsyncIterator:
                 try:
-                    async for item in inner_stream(request, context):
-                        yield item
+                    # aclosing: when this generator is closed, the handler's own finally
+                    # blocks run now, not whenever the garbage collector gets to it.
+                    async with contextlib.aclosing(inner_stream(request, context)) as items:
+                        async for item in items:
+                            yield item
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as exc:  # noqa: BLE001

@@ -1,6 +1,7 @@
 """Prefill service: computes prompts' KV, samples first tokens, serves KV to decode."""
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 
 import grpc
@@ -97,8 +98,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         handle = self.engine.take_handle(request.handle_id)
         if handle is None:
             raise NotFoundError(f"no KV handle {request.handle_id!r} (expired or pulled)")
+        # The blocks are ours now. A cancelled call may leave this generator suspended until
+        # it is collected, so its end frees them too, whichever comes first.
+        free = functools.cache(lambda: self.engine.free_blocks(handle.block_ids))
+        context.add_done_callback(lambda _: free())
         if not 0 <= request.first_block <= len(handle.block_ids):
-            self.engine.free_blocks(handle.block_ids)
+            free()
             raise InvalidArgumentError(f"first_block must be in [0, {len(handle.block_ids)}]")
         try:
             for chunk in kv_chunks(
@@ -109,7 +114,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             ):
                 yield chunk
         finally:
-            self.engine.free_blocks(handle.block_ids)
+            free()
 
     async def Release(self, request, context):
         return prefill_pb2.ReleaseResponse(released=self.engine.release(request.handle_id))
