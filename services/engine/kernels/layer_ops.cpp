@@ -51,11 +51,12 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   float* op = out.data_ptr<float>();
   parallel_for(rows.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t i = 0; i < n; i += kLanes) {
-        V g = load(gp + r * 2 * n + i), u = load(gp + r * 2 * n + n + i);
-        V e = vexp(g > 0 ? -g : g);  // e^-|g| <= 1: no overflow
-        V sigmoid = (g > 0 ? splat(1.0f) : e) / (e + 1.0f);
-        store(op + r * n + i, g * sigmoid * u);
+      for (int64_t i = 0; i < n; i += kW) {
+        W g = load_w(gp + r * 2 * n + i), u = load_w(gp + r * 2 * n + n + i);
+        const auto positive = g > W{};
+        W e = vexp(select(positive, -g, g));  // e^-|g| <= 1: no overflow
+        W sigmoid = select(positive, W{} + 1.0f, e) / (e + 1.0f);
+        store_w(op + r * n + i, g * sigmoid * u);
       }
     }
   });

@@ -93,34 +93,34 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
   int64_t max_keys = 0;
   for (int g = 0; g < GS; ++g) max_keys = std::max(max_keys, job.num_keys[g]);
   const int64_t num_blocks = (max_keys + bs - 1) / bs;
-  V best[GS];
-  for (int g = 0; g < GS; ++g) best[g] = splat(kNegInf);
+  W best[GS];
+  for (int g = 0; g < GS; ++g) best[g] = splat_w(kNegInf);
   for (int64_t b = 0; b < num_blocks; ++b) {
     const float* kt = c.k + c.head_offset(job.blocks[b], kv_head);
-    for (int64_t off = 0; off < bs && b * bs + off < max_keys; off += kLanes) {
-      V even[GS] = {}, odd[GS] = {};
-      for (int64_t d = 0; d < DV * kLanes; d += 2) {
-        const V k0 = load(kt + d * bs + off), k1 = load(kt + (d + 1) * bs + off);
+    for (int64_t off = 0; off < bs && b * bs + off < max_keys; off += kW) {
+      W even[GS] = {}, odd[GS] = {};
+      for (int64_t d = 0; d < DV * kW; d += 2) {
+        const W k0 = load_w(kt + d * bs + off), k1 = load_w(kt + (d + 1) * bs + off);
         for (int g = 0; g < GS; ++g) {
-          even[g] = splat(job.q[g][d]) * k0 + even[g];
-          odd[g] = splat(job.q[g][d + 1]) * k1 + odd[g];
+          even[g] = splat_w(job.q[g][d]) * k0 + even[g];
+          odd[g] = splat_w(job.q[g][d + 1]) * k1 + odd[g];
         }
       }
       const int64_t first = b * bs + off;
       for (int g = 0; g < GS; ++g) {
         const int64_t valid = job.num_keys[g] - first;
         if (valid <= 0) {  // wholly past this query's keys: weight 0
-          store(job.scores[g] + first, V{});
+          store_w(job.scores[g] + first, W{});
           continue;
         }
-        V score = (even[g] + odd[g]) * scale;
-        if (valid < kLanes) {
-          float lanes[kLanes];
-          store(lanes, score);
-          for (int64_t i = valid; i < kLanes; ++i) lanes[i] = kNegInf;
-          score = load(lanes);
+        W score = (even[g] + odd[g]) * scale;
+        if (valid < kW) {
+          float lanes[kW];
+          store_w(lanes, score);
+          for (int64_t i = valid; i < kW; ++i) lanes[i] = kNegInf;
+          score = load_w(lanes);
         }
-        store(job.scores[g] + first, score);
+        store_w(job.scores[g] + first, score);
         best[g] = vmax(best[g], score);
       }
     }
@@ -128,30 +128,30 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
   float inv_total[GS];
   for (int g = 0; g < GS; ++g) {
     const float max_score = hmax(best[g]);
-    const int64_t num_chunks = (job.num_keys[g] + kLanes - 1) / kLanes;
-    V total = {};
+    const int64_t num_chunks = (job.num_keys[g] + kW - 1) / kW;
+    W total = {};
     for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      V e = vexp(load(job.scores[g] + chunk * kLanes) - max_score);
-      store(job.scores[g] + chunk * kLanes, e);
+      W e = vexp(load_w(job.scores[g] + chunk * kW) - max_score);
+      store_w(job.scores[g] + chunk * kW, e);
       total += e;
     }
     inv_total[g] = 1.0f / hsum(total);
   }
-  V acc[GS][DV] = {};
+  W acc[GS][DV] = {};
   for (int64_t b = 0; b < num_blocks; ++b) {
     const float* vb = c.v + c.head_offset(job.blocks[b], kv_head);
     const int64_t n = std::min(bs, max_keys - b * bs);
     for (int64_t key = 0; key < n; ++key) {
-      V v[DV];
-      for (int i = 0; i < DV; ++i) v[i] = load(vb + (key * DV + i) * kLanes);
+      W v[DV];
+      for (int i = 0; i < DV; ++i) v[i] = load_w(vb + (key * DV + i) * kW);
       for (int g = 0; g < GS; ++g) {
-        const V weight = splat(job.scores[g][b * bs + key]);
+        const W weight = splat_w(job.scores[g][b * bs + key]);
         for (int i = 0; i < DV; ++i) acc[g][i] = weight * v[i] + acc[g][i];
       }
     }
   }
   for (int g = 0; g < GS; ++g)
-    for (int i = 0; i < DV; ++i) store(job.out[g] + i * kLanes, acc[g][i] * inv_total[g]);
+    for (int i = 0; i < DV; ++i) store_w(job.out[g] + i * kW, acc[g][i] * inv_total[g]);
 }
 
 // A work item: tokens [token, token + num_tokens) of one sequence, heads
@@ -205,17 +205,20 @@ AttendFn attend_for_queries(int64_t num_queries) {
 }
 
 AttendFn attend_for(int64_t head_dim, int64_t num_queries) {
-  switch (head_dim / kLanes) {
-    case 2: return attend_for_queries<2>(num_queries);
-    case 4: return attend_for_queries<4>(num_queries);
-    case 8: return attend_for_queries<8>(num_queries);
-    case 16: return attend_for_queries<16>(num_queries);
+  switch (head_dim) {
+    case 32: return attend_for_queries<32 / kW>(num_queries);
+    case 64: return attend_for_queries<64 / kW>(num_queries);
+    case 128: return attend_for_queries<128 / kW>(num_queries);
+    case 256: return attend_for_queries<256 / kW>(num_queries);
   }
   TORCH_CHECK(false, "head_dim ", head_dim, " is not one of 32, 64, 128, 256");
 }
 
 // Queries per item, by head_dim: as many as the output sums leave registers for.
-int64_t max_queries(int64_t head_dim) { return head_dim <= 64 ? 6 : 256 / head_dim; }
+int64_t max_queries(int64_t head_dim) {
+  constexpr int64_t kSumRegisters = kW == 16 ? 24 : 8;  // of 32 zmm, of 16 ymm
+  return std::clamp<int64_t>(kSumRegisters / (head_dim / kW), 1, 6);
+}
 
 // Items: runs of consecutive tokens of one sequence x runs of heads of one KV head, each
 // with at most max_queries(head_dim) queries.

@@ -25,36 +25,41 @@ namespace {
 constexpr int kOut = 16;  // outputs per tile
 constexpr int kIn = 32;   // inputs per tile (one GGUF block)
 
+// Formats read a tile's lanes [h * kW, (h + 1) * kW) of its 16 outputs.
 struct Q4_1 {
   static constexpr int64_t kTileBytes = 2 * kOut * 2 + kOut * kIn / 2;  // d, m, nibbles
   static constexpr bool kHasMin = true;
-  static void scales(const uint8_t* t, V& d, V& m) {
-    d = load_half(reinterpret_cast<const uint16_t*>(t));
-    m = load_half(reinterpret_cast<const uint16_t*>(t + 2 * kOut));
+  static void scales(const uint8_t* t, int h, W& d, W& m) {
+    d = load_half_w(reinterpret_cast<const uint16_t*>(t) + h * kW);
+    m = load_half_w(reinterpret_cast<const uint16_t*>(t + 2 * kOut) + h * kW);
   }
-  // q of inputs i and i + 16 of the block, for the tile's 16 outputs.
-  static void values(const uint8_t* t, int i, V& lo, V& hi) {
-    nibbles_to_float(t + 4 * kOut + i * kOut, lo, hi);
+  // q of inputs i and i + 16 of the block.
+  static void values(const uint8_t* t, int i, int h, W& lo, W& hi) {
+    nibbles_to_float_w(t + 4 * kOut + i * kOut + h * kW, lo, hi);
   }
 };
 
 struct Q8_0 {
   static constexpr int64_t kTileBytes = 2 * kOut + kOut * kIn;  // d, int8 values
   static constexpr bool kHasMin = false;
-  static void scales(const uint8_t* t, V& d, V& m) {
-    d = load_half(reinterpret_cast<const uint16_t*>(t));
-    m = V{};
+  static void scales(const uint8_t* t, int h, W& d, W& m) {
+    d = load_half_w(reinterpret_cast<const uint16_t*>(t) + h * kW);
+    m = W{};
   }
-  static void values(const uint8_t* t, int i, V& lo, V& hi) {
-    lo = i8_to_float(load_i8(t + 2 * kOut + i * kOut));
-    hi = i8_to_float(load_i8(t + 2 * kOut + (i + 16) * kOut));
+  static void values(const uint8_t* t, int i, int h, W& lo, W& hi) {
+    lo = i8_to_float_w(t + 2 * kOut + i * kOut + h * kW);
+    hi = i8_to_float_w(t + 2 * kOut + (i + 16) * kOut + h * kW);
   }
 };
 
+// A tile of R rows x G groups holds three W accumulators for each; at most kMaxTile of them
+// keep those in registers (32 zmm on AVX-512, 16 ymm on AVX2). A group's 16 outputs take
+// kHalves passes of kW lanes.
+constexpr int kHalves = kOut / kW;
 #if defined(__AVX512F__)
-constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 2;
+constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 2, kMaxTile = 8;
 #else
-constexpr int kDirectRows = 2, kPanelRows = 2, kPanelGroups = 1;
+constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 1, kMaxTile = 4;
 #endif
 constexpr int64_t kPanelMinRows = 64;  // from here on a panel of q as floats pays for itself
 constexpr int64_t kRowChunk = 128;     // rows per pass over a panel (their x stays in cache)
@@ -73,17 +78,17 @@ struct Problem {
 // Per (row, output) lane: the block's two sums of x * q, and the running total.
 template <int R, int G>
 struct Accumulators {
-  V total[R][G] = {}, lo[R][G], hi[R][G];
+  W total[R][G] = {}, lo[R][G], hi[R][G];
 
   void begin_block() {
     for (int r = 0; r < R; ++r)
-      for (int g = 0; g < G; ++g) lo[r][g] = hi[r][g] = V{};
+      for (int g = 0; g < G; ++g) lo[r][g] = hi[r][g] = W{};
   }
 
   // Inputs i and i + 16 of the block: x rows at xk (stride ldx), q per group.
-  void add(const float* xk, int64_t ldx, int i, const V* ql, const V* qh) {
+  void add(const float* xk, int64_t ldx, int i, const W* ql, const W* qh) {
     for (int r = 0; r < R; ++r) {
-      V xl = splat(xk[r * ldx + i]), xh = splat(xk[r * ldx + i + 16]);
+      W xl = splat_w(xk[r * ldx + i]), xh = splat_w(xk[r * ldx + i + 16]);
       for (int g = 0; g < G; ++g) {
         lo[r][g] = xl * ql[g] + lo[r][g];
         hi[r][g] = xh * qh[g] + hi[r][g];
@@ -93,46 +98,49 @@ struct Accumulators {
 
   // xsum: the block's sum of x for the first row, the next row num_blocks further on.
   template <bool kHasMin>
-  void end_block(const float* xsum, int64_t num_blocks, const V* d, const V* m) {
+  void end_block(const float* xsum, int64_t num_blocks, const W* d, const W* m) {
     for (int r = 0; r < R; ++r) {
       for (int g = 0; g < G; ++g) {
         total[r][g] = (lo[r][g] + hi[r][g]) * d[g] + total[r][g];
-        if constexpr (kHasMin) total[r][g] = splat(xsum[r * num_blocks]) * m[g] + total[r][g];
+        if constexpr (kHasMin) total[r][g] = splat_w(xsum[r * num_blocks]) * m[g] + total[r][g];
       }
     }
   }
 
-  void store(const Problem& p, int64_t row, int64_t group) const {
+  void store(const Problem& p, int64_t row, int64_t group, int h) const {
     for (int r = 0; r < R; ++r)
       for (int g = 0; g < G; ++g)
-        llmserve::store(p.y + (row + r) * p.ldy + (group + g) * kOut, total[r][g]);
+        store_w(p.y + (row + r) * p.ldy + (group + g) * kOut + h * kW, total[r][g]);
   }
 };
 
 // Rows [row, row + R) x groups [group, group + G), unpacking q in registers.
 template <class F, int R, int G>
 void direct_tile(const Problem& p, int64_t row, int64_t group) {
-  Accumulators<R, G> acc;
-  for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
-    const uint8_t* t[G];
-    for (int g = 0; g < G; ++g) {
-      t[g] = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
-      // Weights stream from memory once per step: ask for a later block's lines now.
-      for (int64_t line = 0; line < F::kTileBytes; line += 64)
-        __builtin_prefetch(t[g] + kPrefetchTiles * F::kTileBytes + line);
+  for (int h = 0; h < kHalves; ++h) {
+    Accumulators<R, G> acc;
+    for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
+      const uint8_t* t[G];
+      for (int g = 0; g < G; ++g) {
+        t[g] = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
+        // Weights stream from memory once per step: ask for a later block's lines now.
+        if (h == 0)
+          for (int64_t line = 0; line < F::kTileBytes; line += 64)
+            __builtin_prefetch(t[g] + kPrefetchTiles * F::kTileBytes + line);
+      }
+      const float* xk = p.x + row * p.ldx + kb * kIn;
+      acc.begin_block();
+      for (int i = 0; i < kIn / 2; ++i) {
+        W ql[G], qh[G];
+        for (int g = 0; g < G; ++g) F::values(t[g], i, h, ql[g], qh[g]);
+        acc.add(xk, p.ldx, i, ql, qh);
+      }
+      W d[G], m[G];
+      for (int g = 0; g < G; ++g) F::scales(t[g], h, d[g], m[g]);
+      acc.template end_block<F::kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
     }
-    const float* xk = p.x + row * p.ldx + kb * kIn;
-    acc.begin_block();
-    for (int i = 0; i < kIn / 2; ++i) {
-      V ql[G], qh[G];
-      for (int g = 0; g < G; ++g) F::values(t[g], i, ql[g], qh[g]);
-      acc.add(xk, p.ldx, i, ql, qh);
-    }
-    V d[G], m[G];
-    for (int g = 0; g < G; ++g) F::scales(t[g], d[g], m[g]);
-    acc.template end_block<F::kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
+    acc.store(p, row, group, h);
   }
-  acc.store(p, row, group);
 }
 
 // A panel holds a group pair's q as floats, [num_blocks, 32, G * 16] (inputs i, i + 16
@@ -145,28 +153,30 @@ struct Panel {
 // Same arithmetic as direct_tile, reading q and scales from a panel.
 template <bool kHasMin, int R, int G>
 void panel_tile(const Problem& p, const Panel<G>& panel, int64_t row, int64_t group) {
-  Accumulators<R, G> acc;
-  for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
-    const float* qk = panel.q.data() + kb * kIn * G * kOut;
-    const float* xk = p.x + row * p.ldx + kb * kIn;
-    acc.begin_block();
-    for (int i = 0; i < kIn / 2; ++i) {
-      V ql[G], qh[G];
-      for (int g = 0; g < G; ++g) {
-        ql[g] = load(qk + (2 * i) * G * kOut + g * kOut);
-        qh[g] = load(qk + (2 * i + 1) * G * kOut + g * kOut);
+  for (int h = 0; h < kHalves; ++h) {
+    Accumulators<R, G> acc;
+    for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
+      const float* qk = panel.q.data() + kb * kIn * G * kOut + h * kW;
+      const float* xk = p.x + row * p.ldx + kb * kIn;
+      acc.begin_block();
+      for (int i = 0; i < kIn / 2; ++i) {
+        W ql[G], qh[G];
+        for (int g = 0; g < G; ++g) {
+          ql[g] = load_w(qk + (2 * i) * G * kOut + g * kOut);
+          qh[g] = load_w(qk + (2 * i + 1) * G * kOut + g * kOut);
+        }
+        acc.add(xk, p.ldx, i, ql, qh);
       }
-      acc.add(xk, p.ldx, i, ql, qh);
+      const float* sk = panel.scales.data() + kb * 2 * G * kOut + h * kW;
+      W d[G], m[G];
+      for (int g = 0; g < G; ++g) {
+        d[g] = load_w(sk + g * kOut);
+        m[g] = load_w(sk + (G + g) * kOut);
+      }
+      acc.template end_block<kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
     }
-    const float* sk = panel.scales.data() + kb * 2 * G * kOut;
-    V d[G], m[G];
-    for (int g = 0; g < G; ++g) {
-      d[g] = load(sk + g * kOut);
-      m[g] = load(sk + (G + g) * kOut);
-    }
-    acc.template end_block<kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
+    acc.store(p, row, group, h);
   }
-  acc.store(p, row, group);
 }
 
 template <class F, int G>
@@ -178,15 +188,17 @@ void fill_panel(const Problem& p, int64_t group, Panel<G>& panel) {
     float* sk = panel.scales.data() + kb * 2 * G * kOut;
     for (int g = 0; g < G; ++g) {
       const uint8_t* t = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
-      V d, m;
-      F::scales(t, d, m);
-      store(sk + g * kOut, d);
-      store(sk + (G + g) * kOut, m);
-      for (int i = 0; i < kIn / 2; ++i) {
-        V lo, hi;
-        F::values(t, i, lo, hi);
-        store(qk + (2 * i) * G * kOut + g * kOut, lo);
-        store(qk + (2 * i + 1) * G * kOut + g * kOut, hi);
+      for (int h = 0; h < kHalves; ++h) {
+        W d, m;
+        F::scales(t, h, d, m);
+        store_w(sk + g * kOut + h * kW, d);
+        store_w(sk + (G + g) * kOut + h * kW, m);
+        for (int i = 0; i < kIn / 2; ++i) {
+          W lo, hi;
+          F::values(t, i, h, lo, hi);
+          store_w(qk + (2 * i) * G * kOut + g * kOut + h * kW, lo);
+          store_w(qk + (2 * i + 1) * G * kOut + g * kOut + h * kW, hi);
+        }
       }
     }
   }
@@ -208,7 +220,7 @@ void direct_groups(const Problem& p, int64_t num_rows, int64_t group_begin, int6
     over_rows<kDirectRows>(0, num_rows, [&](int64_t row, auto rows) {
       constexpr int R = decltype(rows)::value;
       // Fewer groups per tile as rows grow, so the accumulators stay in registers.
-      constexpr int GT = R <= 1 ? G : (G < 2 ? G : 2);
+      constexpr int GT = R * G <= kMaxTile ? G : (R * 2 <= kMaxTile && G >= 2 ? 2 : 1);
       for (int g = 0; g < G; g += GT) direct_tile<F, R, GT>(p, row, group + g);
     });
   }

@@ -15,8 +15,98 @@
 namespace llmserve {
 
 constexpr int kLanes = 16;
+#if defined(__AVX512F__)
+// One zmm register.
 typedef float V __attribute__((vector_size(64)));
 typedef int32_t VI __attribute__((vector_size(64)));
+
+inline V select(VI mask, V a, V b) { return mask ? a : b; }
+inline V pow2i(V n) {  // 2^n for integral n in [-126, 127]
+  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  V out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+#else
+// Narrower machines hold V as parts of their register width. (A 64-byte GCC vector would be
+// legal here too, but GCC keeps such variables in memory: 5x slower matmuls on AVX2.)
+#if defined(__AVX2__)
+constexpr int kPartLanes = 8;
+#else
+constexpr int kPartLanes = 4;  // SSE2, NEON
+#endif
+constexpr int kParts = kLanes / kPartLanes;
+typedef float VP __attribute__((vector_size(4 * kPartLanes)));
+typedef int32_t VIP __attribute__((vector_size(4 * kPartLanes)));
+
+template <class P>
+struct Parts {
+  P p[kParts];
+};
+using V = Parts<VP>;
+using VI = Parts<VIP>;
+
+#define LLMSERVE_PARTWISE(op)                                            \
+  template <class P>                                                     \
+  inline Parts<P> operator op(Parts<P> a, Parts<P> b) {                  \
+    for (int i = 0; i < kParts; ++i) a.p[i] = a.p[i] op b.p[i];          \
+    return a;                                                            \
+  }                                                                      \
+  inline V operator op(V a, float b) {                                   \
+    for (int i = 0; i < kParts; ++i) a.p[i] = a.p[i] op b;               \
+    return a;                                                            \
+  }                                                                      \
+  inline V operator op(float a, V b) {                                   \
+    for (int i = 0; i < kParts; ++i) b.p[i] = a op b.p[i];               \
+    return b;                                                            \
+  }                                                                      \
+  template <class P>                                                     \
+  inline Parts<P>& operator op##=(Parts<P>& a, Parts<P> b) {             \
+    return a = a op b;                                                   \
+  }
+LLMSERVE_PARTWISE(+)
+LLMSERVE_PARTWISE(-)
+LLMSERVE_PARTWISE(*)
+LLMSERVE_PARTWISE(/)
+#undef LLMSERVE_PARTWISE
+
+inline V operator-(V a) {
+  for (int i = 0; i < kParts; ++i) a.p[i] = -a.p[i];
+  return a;
+}
+inline VI operator>(V a, V b) {
+  VI m;
+  for (int i = 0; i < kParts; ++i) m.p[i] = a.p[i] > b.p[i];
+  return m;
+}
+inline VI operator>(V a, float b) {
+  VI m;
+  for (int i = 0; i < kParts; ++i) m.p[i] = a.p[i] > b;
+  return m;
+}
+inline VI operator<(V a, V b) { return b > a; }
+inline V select(VI mask, V a, V b) {
+  for (int i = 0; i < kParts; ++i) a.p[i] = mask.p[i] ? a.p[i] : b.p[i];
+  return a;
+}
+inline VP pow2i(VP n) {
+  VIP bits = (__builtin_convertvector(n, VIP) + 127) << 23;
+  VP out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+inline V pow2i(V n) {  // 2^n for integral n in [-126, 127]
+  V out;
+  for (int i = 0; i < kParts; ++i) out.p[i] = pow2i(n.p[i]);
+  return out;
+}
+#endif
+
+// Lane-wise a or b by a comparison's mask, for native vectors.
+template <class T, class M>
+inline T select(M mask, T a, T b) {
+  return mask ? a : b;
+}
 typedef uint8_t U8x16 __attribute__((vector_size(16)));
 typedef int8_t I8x16 __attribute__((vector_size(16)));
 
@@ -36,7 +126,7 @@ inline V splat(float x) {
   return v;
 #else
   V v;
-  for (int i = 0; i < kLanes; ++i) v[i] = x;
+  for (int i = 0; i < kParts; ++i) v.p[i] = VP{} + x;
   return v;
 #endif
 }
@@ -74,7 +164,7 @@ inline V load_half(const uint16_t* p) {
 #endif
 }
 
-// Sixteen bytes widened to float lanes (the compiler scalarizes __builtin_convertvector here).
+// Sixteen bytes widened to float lanes.
 template <bool kSigned, class Bytes>
 inline V bytes_to_float(Bytes b) {
 #if defined(__AVX512F__)
@@ -95,7 +185,9 @@ inline V bytes_to_float(Bytes b) {
   std::memcpy(&v, f, sizeof v);
   return v;
 #else
-  return __builtin_convertvector(b, V);
+  float out[kLanes];
+  for (int i = 0; i < kLanes; ++i) out[i] = b[i];
+  return load(out);
 #endif
 }
 
@@ -118,45 +210,108 @@ inline void nibbles_to_float(const uint8_t* p, V& lo, V& hi) {
 #endif
 }
 
-inline V vmax(V a, V b) { return a > b ? a : b; }
+// W: one register's worth of float lanes (kW of them), for kernels that tile by register
+// width rather than by V's 16 lanes. A lane's arithmetic is the same whatever kW is.
+#if defined(__AVX512F__)
+using W = V;
+constexpr int kW = kLanes;
+inline W load_w(const float* p) { return load(p); }
+inline void store_w(float* p, W w) { store(p, w); }
+inline W splat_w(float x) { return splat(x); }
+inline W load_half_w(const uint16_t* p) { return load_half(p); }
+inline W i8_to_float_w(const uint8_t* p) { return i8_to_float(load_i8(p)); }
+inline void nibbles_to_float_w(const uint8_t* p, W& lo, W& hi) { nibbles_to_float(p, lo, hi); }
+#else
+using W = VP;
+constexpr int kW = kPartLanes;
+inline W load_w(const float* p) {
+  W w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+inline void store_w(float* p, W w) { std::memcpy(p, &w, sizeof w); }
+inline W splat_w(float x) { return W{} + x; }
+#if defined(__AVX2__)
+inline W load_half_w(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline W i8_to_float_w(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+// Eight bytes of two 4-bit values each: lo = byte - 16 * hi, as in nibbles_to_float.
+inline void nibbles_to_float_w(const uint8_t* p, W& lo, W& hi) {
+  __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  __m256 high = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+  lo = _mm256_fmadd_ps(high, _mm256_set1_ps(-16.0f), _mm256_cvtepi32_ps(bytes));
+  hi = high;
+}
+#else
+inline W load_half_w(const uint16_t* p) {
+  float out[kW];
+  for (int i = 0; i < kW; ++i) out[i] = c10::detail::fp16_ieee_to_fp32_value(p[i]);
+  return load_w(out);
+}
+inline W i8_to_float_w(const uint8_t* p) {
+  float out[kW];
+  for (int i = 0; i < kW; ++i) out[i] = static_cast<int8_t>(p[i]);
+  return load_w(out);
+}
+inline void nibbles_to_float_w(const uint8_t* p, W& lo, W& hi) {
+  float l[kW], h[kW];
+  for (int i = 0; i < kW; ++i) {
+    l[i] = p[i] & 15;
+    h[i] = p[i] >> 4;
+  }
+  lo = load_w(l);
+  hi = load_w(h);
+}
+#endif
+#endif
 
-// Sum of the lanes as a fixed pairwise tree.
-inline float hsum(V v) {
-  float s[kLanes];
-  store(s, v);
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) s[i] += s[i + width];
+template <class T>
+inline T vmax(T a, T b) {
+  return select(a > b, a, b);
+}
+
+// The lanes of v (V or W) combined as a fixed pairwise tree.
+template <class T, class Op>
+inline float reduce_lanes(T v, Op op) {
+  constexpr int n = sizeof(T) / sizeof(float);
+  float s[n];
+  std::memcpy(s, &v, sizeof s);
+  for (int width = n / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) s[i] = op(s[i], s[i + width]);
   return s[0];
 }
 
-inline float hmax(V v) {
-  float s[kLanes];
-  store(s, v);
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) s[i] = s[i] > s[i + width] ? s[i] : s[i + width];
-  return s[0];
+template <class T>
+inline float hsum(T v) {
+  return reduce_lanes(v, [](float a, float b) { return a + b; });
 }
 
-// e^x for x <= 0, relative error below 2e-7; lanes under -87 give 0.
-inline V vexp(V x) {
-  const V lo = splat(-87.0f);
-  V clamped = x < lo ? lo : x;
+template <class T>
+inline float hmax(T v) {
+  return reduce_lanes(v, [](float a, float b) { return a > b ? a : b; });
+}
+
+// e^x for x <= 0, relative error below 2e-7; lanes under -87 give 0. T: V or W.
+template <class T>
+inline T vexp(T x) {
+  const T lo = T{} - 87.0f;
+  T clamped = select(x < lo, lo, x);
   // x = n ln2 + r, |r| <= ln2 / 2; n rounded with the 1.5 * 2^23 trick.
-  V n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  V r = clamped - n * 0.693359375f;
+  T n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  T r = clamped - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  V p = splat(1.9875691500e-4f);
+  T p = T{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  V out = p * scale;
-  return x < lo ? V{} : out;
+  T out = p * pow2i(n);
+  return select(x < lo, T{}, out);
 }
 
 }  // namespace llmserve
