@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from services.engine.sampler import Sampler, SamplingParams
+from services.engine.sampler import Sampler, SamplingParams, invert_cdf
 from services.engine.sampling_filters import (
     apply_filters,
     apply_min_p,
@@ -123,7 +123,7 @@ def test_min_p_of_one_is_greedy():
         (SamplingParams(top_k=4, top_p=0.9), PROBS[:3] / PROBS[:3].sum()),
     ],
 )
-def test_the_race_draws_from_the_filtered_renormalised_distribution(params, expected):
+def test_draws_come_from_the_filtered_renormalised_distribution(params, expected):
     sampler = Sampler(torch.device("cpu"), seed=0)
     num_draws = 4000
     draws = sampler.sample(LOGITS.repeat(num_draws, 1), [params] * num_draws, [0] * num_draws)
@@ -131,3 +131,21 @@ def test_the_race_draws_from_the_filtered_renormalised_distribution(params, expe
     expected = torch.cat([expected, torch.zeros(5 - len(expected))])
     tolerance = 5 * torch.sqrt(expected * (1 - expected) / num_draws)
     assert ((freq - expected).abs() <= tolerance).all(), freq
+
+
+def test_inverting_a_large_vocabulary_draws_each_token_with_its_probability():
+    """Mass spread over blocks of the two-level inversion, zeros between, a block boundary."""
+    generator = torch.Generator().manual_seed(3)
+    probs = torch.zeros(1000)
+    support = torch.tensor([0, 255, 256, 300, 511, 512, 999])
+    probs[support] = torch.tensor([0.05, 0.2, 0.1, 0.3, 0.15, 0.05, 0.15])
+    num_draws = 20000
+    uniform = 1 - torch.rand(num_draws, generator=generator, dtype=torch.float64)
+    draws = invert_cdf(probs.repeat(num_draws, 1), uniform)
+    assert set(draws.tolist()) <= set(support.tolist())
+    freq = torch.bincount(draws, minlength=1000).float()[support] / num_draws
+    expected = probs[support]
+    assert ((freq - expected).abs() <= 5 * torch.sqrt(expected * (1 - expected) / num_draws)).all()
+    # The extremes of u land on the first and last tokens with mass.
+    ends = invert_cdf(probs.repeat(2, 1), torch.tensor([1e-12, 1.0], dtype=torch.float64))
+    assert ends.tolist() == [0, 999]

@@ -1,8 +1,9 @@
-"""Sampler.sample() draws exactly what it drew before the extended parameters existed."""
+"""Sampler.sample() draws exactly what it drew before the extended parameters existed: the
+same filtering of temperature, top-k and top-p, the same random numbers, the same draw."""
 
 import torch
 
-from services.engine.sampler import Sampler, SamplingParams
+from services.engine.sampler import Sampler, SamplingParams, invert_cdf
 
 _POSITION_STRIDE = 1_000_003
 
@@ -35,17 +36,13 @@ class ReferenceSampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
         probs = scaled.softmax(dim=-1)
-        noise = torch.empty(probs.shape)
-        unseeded = [i for i, p in enumerate(chosen) if p.seed is None]
-        if unseeded:
-            draws = torch.empty(len(unseeded), vocab).exponential_(generator=self._shared)
-            noise[unseeded] = draws
+        uniform = 1 - torch.rand(len(chosen), generator=self._shared, dtype=torch.float64)
         for i, p in enumerate(chosen):
             if p.seed is not None:
                 position = positions[random_rows[i]]
                 self._seeded.manual_seed((p.seed * _POSITION_STRIDE + position) % 2**63)
-                noise[i].exponential_(generator=self._seeded)
-        greedy[rows] = (probs / noise).argmax(dim=-1)
+                uniform[i] = 1 - torch.rand(1, generator=self._seeded, dtype=torch.float64)
+        greedy[rows] = invert_cdf(probs, uniform)
         return greedy.tolist()
 
 

@@ -93,8 +93,14 @@ def test_required_and_named_calls_always_validate(client, model) -> None:
     cases = [forced_case(i) for i in range(12)]
     with ThreadPoolExecutor(len(cases)) as pool:
         replies = list(pool.map(lambda case: ask(client, model, **case), cases))
+    cut = 0
     for case, reply in zip(cases, replies, strict=True):
         choice = reply.choices[0]
+        if choice.finish_reason == "length" and case["temperature"] > 0:
+            # Nothing bounds a sampled string argument: it may run past max_tokens.
+            assert reply.usage.completion_tokens == 256
+            cut += 1
+            continue
         assert choice.finish_reason == "tool_calls", choice
         assert choice.message.content is None
         if isinstance(case["tool_choice"], dict):
@@ -104,6 +110,7 @@ def test_required_and_named_calls_always_validate(client, model) -> None:
         assert_valid_calls(choice.message, names)
         if not case["parallel_tool_calls"]:
             assert len(choice.message.tool_calls) == 1
+    assert cut <= 2
 
 
 @pytest.mark.parametrize("seed", [None, 1, 2])

@@ -11,12 +11,16 @@ Each row goes through these steps, in this order:
   6. temperature;
   7. mirostat v2 for rows with mirostat_target, which then skip steps 8-11;
   8. top-k, 9. top-p, 10. min-p (p < min_p * p_max dropped), 11. typical-p;
- 12. an exponential race draws from what is left; rows with a seed draw from a generator
-     seeded by (seed, position), so a seeded request's output does not depend on its batch.
+ 12. one uniform draw per row picks from what is left by inverting its cumulative
+     distribution (float64); rows with a seed draw from a generator seeded by (seed,
+     position), so a seeded request's output does not depend on its batch. (A race over
+     per-token noise draws the same distribution but costs a random number per vocabulary
+     entry: sampling a row took 0.97 ms on a CPU core that way, 0.27 ms this way.)
 Features no row asks for cost nothing; those some rows ask for run on those rows only.
 """
 
 import torch
+import torch.nn.functional as F
 
 from services.engine import mirostat as mirostat_v2
 from services.engine.logits_processors import apply_logit_bias, apply_penalties
@@ -115,9 +119,8 @@ class Sampler:
         scaled = logits[index] / temps[:, None]
         miro = [j for j, p in enumerate(chosen) if p.mirostat_target is not None]
         probs = _probs(scaled, chosen, miro, [mirostat[rows[j]] for j in miro])
-        noise = self._exponential_noise(scaled.shape, chosen, [positions[i] for i in rows])
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
-        drawn = (probs / noise.to(probs.device)).argmax(dim=-1)
+        uniform = self._uniform(chosen, [positions[i] for i in rows]).to(probs.device)
+        drawn = invert_cdf(probs, uniform)
         token_ids[index] = drawn
         if not miro:
             return [], None
@@ -125,20 +128,38 @@ class Sampler:
         surprise = mirostat_v2.observed_surprise(probs[miro_index], drawn[miro_index])
         return [rows[j] for j in miro], surprise
 
-    def _exponential_noise(
-        self, shape: torch.Size, params: list[SamplingParams], positions: list[int]
-    ) -> torch.Tensor:
-        noise = torch.empty(shape, device=self.device)
-        unseeded = [i for i, p in enumerate(params) if p.seed is None]
-        if unseeded:
-            draws = torch.empty(len(unseeded), shape[1], device=self.device)
-            draws.exponential_(generator=self._shared)
-            noise[unseeded] = draws
+    def _uniform(self, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+        """One draw in (0, 1] per row, [rows] float64: seeded rows from (seed, position)."""
+        options = {"dtype": torch.float64, "device": self.device}
+        draws = 1 - torch.rand(len(params), generator=self._shared, **options)
         for i, p in enumerate(params):
             if p.seed is not None:
                 self._seeded.manual_seed((p.seed * _POSITION_STRIDE + positions[i]) % 2**63)
-                noise[i].exponential_(generator=self._seeded)
-        return noise
+                draws[i] = 1 - torch.rand(1, generator=self._seeded, **options)
+        return draws
+
+
+_CDF_BLOCK = 256
+
+
+def invert_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative mass reaches u * total (u in (0, 1]): a token
+    with mass > 0, drawn with probability its share. Two levels (blocks of 256 tokens, then
+    the tokens of one block), cumulated in float64, so a row costs a reduction, not a scan."""
+    num_rows, vocab = probs.shape
+    padded = probs if vocab % _CDF_BLOCK == 0 else F.pad(probs, (0, -vocab % _CDF_BLOCK))
+    blocks = padded.view(num_rows, -1, _CDF_BLOCK)
+    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [rows, num_blocks]
+    target = uniform * block_cdf[:, -1]
+    block = torch.searchsorted(block_cdf, target[:, None]).squeeze(1)
+    block = block.clamp(max=block_cdf.shape[1] - 1)
+    before = block_cdf.gather(1, (block - 1).clamp(min=0)[:, None]).squeeze(1) * (block > 0)
+    rows = torch.arange(num_rows, device=probs.device)
+    within = blocks[rows, block].double().cumsum(dim=-1) + before[:, None]  # [rows, 256]
+    # Rounding may put the target past the block's own total: take its last token with mass.
+    target = torch.minimum(target, within[:, -1])
+    offset = torch.searchsorted(within, target[:, None]).squeeze(1).clamp(max=_CDF_BLOCK - 1)
+    return block * _CDF_BLOCK + offset
 
 
 def _probs(
