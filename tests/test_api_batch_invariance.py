@@ -1,8 +1,10 @@
 """Through the real stack: a request's greedy tokens and logprobs are bitwise the same alone,
 beside 15 other requests of other lengths, with its prompt prefix from the prefix cache (on
-prefill and on decode), and prefilled in several chunks by another stack."""
+prefill and on decode, whole blocks and part of one), and prefilled in several chunks by
+another stack."""
 
 import asyncio
+import uuid
 
 import openai
 import pytest
@@ -13,6 +15,9 @@ TARGET = "Invariance check. " + " ".join(f"Item {i} costs {3 * i + 1} coins." fo
 OTHERS = [
     "Hello " * (1 + 9 * i) + f"and goodbye number {i}." for i in range(15)
 ]  # 3 to ~270 tokens
+
+
+DETOUR = " and then something else entirely, nothing like the rest of it at all, the end."
 
 
 def request(cache_key: str, prompt: str = TARGET) -> dict:
@@ -40,6 +45,12 @@ async def alone_and_beside(url: str, model: str) -> tuple[tuple, tuple, tuple]:
     cached = await client.completions.create(model=model, **request("invariance-a"))
     usage = cached.usage.prompt_tokens_details
     assert usage is not None and usage.cached_tokens > 0  # the prefix came from the cache
+    # A prompt that leaves TARGET inside a KV block: TARGET then reuses part of that block.
+    fresh = f"invariance-{uuid.uuid4().hex}"
+    await client.completions.create(model=model, **request(fresh, TARGET[:200] + DETOUR))
+    partly = await client.completions.create(model=model, **request(fresh))
+    assert partly.usage.prompt_tokens_details.cached_tokens % 16 != 0
+    assert numbers(partly.choices[0]) == numbers(cached.choices[0])
     return numbers(alone.choices[0]), numbers(beside[0].choices[0]), numbers(cached.choices[0])
 
 

@@ -23,6 +23,8 @@ def check_invariants(manager: BlockManager) -> None:
     assert set(cached) <= set(manager._entries) and not set(free) & set(manager._entries)
     by_block = {b: h for h, b in manager._by_hash.items()}
     assert by_block == {b: e.block_hash for b, e in manager._entries.items()}
+    children = {b for siblings in manager._children.values() for b in siblings}
+    assert children == {b for b, e in manager._entries.items() if e.parent is not None}
     assert manager.num_used_blocks == len(used)
     assert manager.num_cached_blocks == len(cached)
     assert manager.num_free_blocks == len(free) + len(cached)
@@ -31,8 +33,10 @@ def check_invariants(manager: BlockManager) -> None:
 
 def register_all(manager: BlockManager, block_ids: list[int], token_ids: list[int]) -> None:
     size = manager.block_size
-    for i, block_hash in enumerate(hash_blocks(token_ids, size)[: len(block_ids)]):
-        manager.register(block_ids[i], block_hash, token_ids[i * size : (i + 1) * size])
+    hashes = hash_blocks(token_ids, size)[: len(block_ids)]
+    for i, block_hash in enumerate(hashes):
+        parent = hashes[i - 1] if i else root_hash("")
+        manager.register(block_ids[i], block_hash, token_ids[i * size : (i + 1) * size], parent)
 
 
 def match(manager: BlockManager, token_ids: list[int], salt: str = "") -> list[int]:
@@ -297,3 +301,35 @@ def test_random_operations_keep_the_invariants():
     for block_ids, _ in model.holders:
         manager.free(block_ids)
     assert manager.reset_prefix_cache() > 0 and states(manager) == (0, 0, 12)
+
+
+def test_partial_match_finds_the_sibling_sharing_the_longest_start():
+    a = [1, 2, 3, 4, 5, 6, 7, 8]
+    b = [1, 2, 3, 4, 9, 9, 9, 9]
+    c = [1, 2, 3, 4, 5, 6, 0, 0]
+    manager = cached(8, 4, a, b, c)
+    parent = hash_blocks(a, 4)[0]  # all three share their first block
+    source, length = manager.match_partial(parent, [5, 6, 7, 1])
+    assert (manager._entries[source].token_ids, length) == ((5, 6, 7, 8), 3)
+    assert manager.ref_counts[source] == 1 and states(manager)[0] == 1  # referenced
+    manager.free([source])
+    assert manager.match_partial(parent, [9, 9])[1] == 2  # b's second block, shorter query
+    manager.free([manager._by_hash[hash_blocks(b, 4)[1]]])
+    assert manager.match_partial(parent, [7, 7, 7]) == (None, 0)  # no sibling starts with 7
+    assert manager.match_partial(root_hash(""), [1, 2, 0, 0])[1] == 2  # first blocks too
+    manager.free([manager._by_hash[hash_blocks(a, 4)[0]]])
+    assert manager.match_partial(root_hash("other"), [1, 2]) == (None, 0)  # salts stay apart
+    assert manager.match_partial(parent, []) == (None, 0)
+    states(manager)
+
+
+def test_partial_candidates_leave_with_their_hash():
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8]
+    manager = cached(2, 4, tokens)
+    parent = hash_blocks(tokens, 4)[0]
+    assert manager.allocate(2)  # evicts both cached blocks
+    assert manager.match_partial(parent, [5, 6]) == (None, 0)
+    assert manager._children == {}
+    manager = cached(2, 4, tokens)
+    manager.reset_prefix_cache()
+    assert manager.match_partial(parent, [5, 6]) == (None, 0) and manager._children == {}

@@ -104,9 +104,9 @@ def test_repeated_prompt_computes_only_the_uncached_part(stack, reference, tok):
     assert first.first_token_id == second.first_token_id == expected[0]
     assert tokens_of(cold) == tokens_of(warm) == expected
     assert stack.stats("prefill").prefix_cache_hit_blocks - hits_before == 6
-    # A block-aligned prompt is fully cached, but its last block is computed again.
+    # A block-aligned prompt is fully cached, but its last token is computed again.
     aligned = text_prompt(tok, "Aligned", 96)
-    assert [cached_tokens(stack, aligned) for _ in range(2)] == [0, 80]
+    assert [cached_tokens(stack, aligned) for _ in range(2)] == [0, 95]
     assert stack.wait_idle("prefill").num_used_blocks == 0
 
 
@@ -117,11 +117,26 @@ def test_cache_salt_and_length_cap(stack, tok):
     assert cached_tokens(stack, prompt) == 0  # no salt is a salt of its own
     assert cached_tokens(stack, prompt, cache_salt="alice") == 80
     assert cached_tokens(stack, prompt, cache_salt="bob") == 80
-    assert cached_tokens(stack, prompt, cache_salt="alice", cache_max_tokens=40) == 32
+    assert cached_tokens(stack, prompt, cache_salt="alice", cache_max_tokens=40) == 40
     assert cached_tokens(stack, prompt, cache_salt="alice", cache_max_tokens=0) == 0
     capped = text_prompt(tok, "Capped", 90)
     assert cached_tokens(stack, capped, cache_max_tokens=40) == 0
     assert cached_tokens(stack, capped) == 32  # only the capped request's 2 blocks were cached
+
+
+def test_prompt_diverging_inside_a_block_reuses_the_shared_part(stack, reference, tok):
+    base = text_prompt(tok, "Diverge", 60)  # 3 full blocks cached, the tail is not
+    assert cached_tokens(stack, base) == 0
+    other = base[:40] + tok.encode(" Something else entirely, and then some more words.")
+    shared = next(i for i, (a, b) in enumerate(zip(base, other, strict=False)) if a != b)
+    assert 32 < shared < 48  # two whole blocks, and part of the third
+    expected = reference.greedy(other, 8)
+    prefilled, responses = generate(stack, other, 8)
+    assert prefilled.num_cached_tokens == shared
+    assert prefilled.first_token_id == expected[0] and tokens_of(responses) == expected
+    # Within the request's cap only.
+    assert cached_tokens(stack, other[:-1] + [5], cache_max_tokens=36) == 36
+    assert stack.wait_idle("prefill").num_used_blocks == 0
 
 
 def test_chunked_prefill_matches_one_pass(stack, reference, tok):

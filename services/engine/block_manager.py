@@ -26,6 +26,7 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 class _CacheEntry:
     block_hash: bytes
     token_ids: tuple[int, ...]  # exactly block_size ids, compared on every hit
+    parent: bytes | None  # the previous block's hash (or the root), when the caller gave it
 
 
 class BlockManager:
@@ -48,6 +49,8 @@ class BlockManager:
         # Invariant: _by_hash[h] == b  <=>  _entries[b].block_hash == h.
         self._entries: dict[int, _CacheEntry] = {}
         self._by_hash: dict[bytes, int] = {}
+        # Registered blocks by their parent's hash and first token, for match_partial.
+        self._children: dict[tuple[bytes, int], set[int]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -124,8 +127,38 @@ class BlockManager:
         self.num_hits += len(block_ids)
         return block_ids
 
-    def register(self, block_id: int, block_hash: bytes, token_ids: Sequence[int]) -> None:
-        """Offers an in-use, full, computed block to later `match_prefix` calls.
+    def match_partial(self, parent: bytes, token_ids: Sequence[int]) -> tuple[int | None, int]:
+        """The cached block after `parent` whose tokens share the longest run of leading
+        `token_ids` (at least one; the lowest block id among equals), referenced, and that
+        run's length; (None, 0) when none shares any. Only blocks registered with their
+        parent are candidates. The caller copies the run's KV and frees the block."""
+        if not token_ids:
+            return None, 0
+        best, best_length = None, 0
+        for block_id in sorted(self._children.get((parent, token_ids[0]), ())):
+            cached = self._entries[block_id].token_ids
+            length = 0
+            for ours, theirs in zip(token_ids, cached, strict=False):
+                if ours != theirs:
+                    break
+                length += 1
+            if length > best_length:
+                best, best_length = block_id, length
+        if best is not None:
+            if self.ref_counts[best] == 0:
+                del self._evictable[best]
+            self.ref_counts[best] += 1
+        return best, best_length
+
+    def register(
+        self,
+        block_id: int,
+        block_hash: bytes,
+        token_ids: Sequence[int],
+        parent: bytes | None = None,
+    ) -> None:
+        """Offers an in-use, full, computed block to later `match_prefix` calls, and with
+        its `parent` hash to `match_partial` calls.
 
         The first block registered under a hash keeps it; a later duplicate stays
         unregistered and is simply freed into the free list when released.
@@ -139,8 +172,10 @@ class BlockManager:
             return
         if block_hash in self._by_hash:
             return
-        self._entries[block_id] = _CacheEntry(block_hash, tuple(token_ids))
+        self._entries[block_id] = _CacheEntry(block_hash, tuple(token_ids), parent)
         self._by_hash[block_hash] = block_id
+        if parent is not None:
+            self._children.setdefault((parent, token_ids[0]), set()).add(block_id)
 
     def reset_prefix_cache(self) -> int:
         """Drops the hashes of all unreferenced blocks; returns how many were dropped.
@@ -157,3 +192,8 @@ class BlockManager:
     def _forget(self, block_id: int) -> None:
         entry = self._entries.pop(block_id)
         del self._by_hash[entry.block_hash]
+        if entry.parent is not None:
+            key = (entry.parent, entry.token_ids[0])
+            self._children[key].discard(block_id)
+            if not self._children[key]:
+                del self._children[key]

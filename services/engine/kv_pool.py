@@ -44,3 +44,7 @@ class KVPool:
     @property
     def num_blocks(self) -> int:
         return self.blocks.num_blocks
+
+    def copy_block(self, source: int, target: int) -> None:
+        """Copies one block's K and V, every layer, into another block."""
+        self.cache[:, :, target].copy_(self.cache[:, :, source])

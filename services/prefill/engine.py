@@ -141,7 +141,8 @@ class PrefillEngine:
         return batch
 
     def _admit(self, job: PrefillJob) -> bool:
-        """Reuses the longest cached prefix and allocates blocks for the rest of the prompt."""
+        """Reuses the longest cached prefix, whole blocks and then part of the next one, and
+        allocates blocks for the rest of the prompt."""
         block_size = self.blocks.block_size
         hits = (
             []
@@ -158,8 +159,30 @@ class PrefillEngine:
             return False
         job.block_table = hits + self.blocks.allocate(missing)
         job.num_computed = job.num_cached_tokens = len(hits) * block_size
+        if not job.wants_prompt_logprobs:
+            job.num_computed = job.num_cached_tokens = job.num_computed + self._reuse_part(job)
         job.num_registered_blocks = len(hits)
         return True
+
+    def _reuse_part(self, job: PrefillJob) -> int:
+        """Copies into the first uncached block the KV of a cached block that follows the same
+        prefix and starts with the same tokens (another prompt that diverges inside this
+        block); returns how many tokens that serves. KV is a function of the prefix alone,
+        so the copy equals what computing those tokens would write."""
+        block_size = self.blocks.block_size
+        index = job.num_computed // block_size
+        start = index * block_size
+        # Never the last prompt token, never past what the request lets the cache serve.
+        end = min(start + block_size, len(job.token_ids) - 1, job.max_cached_tokens)
+        if end <= start:
+            return 0
+        parent = job.block_hashes[index - 1] if index else job.root_hash
+        source, length = self.blocks.match_partial(parent, job.token_ids[start:end])
+        if source is None:
+            return 0
+        self.worker.pool.copy_block(source, job.block_table[index])
+        self.blocks.free([source])
+        return length
 
     def _register_computed_blocks(self, job: PrefillJob) -> None:
         """Offers each newly completed full block to the prefix cache."""
@@ -167,7 +190,8 @@ class PrefillEngine:
         num_full = min(job.num_computed // block_size, len(job.block_hashes))
         for i in range(job.num_registered_blocks, num_full):
             tokens = job.token_ids[i * block_size : (i + 1) * block_size]
-            self.blocks.register(job.block_table[i], job.block_hashes[i], tokens)
+            parent = job.block_hashes[i - 1] if i else job.root_hash
+            self.blocks.register(job.block_table[i], job.block_hashes[i], tokens, parent)
         job.num_registered_blocks = max(job.num_registered_blocks, num_full)
 
     def _run(self, batch: list[tuple[PrefillJob, SeqChunk]]) -> None:

@@ -28,8 +28,11 @@ class PrefillJob:
     request_id: str
     token_ids: list[int]
     sampling: SamplingParams
-    # Chained hashes of the prompt's cacheable full blocks (salted, capped by the request).
+    # Chained hashes of the prompt's cacheable full blocks (salted, capped by the request),
+    # the chain's root, and how many leading tokens the request lets the cache serve.
     block_hashes: list[bytes]
+    root_hash: bytes
+    max_cached_tokens: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     # Logprobs of every prompt token after the first (echo); the prompt is computed in full.

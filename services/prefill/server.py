@@ -9,7 +9,7 @@ import torch
 
 from services import cli
 from services.engine import loader
-from services.engine.block_hash import hash_blocks
+from services.engine.block_hash import hash_blocks, root_hash
 from services.engine.grammar import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
 from services.engine.worker import Worker
@@ -57,6 +57,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             block_hashes=hash_blocks(
                 token_ids, self.worker.pool.block_size, request.cache_salt, max_cached
             ),
+            root_hash=root_hash(request.cache_salt),
+            max_cached_tokens=len(token_ids) if max_cached is None else max_cached,
             future=loop.create_future(),
             loop=loop,
         )
