@@ -102,8 +102,8 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
       for (int64_t d = 0; d < DV * kW; d += 2) {
         const W k0 = load_w(kt + d * bs + off), k1 = load_w(kt + (d + 1) * bs + off);
         for (int g = 0; g < GS; ++g) {
-          even[g] = splat_w(job.q[g][d]) * k0 + even[g];
-          odd[g] = splat_w(job.q[g][d + 1]) * k1 + odd[g];
+          even[g] = broadcast_w(job.q[g] + d) * k0 + even[g];
+          odd[g] = broadcast_w(job.q[g] + d + 1) * k1 + odd[g];
         }
       }
       const int64_t first = b * bs + off;
@@ -145,7 +145,7 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
       W v[DV];
       for (int i = 0; i < DV; ++i) v[i] = load_w(vb + (key * DV + i) * kW);
       for (int g = 0; g < GS; ++g) {
-        const W weight = splat_w(job.scores[g][b * bs + key]);
+        const W weight = broadcast_w(job.scores[g] + b * bs + key);
         for (int i = 0; i < DV; ++i) acc[g][i] = weight * v[i] + acc[g][i];
       }
     }

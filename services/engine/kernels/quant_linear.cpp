@@ -88,7 +88,7 @@ struct Accumulators {
   // Inputs i and i + 16 of the block: x rows at xk (stride ldx), q per group.
   void add(const float* xk, int64_t ldx, int i, const W* ql, const W* qh) {
     for (int r = 0; r < R; ++r) {
-      W xl = splat_w(xk[r * ldx + i]), xh = splat_w(xk[r * ldx + i + 16]);
+      W xl = broadcast_w(xk + r * ldx + i), xh = broadcast_w(xk + r * ldx + i + 16);
       for (int g = 0; g < G; ++g) {
         lo[r][g] = xl * ql[g] + lo[r][g];
         hi[r][g] = xh * qh[g] + hi[r][g];
@@ -102,7 +102,7 @@ struct Accumulators {
     for (int r = 0; r < R; ++r) {
       for (int g = 0; g < G; ++g) {
         total[r][g] = (lo[r][g] + hi[r][g]) * d[g] + total[r][g];
-        if constexpr (kHasMin) total[r][g] = splat_w(xsum[r * num_blocks]) * m[g] + total[r][g];
+        if constexpr (kHasMin) total[r][g] = broadcast_w(xsum + r * num_blocks) * m[g] + total[r][g];
       }
     }
   }

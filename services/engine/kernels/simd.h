@@ -218,6 +218,7 @@ constexpr int kW = kLanes;
 inline W load_w(const float* p) { return load(p); }
 inline void store_w(float* p, W w) { store(p, w); }
 inline W splat_w(float x) { return splat(x); }
+inline W broadcast_w(const float* p) { return splat(*p); }
 inline W load_half_w(const uint16_t* p) { return load_half(p); }
 inline W i8_to_float_w(const uint8_t* p) { return i8_to_float(load_i8(p)); }
 inline void nibbles_to_float_w(const uint8_t* p, W& lo, W& hi) { nibbles_to_float(p, lo, hi); }
@@ -231,6 +232,12 @@ inline W load_w(const float* p) {
 }
 inline void store_w(float* p, W w) { std::memcpy(p, &w, sizeof w); }
 inline W splat_w(float x) { return W{} + x; }
+// *p in every lane, loaded straight into the register (no shuffle uop on AVX2).
+#if defined(__AVX2__)
+inline W broadcast_w(const float* p) { return _mm256_broadcast_ss(p); }
+#else
+inline W broadcast_w(const float* p) { return splat_w(*p); }
+#endif
 #if defined(__AVX2__)
 inline W load_half_w(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
