@@ -48,6 +48,11 @@ def engine_parser(
     )
     parser.set_defaults(default_kv_cache_tokens=kv_cache_tokens)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--compute-lock",
+        metavar="PATH",
+        help="a file shared by the engines on this host: their CPU forward passes take turns",
+    )
     return parser
 
 
@@ -64,6 +69,7 @@ def worker_options(args: argparse.Namespace, shared_kv: bool = False) -> WorkerO
         dtype=args.dtype,
         shared_kv=shared_kv,
         quantization=args.quantization,
+        compute_lock=args.compute_lock,
     )
 
 

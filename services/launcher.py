@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -133,6 +134,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill-args", default="", help="extra arguments for prefill")
     parser.add_argument("--decode-args", default="", help="extra arguments for decode")
     parser.add_argument("--frontend-args", default="", help="extra arguments for the frontend")
+    parser.add_argument(
+        "--no-compute-lock",
+        dest="compute_lock",
+        action="store_false",
+        help="let prefill's and decode's CPU forward passes overlap (by default they take "
+        "turns, each with all cores)",
+    )
     args = parser.parse_args(argv)
     if args.prefill < 1 or args.decode < 1:
         parser.error("--prefill and --decode need at least 1")
@@ -140,15 +148,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _engine_threads(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """Several engine processes share the host's cores: unless told otherwise, each gets an
-    equal share of torch threads rather than all of them (which oversubscribes the CPU)."""
+    """Without the compute lock, several engine processes share the host's cores: unless
+    told otherwise, each gets an equal share of torch threads rather than all of them (which
+    oversubscribes the CPU). With it, their passes take turns and each uses every core."""
     num_engines = args.prefill + args.decode
-    if num_engines <= 2 or "--threads" in extra:
+    if args.compute_lock or num_engines <= 2 or "--threads" in extra:
         return []
     return ["--threads", str(max(1, (os.cpu_count() or 1) // num_engines))]
 
 
-def start(args: argparse.Namespace) -> list[Child]:
+def start(args: argparse.Namespace, run_dir: str) -> list[Child]:
+    """Starts every stage; `run_dir` holds the engines' shared compute lock."""
     first_ports = dict(zip(STAGES, (int(p) for p in args.grpc_ports.split(",")), strict=True))
     counts = {"tokenizer": 1, "prefill": args.prefill, "decode": args.decode}
     common = ["--model", args.model, "--host", args.host]
@@ -159,10 +169,11 @@ def start(args: argparse.Namespace) -> list[Child]:
     }
     children: list[Child] = []
     addresses: dict[str, list[str]] = {}
+    lock = ["--compute-lock", os.path.join(run_dir, "compute.lock")] if args.compute_lock else []
     for stage in STAGES:
         extra = extras[stage]
         if stage != "tokenizer":
-            extra = [*_engine_threads(args, extra), *extra]
+            extra = [*_engine_threads(args, extra), *lock, *extra]
         for i in range(counts[stage]):
             port = (first_ports[stage] if i == 0 else 0) or free_port(args.host)
             address = f"{args.host}:{port}"
@@ -210,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     # Installed explicitly: a launcher started in the background inherits SIGINT ignored.
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal)
-    children = start(args)
+    run_dir = tempfile.TemporaryDirectory(prefix="llmserve-")
+    children = start(args, run_dir.name)
     try:
         wait_healthy(children, args.startup_timeout)
         frontend = children[-1].address
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop(children)
+        run_dir.cleanup()
 
 
 if __name__ == "__main__":

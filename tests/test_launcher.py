@@ -12,6 +12,13 @@ from tests.conftest import start_stack
 from tests.grpc_stack import alive, child_pids
 
 
+def lock_of(pid: int) -> str | None:
+    """The --compute-lock a child process was started with."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().decode().split("\0")
+    return args[args.index("--compute-lock") + 1] if "--compute-lock" in args else None
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_stops_all_four(stop_signal):
     stack = start_stack("--model", "dummy")
@@ -21,12 +28,16 @@ def test_stop_signal_stops_all_four(stop_signal):
         assert health.status_code == 200
         children = child_pids(stack.process.pid)
         assert len(children) == 4
+        # Prefill and decode share one compute lock, in a directory the launcher removes.
+        locks = {lock_of(pid) for pid in children} - {None}
+        assert len(locks) == 1 and os.path.exists(next(iter(locks)))
         stack.process.send_signal(stop_signal)
         stack.process.wait(timeout=60)
         deadline = time.monotonic() + 10
         while any(alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [pid for pid in children if alive(pid)]
+        assert not os.path.exists(os.path.dirname(next(iter(locks))))
     finally:
         if stack.process.poll() is None:
             os.kill(stack.process.pid, signal.SIGKILL)

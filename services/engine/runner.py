@@ -1,10 +1,12 @@
 """Turns a step's sequences into one forward pass over the paged KV cache."""
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from services.engine.attention import AttentionMetadata, in_place
+from services.engine.compute_lock import ComputeLock
 from services.engine.kv_pool import KVPool
 from services.engine.model import LlamaModel
 
@@ -25,11 +27,19 @@ class SeqChunk:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KVPool, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        pool: KVPool,
+        device: torch.device,
+        compute_lock: ComputeLock | None = None,
+    ) -> None:
         self.model = model
         self.pool = pool
         self.device = device
         self.block_size = pool.block_size
+        # Passes on a CPU shared with other engine processes take turns with theirs.
+        self._turns = compute_lock.held if compute_lock and device.type == "cpu" else nullcontext
 
     def forward(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Runs all chunks in one pass; returns [sum(num_logits), vocab] next-token logits,
@@ -59,9 +69,10 @@ class ModelRunner:
         )
         if not in_place(self.pool.cache):
             self._add_masks(meta, chunks, max_blocks)
-        return self.model(
-            self._tensor(input_ids), self.pool.cache, meta, self._tensor(logit_indices)
-        )
+        with self._turns():
+            return self.model(
+                self._tensor(input_ids), self.pool.cache, meta, self._tensor(logit_indices)
+            )
 
     def _add_masks(self, meta: AttentionMetadata, chunks: list[SeqChunk], max_blocks: int) -> None:
         """What the gathering attention backend needs: a padded query layout and its mask."""

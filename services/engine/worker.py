@@ -10,6 +10,7 @@ from torch import nn
 from services.engine import kernels, loader
 from services.engine.attention import in_place
 from services.engine.block_linear import BlockLinear
+from services.engine.compute_lock import ComputeLock
 from services.engine.config import EngineInfo, ModelConfig
 from services.engine.device import choose_device, choose_dtype, free_memory_bytes
 from services.engine.kv_pool import KVPool, kv_bytes_per_token
@@ -36,6 +37,7 @@ class WorkerOptions:
     dtype: str = "auto"
     shared_kv: bool = False  # pool in host shared memory (prefill, for same-host decode)
     quantization: str = "auto"  # services.engine.quantization.QUANTIZATIONS
+    compute_lock: str | None = None  # a file shared with the host's other engines
 
 
 def kv_pool_tokens(options: WorkerOptions, bytes_per_token: int, device: torch.device) -> int:
@@ -74,7 +76,10 @@ class Worker:
         self.pool = KVPool(
             self.config, num_tokens, options.block_size, self.dtype, self.device, options.shared_kv
         )
-        self.runner = ModelRunner(self.model, self.pool, self.device)
+        lock = ComputeLock(options.compute_lock) if options.compute_lock else None
+        if lock is not None and self.device.type == "cpu":
+            log.info("forward passes take turns with this host's other engines (%s)", lock.path)
+        self.runner = ModelRunner(self.model, self.pool, self.device, lock)
         self.sampler = Sampler(self.device)
         self.info = self._describe()  # fixed from here on; every Info RPC reports it
         log.info(
