@@ -89,7 +89,7 @@ def test_info(stack, name):
     assert model.kernels == kernels.cpu_variant()
     assert info.stats.num_free_blocks + info.stats.num_used_blocks == num_blocks
     if name == "prefill":
-        assert info.limits.max_prefill_tokens == 2048
+        assert info.limits.max_prefill_tokens == 256
     else:
         assert info.limits.max_batch_size == MAX_BATCH
 

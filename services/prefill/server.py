@@ -161,7 +161,11 @@ def kv_chunks(cache: torch.Tensor, block_ids: list[int], first_block: int, dtype
 def main() -> None:
     parser = cli.engine_parser("Prefill service", default_port=50052, kv_cache_tokens=32768)
     parser.add_argument(
-        "--max-prefill-tokens", type=int, default=2048, help="token budget of one forward pass"
+        "--max-prefill-tokens",
+        type=int,
+        default=256,
+        help="token budget of one forward pass (on 2 CPU cores about 0.2 s: what a long "
+        "prompt may delay decode's next step when the two share a compute lock)",
     )
     parser.add_argument("--kv-lease-s", type=float, default=30.0, help="seconds a handle is kept")
     parser.add_argument(
