@@ -70,21 +70,41 @@ class PrefillEngine:
                         queue.remove(job)
                         self.blocks.free(job.block_table)
 
-    def take_handle(self, handle_id: str) -> Handle | None:
-        """Hands the handle's blocks to the caller, who frees them with `free_blocks`."""
+    def begin_pull(self, handle_id: str) -> Handle | None:
+        """Marks a handle as being pulled (no second pull, no Release) until `end_pull`.
+        Its lease still runs, renewed by `renew`: a puller that vanishes without ending
+        (a cancelled stream whose generator is never closed) leaves nothing behind."""
         with self._lock:
-            return self._handles.pop(handle_id, None)
+            handle = self._handles.get(handle_id)
+            if handle is None or handle.pulling:
+                return None
+            handle.pulling = True
+            handle.expires_at = time.monotonic() + self.lease_s
+            return handle
 
-    def release(self, handle_id: str) -> bool:
+    def renew(self, handle_id: str) -> bool:
+        """Extends a handle's lease; False once it has expired (its blocks are gone)."""
+        with self._lock:
+            handle = self._handles.get(handle_id)
+            if handle is not None:
+                handle.expires_at = time.monotonic() + self.lease_s
+        return handle is not None
+
+    def end_pull(self, handle_id: str) -> None:
         with self._lock:
             handle = self._handles.pop(handle_id, None)
             if handle is not None:
                 self.blocks.free(handle.block_ids)
-        return handle is not None
 
-    def free_blocks(self, block_ids: list[int]) -> None:
+    def release(self, handle_id: str) -> bool:
+        """Frees a handle nobody is pulling; False if there is none to free."""
         with self._lock:
-            self.blocks.free(block_ids)
+            handle = self._handles.get(handle_id)
+            if handle is None or handle.pulling:
+                return False
+            del self._handles[handle_id]
+            self.blocks.free(handle.block_ids)
+        return True
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -74,3 +74,4 @@ class Handle:
     block_ids: list[int]
     num_tokens: int
     expires_at: float  # time.monotonic()
+    pulling: bool = False  # a PullKv call is streaming it

@@ -1,7 +1,6 @@
 """Prefill service: computes prompts' KV, samples first tokens, serves KV to decode."""
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,7 +12,7 @@ from services.engine.block_hash import hash_blocks, root_hash
 from services.engine.grammar import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
 from services.engine.worker import Worker
-from services.errors import InvalidArgumentError, NotFoundError
+from services.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from services.grammar_wire import grammar_state
 from services.grpc_server import serve
 from services.prefill.engine import PrefillEngine, PrefillJob
@@ -97,26 +96,29 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return response
 
     async def PullKv(self, request, context) -> AsyncIterator[prefill_pb2.KvChunk]:
-        handle = self.engine.take_handle(request.handle_id)
+        handle_id = request.handle_id
+        handle = self.engine.begin_pull(handle_id)
         if handle is None:
-            raise NotFoundError(f"no KV handle {request.handle_id!r} (expired or pulled)")
-        # The blocks are ours now. A cancelled call may leave this generator suspended until
-        # it is collected, so its end frees them too, whichever comes first.
-        free = functools.cache(lambda: self.engine.free_blocks(handle.block_ids))
-        context.add_done_callback(lambda _: free())
-        if not 0 <= request.first_block <= len(handle.block_ids):
-            free()
-            raise InvalidArgumentError(f"first_block must be in [0, {len(handle.block_ids)}]")
+            raise NotFoundError(f"no KV handle {handle_id!r} (expired or pulled)")
         try:
-            for chunk in kv_chunks(
+            if not 0 <= request.first_block <= len(handle.block_ids):
+                raise InvalidArgumentError(f"first_block must be in [0, {len(handle.block_ids)}]")
+            chunks = kv_chunks(
                 self.worker.pool.cache,
                 handle.block_ids,
                 request.first_block,
                 self.worker.dtype_name,
-            ):
+            )
+            while True:
+                # Renewed before each chunk is read, so no chunk ever reads freed blocks.
+                if not self.engine.renew(handle_id):
+                    raise UnavailableError(f"the lease of KV handle {handle_id!r} ran out")
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
                 yield chunk
         finally:
-            free()
+            self.engine.end_pull(handle_id)
 
     async def Release(self, request, context):
         return prefill_pb2.ReleaseResponse(released=self.engine.release(request.handle_id))
