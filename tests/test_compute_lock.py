@@ -10,12 +10,14 @@ from services.engine.compute_lock import ComputeLock
 ROOT = Path(__file__).resolve().parent.parent
 PASSES, PASS_S = 25, 0.004
 
-# Waits for the start file, then runs PASSES passes under the lock, printing their spans.
+# Says it is ready, waits for the start file, then runs PASSES passes under the lock,
+# printing their spans.
 WORKER = f"""
 import sys, time
 from pathlib import Path
 from services.engine.compute_lock import ComputeLock
 lock = ComputeLock(sys.argv[1])
+print("ready", flush=True)
 while not Path(sys.argv[2]).exists():
     time.sleep(0.001)
 for _ in range({PASSES}):
@@ -46,7 +48,7 @@ def test_two_processes_alternate_their_passes(tmp_path):
     )
     lock = ComputeLock(str(path))
     try:
-        time.sleep(0.5)  # the other process is importing and waiting
+        assert other.stdout.readline() == "ready\n"
         go.touch()
         ours = run_passes(lock)
         out, _ = other.communicate(timeout=30)

@@ -27,14 +27,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   parallel_for(rows.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * dim;
-      V squares = {};
+      W squares[kParts] = {};
       for (int64_t i = 0; i < dim; i += kLanes) {
-        V v = load(row + i);
-        squares = v * v + squares;
+        for (int j = 0; j < kParts; ++j) {
+          W v = load_w(row + i + j * kW);
+          squares[j] = v * v + squares[j];
+        }
       }
-      const float inv = 1.0f / std::sqrt(hsum(squares) / dim + static_cast<float>(eps));
-      for (int64_t i = 0; i < dim; i += kLanes)
-        store(op + r * dim + i, load(row + i) * inv * load(wp + i));
+      const float inv = 1.0f / std::sqrt(hsum16(squares) / dim + static_cast<float>(eps));
+      for (int64_t i = 0; i < dim; i += kW)
+        store_w(op + r * dim + i, load_w(row + i) * inv * load_w(wp + i));
     }
   });
   return out.view(x.sizes());
@@ -54,8 +56,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       for (int64_t i = 0; i < n; i += kW) {
         W g = load_w(gp + r * 2 * n + i), u = load_w(gp + r * 2 * n + n + i);
         const auto positive = g > W{};
-        W e = vexp(select(positive, -g, g));  // e^-|g| <= 1: no overflow
-        W sigmoid = select(positive, W{} + 1.0f, e) / (e + 1.0f);
+        W e = vexp(positive ? -g : g);  // e^-|g| <= 1: no overflow
+        W sigmoid = (positive ? splat_w(1.0f) : e) / (e + 1.0f);
         store_w(op + r * n + i, g * sigmoid * u);
       }
     }

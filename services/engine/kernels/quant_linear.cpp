@@ -54,8 +54,8 @@ struct Q8_0 {
 
 // A tile of R rows x G groups holds three W accumulators for each; at most kMaxTile of them
 // keep those in registers (32 zmm on AVX-512, 16 ymm on AVX2). A group's 16 outputs take
-// kHalves passes of kW lanes.
-constexpr int kHalves = kOut / kW;
+// kParts passes of kW lanes.
+static_assert(kOut == kLanes);
 #if defined(__AVX512F__)
 constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 2, kMaxTile = 8;
 #else
@@ -117,7 +117,7 @@ struct Accumulators {
 // Rows [row, row + R) x groups [group, group + G), unpacking q in registers.
 template <class F, int R, int G>
 void direct_tile(const Problem& p, int64_t row, int64_t group) {
-  for (int h = 0; h < kHalves; ++h) {
+  for (int h = 0; h < kParts; ++h) {
     Accumulators<R, G> acc;
     for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
       const uint8_t* t[G];
@@ -153,7 +153,7 @@ struct Panel {
 // Same arithmetic as direct_tile, reading q and scales from a panel.
 template <bool kHasMin, int R, int G>
 void panel_tile(const Problem& p, const Panel<G>& panel, int64_t row, int64_t group) {
-  for (int h = 0; h < kHalves; ++h) {
+  for (int h = 0; h < kParts; ++h) {
     Accumulators<R, G> acc;
     for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
       const float* qk = panel.q.data() + kb * kIn * G * kOut + h * kW;
@@ -188,7 +188,7 @@ void fill_panel(const Problem& p, int64_t group, Panel<G>& panel) {
     float* sk = panel.scales.data() + kb * 2 * G * kOut;
     for (int g = 0; g < G; ++g) {
       const uint8_t* t = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
-      for (int h = 0; h < kHalves; ++h) {
+      for (int h = 0; h < kParts; ++h) {
         W d, m;
         F::scales(t, h, d, m);
         store_w(sk + g * kOut + h * kW, d);
@@ -256,7 +256,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t in
   const int64_t num_blocks = tiles.size(1);
   std::vector<float> xsum(F::kHasMin ? num_rows * num_blocks : 0);
   const float* xp = x2.data_ptr<float>();
-  for (size_t i = 0; i < xsum.size(); ++i) xsum[i] = hsum(load(xp + i * kIn) + load(xp + i * kIn + 16));
+  for (size_t i = 0; i < xsum.size(); ++i) {
+    W parts[kParts];  // lanes of inputs j and j + 16, then one 16-lane tree
+    for (int j = 0; j < kParts; ++j)
+      parts[j] = load_w(xp + i * kIn + j * kW) + load_w(xp + i * kIn + 16 + j * kW);
+    xsum[i] = hsum16(parts);
+  }
   Problem p{xp, in_features, tiles.data_ptr<uint8_t>(), num_blocks, y.data_ptr<float>(),
             num_groups * kOut, xsum.data()};
   const bool use_panel = num_rows >= kPanelMinRows && num_groups % kPanelGroups == 0;
