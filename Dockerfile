@@ -60,7 +60,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && python -m services.rpc.generate \
     && pip install --no-deps --force-reinstall . \
     && python -P -c "import frontend.app, services.rpc.decode_pb2_grpc" \
-    && python -P -m services.engine.kernels avx512 avx2 portable
+    && python -P -m services.engine.kernels avx512vnni avx512 avx2 portable
 
 FROM base AS runtime
 RUN groupadd --gid 10001 app \

@@ -2,11 +2,24 @@
 
 import torch
 
-from services.engine import loader
+from services.engine import kernels, loader
 from services.engine.attention import tokens_kv
 from services.engine.kv_pool import KVPool
 from services.engine.model import build_model
 from services.engine.runner import ModelRunner, SeqChunk
+
+
+def as_matmul_inputs(x: torch.Tensor) -> torch.Tensor:
+    """x as the matmul kernels read it: with int16 activations, each row's 32-input blocks
+    rounded to a = round(x * 32767 / max|x|) (float32 arithmetic, ties to even) times the
+    scale max|x| / 32767."""
+    if kernels.matmul_inputs() == "float32":
+        return x
+    blocks = x.reshape(-1, 32)
+    absmax = blocks.abs().amax(-1, keepdim=True)
+    # (a tensor, not the scalar: `32767.0 / t` is 32767.0 * (1 / t) in torch, rounded twice)
+    inv = torch.where(absmax > 0, torch.full_like(absmax, 32767.0) / absmax, 0.0)
+    return (torch.round(blocks * inv).double() * (absmax / 32767.0).double()).reshape(x.shape)
 
 
 def default_runner(num_tokens: int, block_size: int = 16) -> ModelRunner:

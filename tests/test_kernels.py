@@ -9,6 +9,7 @@ from services.engine import attention, kernels
 from services.engine.attention import AttentionMetadata, Rotary
 from services.engine.block_linear import BlockLinear
 from services.engine.quantization import q4_1_blocks, q8_0_blocks
+from tests.engine_reference import as_matmul_inputs
 
 BLOCK = 16
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels did not build")
@@ -75,9 +76,15 @@ def test_block_matmuls_match_float64_and_do_not_depend_on_the_rows(to_blocks):
     weight = to_blocks(torch.randn(160, 1536, generator=generator))
     layer = BlockLinear(weight)
     x = torch.randn(130, 1536, generator=generator)
-    expected = x.double() @ weight.dequantize().double().T
+    x[3] *= 1e-30  # tiny and zero blocks round too
+    x[4, :64] = 0
+    w = weight.dequantize().double()
     got = layer(x)
+    expected = as_matmul_inputs(x).double() @ w.T
     assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+    # int16 inputs: within 2^-16 of each block's largest value, so close to float32 inputs.
+    exact = x.double() @ w.T
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-4
     # Row 0 and row 129, computed with 1 to 130 rows (register tiles, panels, threads).
     for rows in (1, 2, 3, 5, 16, 17, 63, 64, 65, 130):
         part = layer(x[:rows])

@@ -12,6 +12,7 @@ from services.engine.model import build_model
 from services.engine.quantization import Int8Linear, q4_1_blocks, q8_0_blocks, quantize
 from services.engine.runner import ModelRunner, SeqChunk
 from services.engine.worker import Worker, WorkerOptions
+from tests.engine_reference import as_matmul_inputs
 
 PROMPTS = [
     "The capital of France is",
@@ -47,7 +48,7 @@ def test_int4_blocks_round_to_the_nearest_level_and_multiply_exactly():
     assert ((values - groups).abs() <= step[..., None] * 0.51 + 1e-3).all()
     x = torch.randn(5, 576, generator=generator)
     got = BlockLinear(blocks)(x)
-    expected = (x.double() @ blocks.dequantize().double().T).float()
+    expected = (as_matmul_inputs(x).double() @ blocks.dequantize().double().T).float()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

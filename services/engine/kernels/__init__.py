@@ -25,10 +25,23 @@ from services.engine.device import cpu_flags
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("quant_linear.cpp", "paged_attention.cpp", "layer_ops.cpp", "thread_pool.cpp")
+_SOURCES = (
+    "quant_linear.cpp",
+    "vnni_linear.cpp",
+    "paged_attention.cpp",
+    "layer_ops.cpp",
+    "thread_pool.cpp",
+)
+_HEADERS = ("simd.h", "quant_tiles.h", "thread_pool.h")
 _HERE = Path(__file__).resolve().parent
 # Each variant's flags name exactly what its code may use, so a build runs on any CPU with them.
 _VARIANTS = {
+    # Matmuls on int16 activations (vnni_linear.cpp); the others keep float32 activations.
+    "avx512vnni": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx2", "fma", "f16c"),
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma",
+         "-mf16c"],
+    ),
     "avx512": (
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -85,9 +98,15 @@ def serves(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and available()
 
 
+def matmul_inputs() -> str:
+    """What the quantized matmuls multiply the weights with: "int16" (activations rounded
+    per row and 32-input block, vnni_linear.cpp) or "float32"."""
+    return "int16" if load() == "avx512vnni" else "float32"
+
+
 def _build_dir(variant: str) -> Path:
     sources = b"".join(
-        (_HERE / name).read_bytes() for name in (*_SOURCES, "simd.h", "thread_pool.h")
+        (_HERE / name).read_bytes() for name in (*_SOURCES, *_HEADERS)
     )
     flags = " ".join([*_COMMON_FLAGS, *_VARIANTS[variant][1]]).encode()
     digest = hashlib.sha256(sources + flags + torch.__version__.encode()).hexdigest()[:12]

@@ -1,4 +1,5 @@
-// y = x @ W.T for GGUF Q4_1 and Q8_0 weights with float32 activations and accumulation.
+// y = x @ W.T for GGUF Q4_1 and Q8_0 weights with float32 activations and accumulation (on
+// CPUs with AVX-512 VNNI, vnni_linear.cpp computes these ops instead).
 //
 // Weights are the file's own blocks regrouped by 16 output features ("tiles", see
 // services/engine/kernels/packing.py): a tile holds, for 16 outputs and 32 inputs, the 16
@@ -16,54 +17,26 @@
 #include <algorithm>
 #include <vector>
 
+#include "quant_tiles.h"
 #include "simd.h"
 #include "thread_pool.h"
 
 namespace llmserve {
 namespace {
 
-constexpr int kOut = 16;  // outputs per tile
-constexpr int kIn = 32;   // inputs per tile (one GGUF block)
-
-// Formats read a tile's lanes [h * kW, (h + 1) * kW) of its 16 outputs.
-struct Q4_1 {
-  static constexpr int64_t kTileBytes = 2 * kOut * 2 + kOut * kIn / 2;  // d, m, nibbles
-  static constexpr bool kHasMin = true;
-  static void scales(const uint8_t* t, int h, W& d, W& m) {
-    d = load_half_w(reinterpret_cast<const uint16_t*>(t) + h * kW);
-    m = load_half_w(reinterpret_cast<const uint16_t*>(t + 2 * kOut) + h * kW);
-  }
-  // q of inputs i and i + 16 of the block.
+struct Q4_1 : Q4_1Tile {
+  // q of inputs i and i + 16 of the block, lanes [h * kW, (h + 1) * kW).
   static void values(const uint8_t* t, int i, int h, W& lo, W& hi) {
-    nibbles_to_float_w(t + 4 * kOut + i * kOut + h * kW, lo, hi);
+    nibbles_to_float_w(t + kValues + i * kOut + h * kW, lo, hi);
   }
 };
 
-struct Q8_0 {
-  static constexpr int64_t kTileBytes = 2 * kOut + kOut * kIn;  // d, int8 values
-  static constexpr bool kHasMin = false;
-  static void scales(const uint8_t* t, int h, W& d, W& m) {
-    d = load_half_w(reinterpret_cast<const uint16_t*>(t) + h * kW);
-    m = W{};
-  }
+struct Q8_0 : Q8_0Tile {
   static void values(const uint8_t* t, int i, int h, W& lo, W& hi) {
-    lo = i8_to_float_w(t + 2 * kOut + i * kOut + h * kW);
-    hi = i8_to_float_w(t + 2 * kOut + (i + 16) * kOut + h * kW);
+    lo = i8_to_float_w(t + kValues + i * kOut + h * kW);
+    hi = i8_to_float_w(t + kValues + (i + 16) * kOut + h * kW);
   }
 };
-
-// A tile of R rows x G groups holds three W accumulators for each; at most kMaxTile of them
-// keep those in registers (32 zmm on AVX-512, 16 ymm on AVX2). A group's 16 outputs take
-// kParts passes of kW lanes.
-static_assert(kOut == kLanes);
-#if defined(__AVX512F__)
-constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 2, kMaxTile = 8;
-#else
-constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 1, kMaxTile = 4;
-#endif
-constexpr int64_t kPanelMinRows = 64;  // from here on a panel of q as floats pays for itself
-constexpr int64_t kRowChunk = 128;     // rows per pass over a panel (their x stays in cache)
-constexpr int64_t kPrefetchTiles = 4;  // how far ahead direct tiles prefetch weights
 
 struct Problem {
   const float* x;
@@ -114,35 +87,6 @@ struct Accumulators {
   }
 };
 
-// Rows [row, row + R) x groups [group, group + G), unpacking q in registers.
-template <class F, int R, int G>
-void direct_tile(const Problem& p, int64_t row, int64_t group) {
-  for (int h = 0; h < kParts; ++h) {
-    Accumulators<R, G> acc;
-    for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
-      const uint8_t* t[G];
-      for (int g = 0; g < G; ++g) {
-        t[g] = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
-        // Weights stream from memory once per step: ask for a later block's lines now.
-        if (h == 0)
-          for (int64_t line = 0; line < F::kTileBytes; line += 64)
-            __builtin_prefetch(t[g] + kPrefetchTiles * F::kTileBytes + line);
-      }
-      const float* xk = p.x + row * p.ldx + kb * kIn;
-      acc.begin_block();
-      for (int i = 0; i < kIn / 2; ++i) {
-        W ql[G], qh[G];
-        for (int g = 0; g < G; ++g) F::values(t[g], i, h, ql[g], qh[g]);
-        acc.add(xk, p.ldx, i, ql, qh);
-      }
-      W d[G], m[G];
-      for (int g = 0; g < G; ++g) F::scales(t[g], h, d[g], m[g]);
-      acc.template end_block<F::kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
-    }
-    acc.store(p, row, group, h);
-  }
-}
-
 // A panel holds a group pair's q as floats, [num_blocks, 32, G * 16] (inputs i, i + 16
 // interleaved), and their scales, [num_blocks, 2 (d, m), G * 16].
 template <int G>
@@ -150,108 +94,108 @@ struct Panel {
   std::vector<float> q, scales;
 };
 
-// Same arithmetic as direct_tile, reading q and scales from a panel.
-template <bool kHasMin, int R, int G>
-void panel_tile(const Problem& p, const Panel<G>& panel, int64_t row, int64_t group) {
-  for (int h = 0; h < kParts; ++h) {
-    Accumulators<R, G> acc;
-    for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
-      const float* qk = panel.q.data() + kb * kIn * G * kOut + h * kW;
-      const float* xk = p.x + row * p.ldx + kb * kIn;
-      acc.begin_block();
-      for (int i = 0; i < kIn / 2; ++i) {
-        W ql[G], qh[G];
-        for (int g = 0; g < G; ++g) {
-          ql[g] = load_w(qk + (2 * i) * G * kOut + g * kOut);
-          qh[g] = load_w(qk + (2 * i + 1) * G * kOut + g * kOut);
-        }
-        acc.add(xk, p.ldx, i, ql, qh);
-      }
-      const float* sk = panel.scales.data() + kb * 2 * G * kOut + h * kW;
-      W d[G], m[G];
-      for (int g = 0; g < G; ++g) {
-        d[g] = load_w(sk + g * kOut);
-        m[g] = load_w(sk + (G + g) * kOut);
-      }
-      acc.template end_block<kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
-    }
-    acc.store(p, row, group, h);
-  }
-}
-
-template <class F, int G>
-void fill_panel(const Problem& p, int64_t group, Panel<G>& panel) {
-  panel.q.resize(p.num_blocks * kIn * G * kOut);
-  panel.scales.resize(p.num_blocks * 2 * G * kOut);
-  for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
-    float* qk = panel.q.data() + kb * kIn * G * kOut;
-    float* sk = panel.scales.data() + kb * 2 * G * kOut;
-    for (int g = 0; g < G; ++g) {
-      const uint8_t* t = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
-      for (int h = 0; h < kParts; ++h) {
-        W d, m;
-        F::scales(t, h, d, m);
-        store_w(sk + g * kOut + h * kW, d);
-        store_w(sk + (G + g) * kOut + h * kW, m);
-        for (int i = 0; i < kIn / 2; ++i) {
-          W lo, hi;
-          F::values(t, i, h, lo, hi);
-          store_w(qk + (2 * i) * G * kOut + g * kOut + h * kW, lo);
-          store_w(qk + (2 * i + 1) * G * kOut + g * kOut + h * kW, hi);
-        }
-      }
-    }
-  }
-}
-
-// Rows [begin, end) in tiles of R, the remainder one tile of fewer rows.
-template <int R, class Tile>
-void over_rows(int64_t begin, int64_t end, Tile&& tile) {
-  int64_t row = begin;
-  for (; row + R <= end; row += R) tile(row, std::integral_constant<int, R>{});
-  if constexpr (R > 1) {
-    if (row < end) over_rows<R - 1>(row, end, tile);
-  }
-}
-
-template <class F, int G>
-void direct_groups(const Problem& p, int64_t num_rows, int64_t group_begin, int64_t group_end) {
-  for (int64_t group = group_begin; group < group_end; group += G) {
-    over_rows<kDirectRows>(0, num_rows, [&](int64_t row, auto rows) {
-      constexpr int R = decltype(rows)::value;
-      // Fewer groups per tile as rows grow, so the accumulators stay in registers.
-      constexpr int GT = R * G <= kMaxTile ? G : (R * 2 <= kMaxTile && G >= 2 ? 2 : 1);
-      for (int g = 0; g < G; g += GT) direct_tile<F, R, GT>(p, row, group + g);
-    });
-  }
-}
-
+// The tiles of format F for run_tiles (quant_tiles.h). A tile of R rows x G groups holds
+// three W accumulators for each; at most kMaxTile of them keep those in registers (32 zmm
+// on AVX-512, 16 ymm on AVX2). A group's 16 outputs take kParts passes of kW lanes.
 template <class F>
-void panel_groups(const Problem& p, int64_t num_rows, int64_t group_begin, int64_t group_end) {
-  constexpr int G = kPanelGroups;
-  thread_local Panel<G> panel;
-  for (int64_t chunk = 0; chunk < num_rows; chunk += kRowChunk) {
-    int64_t chunk_end = std::min(num_rows, chunk + kRowChunk);
-    for (int64_t group = group_begin; group < group_end; group += G) {
-      fill_panel<F, G>(p, group, panel);
-      over_rows<kPanelRows>(chunk, chunk_end, [&](int64_t row, auto rows) {
-        panel_tile<F::kHasMin, decltype(rows)::value, G>(p, panel, row, group);
-      });
+struct Kernel {
+#if defined(__AVX512F__)
+  static constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 2, kMaxTile = 8;
+#else
+  static constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 1, kMaxTile = 4;
+#endif
+  using Panel = llmserve::Panel<kPanelGroups>;
+  const Problem& p;
+
+  // Rows [row, row + R) x groups [group, group + G), unpacking q in registers.
+  template <int R, int G>
+  void direct_tile(int64_t row, int64_t group) const {
+    for (int h = 0; h < kParts; ++h) {
+      Accumulators<R, G> acc;
+      for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
+        const uint8_t* t[G];
+        for (int g = 0; g < G; ++g) {
+          t[g] = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
+          // Weights stream from memory once per step: ask for a later block's lines now.
+          if (h == 0)
+            for (int64_t line = 0; line < F::kTileBytes; line += 64)
+              __builtin_prefetch(t[g] + kPrefetchTiles * F::kTileBytes + line);
+        }
+        const float* xk = p.x + row * p.ldx + kb * kIn;
+        acc.begin_block();
+        for (int i = 0; i < kIn / 2; ++i) {
+          W ql[G], qh[G];
+          for (int g = 0; g < G; ++g) F::values(t[g], i, h, ql[g], qh[g]);
+          acc.add(xk, p.ldx, i, ql, qh);
+        }
+        W d[G], m[G];
+        for (int g = 0; g < G; ++g) F::scales(t[g], h, d[g], m[g]);
+        acc.template end_block<F::kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
+      }
+      acc.store(p, row, group, h);
     }
   }
-}
+
+  void fill_panel(int64_t group, Panel& panel) const {
+    constexpr int G = kPanelGroups;
+    panel.q.resize(p.num_blocks * kIn * G * kOut);
+    panel.scales.resize(p.num_blocks * 2 * G * kOut);
+    for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
+      float* qk = panel.q.data() + kb * kIn * G * kOut;
+      float* sk = panel.scales.data() + kb * 2 * G * kOut;
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* t = p.w + ((group + g) * p.num_blocks + kb) * F::kTileBytes;
+        for (int h = 0; h < kParts; ++h) {
+          W d, m;
+          F::scales(t, h, d, m);
+          store_w(sk + g * kOut + h * kW, d);
+          store_w(sk + (G + g) * kOut + h * kW, m);
+          for (int i = 0; i < kIn / 2; ++i) {
+            W lo, hi;
+            F::values(t, i, h, lo, hi);
+            store_w(qk + (2 * i) * G * kOut + g * kOut + h * kW, lo);
+            store_w(qk + (2 * i + 1) * G * kOut + g * kOut + h * kW, hi);
+          }
+        }
+      }
+    }
+  }
+
+  // Same arithmetic as direct_tile, reading q and scales from a panel.
+  template <int R>
+  void panel_tile(const Panel& panel, int64_t row, int64_t group) const {
+    constexpr int G = kPanelGroups;
+    for (int h = 0; h < kParts; ++h) {
+      Accumulators<R, G> acc;
+      for (int64_t kb = 0; kb < p.num_blocks; ++kb) {
+        const float* qk = panel.q.data() + kb * kIn * G * kOut + h * kW;
+        const float* xk = p.x + row * p.ldx + kb * kIn;
+        acc.begin_block();
+        for (int i = 0; i < kIn / 2; ++i) {
+          W ql[G], qh[G];
+          for (int g = 0; g < G; ++g) {
+            ql[g] = load_w(qk + (2 * i) * G * kOut + g * kOut);
+            qh[g] = load_w(qk + (2 * i + 1) * G * kOut + g * kOut);
+          }
+          acc.add(xk, p.ldx, i, ql, qh);
+        }
+        const float* sk = panel.scales.data() + kb * 2 * G * kOut + h * kW;
+        W d[G], m[G];
+        for (int g = 0; g < G; ++g) {
+          d[g] = load_w(sk + g * kOut);
+          m[g] = load_w(sk + (G + g) * kOut);
+        }
+        acc.template end_block<F::kHasMin>(p.xsum + row * p.num_blocks + kb, p.num_blocks, d, m);
+      }
+      acc.store(p, row, group, h);
+    }
+  }
+};
 
 template <class F>
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t in_features) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "quantized linear takes float32 activations");
-  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.dim() == 3 && tiles.is_contiguous());
-  TORCH_CHECK(in_features % kIn == 0 && tiles.size(1) * kIn == in_features);
-  TORCH_CHECK(tiles.size(2) == F::kTileBytes, "tile bytes do not match the format");
-  TORCH_CHECK(x.size(-1) == in_features, "x has ", x.size(-1), " features, want ", in_features);
-  at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
+  at::Tensor x2 = check_linear_args(x, tiles, in_features, F::kTileBytes);
   const int64_t num_rows = x2.size(0), num_groups = tiles.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = num_groups * kOut;
   at::Tensor y = at::empty({num_rows, num_groups * kOut}, x.options());
   const int64_t num_blocks = tiles.size(1);
   std::vector<float> xsum(F::kHasMin ? num_rows * num_blocks : 0);
@@ -264,24 +208,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t in
   }
   Problem p{xp, in_features, tiles.data_ptr<uint8_t>(), num_blocks, y.data_ptr<float>(),
             num_groups * kOut, xsum.data()};
-  const bool use_panel = num_rows >= kPanelMinRows && num_groups % kPanelGroups == 0;
-  // Groups per work item: as many as still leave 8 items, so small matrices split evenly.
-  int64_t step = use_panel ? kPanelGroups : 1;
-  for (int64_t wider : {2, 4})
-    if (!use_panel && num_groups % wider == 0 && num_groups / wider >= 8) step = wider;
-  parallel_for(num_groups / step, 1, [&](int64_t begin, int64_t end) {
-    const int64_t first = begin * step, last = end * step;
-    if (use_panel) {
-      panel_groups<F>(p, num_rows, first, last);
-    } else if (step == 4) {
-      direct_groups<F, 4>(p, num_rows, first, last);
-    } else if (step == 2) {
-      direct_groups<F, 2>(p, num_rows, first, last);
-    } else {
-      direct_groups<F, 1>(p, num_rows, first, last);
-    }
-  });
-  return y.view(out_shape);
+  run_tiles(Kernel<F>{p}, num_rows, num_groups);
+  return y.view(linear_out_shape(x, num_groups));
 }
 
 }  // namespace
@@ -292,7 +220,10 @@ TORCH_LIBRARY_FRAGMENT(llmserve, m) {
   m.def("q8_0_linear(Tensor x, Tensor tiles, int in_features) -> Tensor");
 }
 
+// With AVX-512 VNNI, vnni_linear.cpp computes these instead.
+#if !defined(__AVX512VNNI__)
 TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
   m.impl("q4_1_linear", &llmserve::quant_linear<llmserve::Q4_1>);
   m.impl("q8_0_linear", &llmserve::quant_linear<llmserve::Q8_0>);
 }
+#endif

@@ -1,0 +1,245 @@
+// y = x @ W.T for GGUF Q4_1 and Q8_0 weights on CPUs with AVX-512 VNNI: integer products of
+// the file's quantized values q with activations rounded to int16, one float32 scale per
+// row and 32-input block.
+//
+// vpdpwssd multiplies 32 int16 pairs per instruction, twice the products of a float32 FMA,
+// and q needs no conversion to float. Each row's block of 32 inputs becomes a = round(x / s)
+// with s = max|x| / 32767 (relative error at most 2^-16 of the block's largest value; greedy
+// tokens still match float32 transformers, logits within 1e-2). Weights read the tiles of
+// packing.py as they are. Per (row, output), a block's 32 products sum exactly in int32
+// (|sum| < 2^24, so it converts to float exactly), then total += float(sum) * (d * s), and
+// for Q4_1 total += m * s * (the block's sum of a): the product of the rounded x with the
+// file's weights, in the same float order for every lane whatever the rows or tiling of the
+// call: batch invariance.
+#if defined(__AVX512VNNI__)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "quant_tiles.h"
+#include "simd.h"
+#include "thread_pool.h"
+
+namespace llmserve {
+namespace {
+
+using V = __m512i;  // 16 int32 lanes, one per output of a tile
+
+inline __m128i load16(const uint8_t* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+
+// sum += q * (the int16 pair at *a in every lane), 16 lanes of two products each. In asm:
+// GCC 12 copies the intrinsic's accumulator to and from a spare register around every
+// instruction, and this takes the pair as a broadcast memory operand.
+inline void dot_pairs(V& sum, V q, const int32_t* a) {
+  asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(q), "m"(*a));
+}
+
+// Formats give, for inputs p and p + 16 of a block, one int32 lane per output holding their
+// two q as int16 (p low, p + 16 high): the pair vpdpwssd multiplies with (a[p], a[p + 16]).
+struct Q4_1 : Q4_1Tile {
+  // Byte j of row p holds output j's q[p] (low nibble) and q[p + 16] (high nibble).
+  static V pairs(const uint8_t* t, int p) {
+    V b = _mm512_cvtepu8_epi32(load16(t + kValues + p * kOut));
+    // (b | b << 12) & 0x000f000f: low nibble to bits 0-3, high nibble to bits 16-19.
+    return _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000f000f),
+                                     0xa8);
+  }
+};
+
+struct Q8_0 : Q8_0Tile {
+  static V pairs(const uint8_t* t, int p) {
+    V lo = _mm512_cvtepi8_epi32(load16(t + kValues + p * kOut));
+    V hi = _mm512_cvtepi8_epi32(load16(t + kValues + (p + 16) * kOut));
+    // (lo & 0xffff) | hi << 16
+    return _mm512_ternarylogic_epi32(lo, _mm512_slli_epi32(hi, 16), _mm512_set1_epi32(0xffff),
+                                     0xec);
+  }
+};
+
+// Rows of x as the kernels read them: per row and block, 16 int32 of (a[p], a[p + 16]) pairs,
+// the scale s and the block's sum of s * a (for the minimums).
+struct QuantizedRows {
+  std::vector<int32_t> pairs;  // [rows, blocks, 16]
+  std::vector<float> scale, xsum;  // [rows, blocks]
+  int64_t num_blocks;
+};
+
+void quantize_rows(const float* x, int64_t num_rows, int64_t num_blocks, QuantizedRows& q) {
+  q.num_blocks = num_blocks;
+  q.pairs.resize(num_rows * num_blocks * 16);
+  q.scale.resize(num_rows * num_blocks);
+  q.xsum.resize(num_rows * num_blocks);
+  parallel_for(num_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * num_blocks; i < end * num_blocks; ++i) {
+      W lo = load_w(x + i * kIn), hi = load_w(x + i * kIn + 16);
+      const float absmax = hmax(vmax(vmax(lo, -lo), vmax(hi, -hi)));
+      const float scale = absmax / 32767.0f, inv = absmax > 0.0f ? 32767.0f / absmax : 0.0f;
+      V a = _mm512_cvtps_epi32(lo * inv), b = _mm512_cvtps_epi32(hi * inv);  // nearest even
+      q.scale[i] = scale;
+      q.xsum[i] = hsum(_mm512_cvtepi32_ps(_mm512_add_epi32(a, b))) * scale;  // exact sum of a
+      V pair = _mm512_ternarylogic_epi32(a, _mm512_slli_epi32(b, 16), _mm512_set1_epi32(0xffff),
+                                         0xec);  // (a & 0xffff) | b << 16
+      _mm512_storeu_si512(q.pairs.data() + i * 16, pair);
+    }
+  });
+}
+
+struct Problem {
+  const QuantizedRows* x;
+  const uint8_t* w;  // tile (group, block) at w + (group * num_blocks + block) * tile_bytes
+  float* y;
+  int64_t ldy;
+};
+
+// Per (row, group of 16 outputs): the block's int32 sums and the float total.
+template <int R, int G>
+struct Accumulators {
+  V sum[R][G];
+  W total[R][G] = {};
+
+  void begin_block() {
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g) sum[r][g] = _mm512_setzero_si512();
+  }
+
+  // Pair p of the block: a pairs of rows at ap (stride 16 * num_blocks), q pairs per group.
+  void add(const int32_t* ap, int64_t lda, const V* q) {
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g) dot_pairs(sum[r][g], q[g], ap + r * lda);
+  }
+
+  // i: index of (first row, block) in the rows' scales and sums.
+  template <bool kHasMin>
+  void end_block(const QuantizedRows& x, int64_t i, const W* d, const W* m) {
+    for (int r = 0; r < R; ++r) {
+      const W s = broadcast_w(&x.scale[i + r * x.num_blocks]);
+      for (int g = 0; g < G; ++g) {
+        total[r][g] = _mm512_cvtepi32_ps(sum[r][g]) * (d[g] * s) + total[r][g];
+        if constexpr (kHasMin)
+          total[r][g] = broadcast_w(&x.xsum[i + r * x.num_blocks]) * m[g] + total[r][g];
+      }
+    }
+  }
+
+  void store(const Problem& p, int64_t row, int64_t group) const {
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g)
+        store_w(p.y + (row + r) * p.ldy + (group + g) * kOut, total[r][g]);
+  }
+};
+
+// A panel holds groups' q pairs unpacked, [blocks, 16 pairs, G, 16 lanes], and their
+// scales, [blocks, 2 (d, m), G, 16]: formed once, read by every row tile.
+template <int G>
+struct Panel {
+  std::vector<int32_t> q;
+  std::vector<float> scales;
+};
+
+// The tiles of format F for run_tiles (quant_tiles.h). Register budget (32 zmm): two per
+// (row, group) accumulator, one per group's q.
+template <class F>
+struct Kernel {
+  static constexpr int kDirectRows = 6, kPanelRows = 6, kPanelGroups = 2, kMaxTile = 12;
+  using Panel = llmserve::Panel<kPanelGroups>;
+  const Problem& p;
+
+  // Rows [row, row + R) x groups [group, group + G), q pairs formed in registers.
+  template <int R, int G>
+  void direct_tile(int64_t row, int64_t group) const {
+    const QuantizedRows& x = *p.x;
+    const int64_t lda = 16 * x.num_blocks;
+    Accumulators<R, G> acc;
+    for (int64_t kb = 0; kb < x.num_blocks; ++kb) {
+      const uint8_t* t[G];
+      for (int g = 0; g < G; ++g) {
+        t[g] = p.w + ((group + g) * x.num_blocks + kb) * F::kTileBytes;
+        for (int64_t line = 0; line < F::kTileBytes; line += 64)
+          __builtin_prefetch(t[g] + kPrefetchTiles * F::kTileBytes + line);
+      }
+      const int32_t* ap = x.pairs.data() + (row * x.num_blocks + kb) * 16;
+      acc.begin_block();
+      for (int i = 0; i < 16; ++i) {
+        V q[G];
+        for (int g = 0; g < G; ++g) q[g] = F::pairs(t[g], i);
+        acc.add(ap + i, lda, q);
+      }
+      W d[G], m[G];
+      for (int g = 0; g < G; ++g) F::scales(t[g], 0, d[g], m[g]);
+      acc.template end_block<F::kHasMin>(x, row * x.num_blocks + kb, d, m);
+    }
+    acc.store(p, row, group);
+  }
+
+  void fill_panel(int64_t group, Panel& panel) const {
+    constexpr int G = kPanelGroups;
+    const int64_t num_blocks = p.x->num_blocks;
+    panel.q.resize(num_blocks * 16 * G * kOut);
+    panel.scales.resize(num_blocks * 2 * G * kOut);
+    for (int64_t kb = 0; kb < num_blocks; ++kb) {
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* t = p.w + ((group + g) * num_blocks + kb) * F::kTileBytes;
+        W d, m;
+        F::scales(t, 0, d, m);
+        store_w(panel.scales.data() + (kb * 2 * G + g) * kOut, d);
+        store_w(panel.scales.data() + (kb * 2 * G + G + g) * kOut, m);
+        for (int i = 0; i < 16; ++i)
+          _mm512_storeu_si512(panel.q.data() + ((kb * 16 + i) * G + g) * kOut, F::pairs(t, i));
+      }
+    }
+  }
+
+  // As direct_tile, reading q and scales from the panel.
+  template <int R>
+  void panel_tile(const Panel& panel, int64_t row, int64_t group) const {
+    constexpr int G = kPanelGroups;
+    const QuantizedRows& x = *p.x;
+    const int64_t lda = 16 * x.num_blocks;
+    Accumulators<R, G> acc;
+    for (int64_t kb = 0; kb < x.num_blocks; ++kb) {
+      const int32_t* qk = panel.q.data() + kb * 16 * G * kOut;
+      const int32_t* ap = x.pairs.data() + (row * x.num_blocks + kb) * 16;
+      acc.begin_block();
+      for (int i = 0; i < 16; ++i) {
+        V q[G];
+        for (int g = 0; g < G; ++g) q[g] = _mm512_loadu_si512(qk + (i * G + g) * kOut);
+        acc.add(ap + i, lda, q);
+      }
+      const float* sk = panel.scales.data() + kb * 2 * G * kOut;
+      W d[G], m[G];
+      for (int g = 0; g < G; ++g) {
+        d[g] = load_w(sk + g * kOut);
+        m[g] = load_w(sk + (G + g) * kOut);
+      }
+      acc.template end_block<F::kHasMin>(x, row * x.num_blocks + kb, d, m);
+    }
+    acc.store(p, row, group);
+  }
+};
+
+template <class F>
+at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t in_features) {
+  at::Tensor x2 = check_linear_args(x, tiles, in_features, F::kTileBytes);
+  const int64_t num_rows = x2.size(0), num_groups = tiles.size(0), num_blocks = tiles.size(1);
+  at::Tensor y = at::empty({num_rows, num_groups * kOut}, x.options());
+  thread_local QuantizedRows rows;
+  quantize_rows(x2.data_ptr<float>(), num_rows, num_blocks, rows);
+  Problem p{&rows, tiles.data_ptr<uint8_t>(), y.data_ptr<float>(), num_groups * kOut};
+  run_tiles(Kernel<F>{p}, num_rows, num_groups);
+  return y.view(linear_out_shape(x, num_groups));
+}
+
+}  // namespace
+}  // namespace llmserve
+
+TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
+  m.impl("q4_1_linear", &llmserve::vnni_linear<llmserve::Q4_1>);
+  m.impl("q8_0_linear", &llmserve::vnni_linear<llmserve::Q8_0>);
+}
+#endif  // __AVX512VNNI__
