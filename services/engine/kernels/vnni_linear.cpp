@@ -33,12 +33,9 @@ inline __m128i load16(const uint8_t* p) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 }
 
-// sum += q * (the int16 pair at *a in every lane), 16 lanes of two products each. In asm:
-// GCC 12 copies the intrinsic's accumulator to and from a spare register around every
-// instruction, and this takes the pair as a broadcast memory operand.
-inline void dot_pairs(V& sum, V q, const int32_t* a) {
-  asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(q), "m"(*a));
-}
+// sum += q * a, 16 lanes of two int16 products each. In asm: GCC 12 copies the intrinsic's
+// accumulator to and from a spare register around every instruction.
+inline void dot_pairs(V& sum, V q, V a) { asm("vpdpwssd %2, %1, %0" : "+v"(sum) : "v"(q), "v"(a)); }
 
 // Formats give, for inputs p and p + 16 of a block, one int32 lane per output holding their
 // two q as int16 (p low, p + 16 high): the pair vpdpwssd multiplies with (a[p], a[p + 16]).
@@ -110,8 +107,10 @@ struct Accumulators {
 
   // Pair p of the block: a pairs of rows at ap (stride 16 * num_blocks), q pairs per group.
   void add(const int32_t* ap, int64_t lda, const V* q) {
-    for (int r = 0; r < R; ++r)
-      for (int g = 0; g < G; ++g) dot_pairs(sum[r][g], q[g], ap + r * lda);
+    for (int r = 0; r < R; ++r) {
+      const V a = _mm512_set1_epi32(ap[r * lda]);  // the row's pair, loaded once for G groups
+      for (int g = 0; g < G; ++g) dot_pairs(sum[r][g], q[g], a);
+    }
   }
 
   // i: index of (first row, block) in the rows' scales and sums.
