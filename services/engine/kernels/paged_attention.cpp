@@ -95,35 +95,49 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
   const int64_t num_blocks = (max_keys + bs - 1) / bs;
   W best[GS];
   for (int g = 0; g < GS; ++g) best[g] = splat_w(kNegInf);
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const float* kt = c.k + c.head_offset(job.blocks[b], kv_head);
-    for (int64_t off = 0; off < bs && b * bs + off < max_keys; off += kW) {
-      W even[GS] = {}, odd[GS] = {};
-      for (int64_t d = 0; d < DV * kW; d += 2) {
-        const W k0 = load_w(kt + d * bs + off), k1 = load_w(kt + (d + 1) * bs + off);
-        for (int g = 0; g < GS; ++g) {
-          even[g] = broadcast_w(job.q[g] + d) * k0 + even[g];
-          odd[g] = broadcast_w(job.q[g] + d + 1) * k1 + odd[g];
-        }
+  // Keys in chunks of kW, two chunks per pass so that each q value loaded serves both.
+  const int64_t num_chunks = (max_keys + kW - 1) / kW;
+  auto keys_of = [&](int64_t chunk) {
+    const int64_t key = chunk * kW;
+    return c.k + c.head_offset(job.blocks[key / bs], kv_head) + key % bs;
+  };
+  auto finish = [&](int64_t chunk, const W* even, const W* odd) {
+    const int64_t first = chunk * kW;
+    for (int g = 0; g < GS; ++g) {
+      const int64_t valid = job.num_keys[g] - first;
+      if (valid <= 0) {  // wholly past this query's keys: weight 0
+        store_w(job.scores[g] + first, W{});
+        continue;
       }
-      const int64_t first = b * bs + off;
+      W score = (even[g] + odd[g]) * scale;
+      if (valid < kW) {
+        float lanes[kW];
+        store_w(lanes, score);
+        for (int64_t i = valid; i < kW; ++i) lanes[i] = kNegInf;
+        score = load_w(lanes);
+      }
+      store_w(job.scores[g] + first, score);
+      best[g] = vmax(best[g], score);
+    }
+  };
+  for (int64_t chunk = 0; chunk < num_chunks; chunk += 2) {
+    const bool two = chunk + 1 < num_chunks;
+    const float* ka = keys_of(chunk);
+    const float* kb = two ? keys_of(chunk + 1) : ka;  // (a last single chunk: computed twice)
+    W even[2][GS] = {}, odd[2][GS] = {};
+    for (int64_t d = 0; d < DV * kW; d += 2) {
+      const W k0a = load_w(ka + d * bs), k1a = load_w(ka + (d + 1) * bs);
+      const W k0b = load_w(kb + d * bs), k1b = load_w(kb + (d + 1) * bs);
       for (int g = 0; g < GS; ++g) {
-        const int64_t valid = job.num_keys[g] - first;
-        if (valid <= 0) {  // wholly past this query's keys: weight 0
-          store_w(job.scores[g] + first, W{});
-          continue;
-        }
-        W score = (even[g] + odd[g]) * scale;
-        if (valid < kW) {
-          float lanes[kW];
-          store_w(lanes, score);
-          for (int64_t i = valid; i < kW; ++i) lanes[i] = kNegInf;
-          score = load_w(lanes);
-        }
-        store_w(job.scores[g] + first, score);
-        best[g] = vmax(best[g], score);
+        const W qe = broadcast_w(job.q[g] + d), qo = broadcast_w(job.q[g] + d + 1);
+        even[0][g] = qe * k0a + even[0][g];
+        odd[0][g] = qo * k1a + odd[0][g];
+        even[1][g] = qe * k0b + even[1][g];
+        odd[1][g] = qo * k1b + odd[1][g];
       }
     }
+    finish(chunk, even[0], odd[0]);
+    if (two) finish(chunk + 1, even[1], odd[1]);
   }
   float inv_total[GS];
   for (int g = 0; g < GS; ++g) {
