@@ -71,7 +71,8 @@ class BlockLinear(nn.Module):
         self.fmt = weight.fmt
         self.in_features = weight.in_features
         self.out_features = weight.shape[0]
-        self.register_buffer("tiles", pack(weight.fmt, weight.rows.numpy()))
+        pairs = kernels.matmul_inputs() == "int16"
+        self.register_buffer("tiles", pack(weight.fmt, weight.rows.numpy(), pairs))
         self._op = getattr(torch.ops.llmserve, f"{weight.fmt.name.lower()}_linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

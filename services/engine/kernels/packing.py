@@ -3,7 +3,10 @@
 A tile covers 16 output features and one 32-input GGUF block: the 16 float16 scales, for
 Q4_1 the 16 float16 minimums, then the quantized values input-major (for Q4_1 byte j of row
 p holds output j's inputs p (low nibble) and p + 16 (high nibble), exactly the file's byte).
-Values are moved, never requantized: the weights are the file's.
+For the int16 kernels (vnni_linear.cpp) Q8_0 values come in pairs instead: row p holds, for
+each output j, its inputs p and p + 16 side by side, so that one sign extension gives the
+int16 pairs that vpdpwssd multiplies. Values are moved, never requantized: the weights are
+the file's.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ def can_pack(fmt: BlockFormat, out_features: int, in_features: int) -> bool:
     return out_features % TILE_OUTPUTS == 0 and in_features % BLOCK_INPUTS == 0
 
 
-def pack(fmt: BlockFormat, rows: np.ndarray) -> torch.Tensor:
-    """rows: the file's bytes, [out_features, in_features / 32 * block_bytes] uint8.
-    Returns tiles [out_features / 16, in_features / 32, tile_bytes] uint8."""
+def pack(fmt: BlockFormat, rows: np.ndarray, pairs: bool = False) -> torch.Tensor:
+    """rows: the file's bytes, [out_features, in_features / 32 * block_bytes] uint8; pairs:
+    Q8_0 values in input pairs (p, p + 16). Returns tiles [out_features / 16,
+    in_features / 32, tile_bytes] uint8."""
     out_features = rows.shape[0]
     num_blocks = rows.shape[1] // fmt.block_bytes
     # [groups, blocks, 16 outputs, block_bytes]
@@ -49,5 +53,9 @@ def pack(fmt: BlockFormat, rows: np.ndarray) -> torch.Tensor:
     for i in range(fmt.num_scales):  # each scale for the 16 outputs, side by side
         parts.append(blocks[..., 2 * i : 2 * i + 2].reshape(*blocks.shape[:2], -1))
     values = blocks[..., 2 * fmt.num_scales :]  # [groups, blocks, 16 outputs, bytes]
-    parts.append(values.transpose(0, 1, 3, 2).reshape(*blocks.shape[:2], -1))
+    if pairs and fmt == Q8_0:  # [.., output, half, p] -> [.., p, output, half]
+        values = values.reshape(*values.shape[:3], 2, 16).transpose(0, 1, 4, 2, 3)
+    else:
+        values = values.transpose(0, 1, 3, 2)
+    parts.append(values.reshape(*blocks.shape[:2], -1))
     return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=-1)))

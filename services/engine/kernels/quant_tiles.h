@@ -35,7 +35,8 @@ struct Q4_1Tile {
 };
 
 struct Q8_0Tile {
-  static constexpr int64_t kValues = 2 * kOut;  // d, then row i: int8 q[i] of the 16 outputs
+  // d, then row i: int8 q[i] of the 16 outputs (int16 kernels: row p, pairs q[p], q[p + 16])
+  static constexpr int64_t kValues = 2 * kOut;
   static constexpr int64_t kTileBytes = kValues + kOut * kIn;
   static constexpr bool kHasMin = false;
   static void scales(const uint8_t* t, int h, W& d, W& m) {

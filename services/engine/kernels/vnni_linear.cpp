@@ -50,12 +50,10 @@ struct Q4_1 : Q4_1Tile {
 };
 
 struct Q8_0 : Q8_0Tile {
+  // Row p holds each output's q[p], q[p + 16] side by side (packing.py, pairs).
   static V pairs(const uint8_t* t, int p) {
-    V lo = _mm512_cvtepi8_epi32(load16(t + kValues + p * kOut));
-    V hi = _mm512_cvtepi8_epi32(load16(t + kValues + (p + 16) * kOut));
-    // (lo & 0xffff) | hi << 16
-    return _mm512_ternarylogic_epi32(lo, _mm512_slli_epi32(hi, 16), _mm512_set1_epi32(0xffff),
-                                     0xec);
+    const auto* row = reinterpret_cast<const __m256i*>(t + kValues + p * 2 * kOut);
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(row));
   }
 };
 
