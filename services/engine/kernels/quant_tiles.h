@@ -25,8 +25,9 @@ constexpr int64_t kPrefetchTiles = 4;  // how far ahead direct tiles prefetch we
 
 // Scales read a tile's lanes [h * kW, (h + 1) * kW) of its 16 outputs.
 struct Q4_1Tile {
-  static constexpr int64_t kValues = 2 * 2 * kOut;  // d, m, then byte j of row p: output j's
-  static constexpr int64_t kTileBytes = kValues + kOut * kIn / 2;  // q[p] | q[p + 16] << 4
+  // d, m, then byte j of row p: output j's q[p] | q[p + 16] << 4 (int16 kernels: pairs)
+  static constexpr int64_t kValues = 2 * 2 * kOut;
+  static constexpr int64_t kTileBytes = kValues + kOut * kIn / 2;
   static constexpr bool kHasMin = true;
   static void scales(const uint8_t* t, int h, W& d, W& m) {
     d = load_half_w(reinterpret_cast<const uint16_t*>(t) + h * kW);
@@ -35,7 +36,7 @@ struct Q4_1Tile {
 };
 
 struct Q8_0Tile {
-  // d, then row i: int8 q[i] of the 16 outputs (int16 kernels: row p, pairs q[p], q[p + 16])
+  // d, then row i: int8 q[i] of the 16 outputs (int16 kernels: pairs)
   static constexpr int64_t kValues = 2 * kOut;
   static constexpr int64_t kTileBytes = kValues + kOut * kIn;
   static constexpr bool kHasMin = false;

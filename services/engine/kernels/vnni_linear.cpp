@@ -39,21 +39,24 @@ inline void dot_pairs(V& sum, V q, V a) { asm("vpdpwssd %2, %1, %0" : "+v"(sum) 
 
 // Formats give, for inputs p and p + 16 of a block, one int32 lane per output holding their
 // two q as int16 (p low, p + 16 high): the pair vpdpwssd multiplies with (a[p], a[p + 16]).
+// pairs(t, i, first, second) gives those of p = i and p = i + 8 (i < 8), from the tiles'
+// pair layout (packing.py).
 struct Q4_1 : Q4_1Tile {
-  // Byte j of row p holds output j's q[p] (low nibble) and q[p + 16] (high nibble).
-  static V pairs(const uint8_t* t, int p) {
-    V b = _mm512_cvtepu8_epi32(load16(t + kValues + p * kOut));
-    // (b | b << 12) & 0x000f000f: low nibble to bits 0-3, high nibble to bits 16-19.
-    return _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000f000f),
-                                     0xa8);
+  // Row i: per output, q[i] | q[i + 8] << 4, then q[i + 16] | q[i + 24] << 4.
+  static void pairs(const uint8_t* t, int i, V& first, V& second) {
+    const auto* row = reinterpret_cast<const __m256i*>(t + kValues + i * 2 * kOut);
+    const V w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(row));
+    first = _mm512_and_si512(w, _mm512_set1_epi16(15));
+    second = _mm512_srli_epi16(w, 4);
   }
 };
 
 struct Q8_0 : Q8_0Tile {
-  // Row p holds each output's q[p], q[p + 16] side by side (packing.py, pairs).
-  static V pairs(const uint8_t* t, int p) {
-    const auto* row = reinterpret_cast<const __m256i*>(t + kValues + p * 2 * kOut);
-    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(row));
+  // Row p: per output, q[p] and q[p + 16].
+  static void pairs(const uint8_t* t, int i, V& first, V& second) {
+    const auto* rows = reinterpret_cast<const __m256i*>(t + kValues);
+    first = _mm512_cvtepi8_epi16(_mm256_loadu_si256(rows + i));
+    second = _mm512_cvtepi8_epi16(_mm256_loadu_si256(rows + i + 8));
   }
 };
 
@@ -162,10 +165,11 @@ struct Kernel {
       }
       const int32_t* ap = x.pairs.data() + (row * x.num_blocks + kb) * 16;
       acc.begin_block();
-      for (int i = 0; i < 16; ++i) {
-        V q[G];
-        for (int g = 0; g < G; ++g) q[g] = F::pairs(t[g], i);
-        acc.add(ap + i, lda, q);
+      for (int i = 0; i < 8; ++i) {
+        V first[G], second[G];
+        for (int g = 0; g < G; ++g) F::pairs(t[g], i, first[g], second[g]);
+        acc.add(ap + i, lda, first);
+        acc.add(ap + i + 8, lda, second);
       }
       W d[G], m[G];
       for (int g = 0; g < G; ++g) F::scales(t[g], 0, d[g], m[g]);
@@ -186,8 +190,12 @@ struct Kernel {
         F::scales(t, 0, d, m);
         store_w(panel.scales.data() + (kb * 2 * G + g) * kOut, d);
         store_w(panel.scales.data() + (kb * 2 * G + G + g) * kOut, m);
-        for (int i = 0; i < 16; ++i)
-          _mm512_storeu_si512(panel.q.data() + ((kb * 16 + i) * G + g) * kOut, F::pairs(t, i));
+        for (int i = 0; i < 8; ++i) {
+          V first, second;
+          F::pairs(t, i, first, second);
+          _mm512_storeu_si512(panel.q.data() + ((kb * 16 + i) * G + g) * kOut, first);
+          _mm512_storeu_si512(panel.q.data() + ((kb * 16 + i + 8) * G + g) * kOut, second);
+        }
       }
     }
   }
