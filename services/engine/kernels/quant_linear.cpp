@@ -87,13 +87,6 @@ struct Accumulators {
   }
 };
 
-// A panel holds a group pair's q as floats, [num_blocks, 32, G * 16] (inputs i, i + 16
-// interleaved), and their scales, [num_blocks, 2 (d, m), G * 16].
-template <int G>
-struct Panel {
-  std::vector<float> q, scales;
-};
-
 // The tiles of format F for run_tiles (quant_tiles.h). A tile of R rows x G groups holds
 // three W accumulators for each; at most kMaxTile of them keep those in registers (32 zmm
 // on AVX-512, 16 ymm on AVX2). A group's 16 outputs take kParts passes of kW lanes.
@@ -104,7 +97,11 @@ struct Kernel {
 #else
   static constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 1, kMaxTile = 4;
 #endif
-  using Panel = llmserve::Panel<kPanelGroups>;
+  // A panel holds kPanelGroups groups' q as floats, [num_blocks, 32, groups * 16] (inputs
+  // i, i + 16 interleaved), and their scales, [num_blocks, 2 (d, m), groups * 16].
+  struct Panel {
+    std::vector<float> q, scales;
+  };
   const Problem& p;
 
   // Rows [row, row + R) x groups [group, group + G), unpacking q in registers.

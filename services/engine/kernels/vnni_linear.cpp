@@ -5,9 +5,10 @@
 // vpdpwssd multiplies 32 int16 pairs per instruction, twice the products of a float32 FMA,
 // and q needs no conversion to float. Each row's block of 32 inputs becomes a = round(x / s)
 // with s = max|x| / 32767 (relative error at most 2^-16 of the block's largest value; greedy
-// tokens still match float32 transformers, logits within 1e-2). Weights read the tiles of
-// packing.py as they are. Per (row, output), a block's 32 products sum exactly in int32
-// (|sum| < 2^24, so it converts to float exactly), then total += float(sum) * (d * s), and
+// tokens still match float32 transformers, logits within 1e-2). Weights are the file's q in
+// the tiles of packing.py, laid out in the (p, p + 16) input pairs vpdpwssd takes. Per
+// (row, output), a block's 32 products sum exactly in int32 (|sum| < 2^24, so it converts
+// to float exactly), then total += float(sum) * (d * s), and
 // for Q4_1 total += m * s * (the block's sum of a): the product of the rounded x with the
 // file's weights, in the same float order for every lane whatever the rows or tiling of the
 // call: batch invariance.
@@ -35,7 +36,9 @@ inline __m128i load16(const uint8_t* p) {
 
 // sum += q * a, 16 lanes of two int16 products each. In asm: GCC 12 copies the intrinsic's
 // accumulator to and from a spare register around every instruction.
-inline void dot_pairs(V& sum, V q, V a) { asm("vpdpwssd %2, %1, %0" : "+v"(sum) : "v"(q), "v"(a)); }
+inline void dot_pairs(V& sum, V q, V a) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(sum) : "v"(q), "v"(a));
+}
 
 // Formats give, for inputs p and p + 16 of a block, one int32 lane per output holding their
 // two q as int16 (p low, p + 16 high): the pair vpdpwssd multiplies with (a[p], a[p + 16]).
@@ -134,20 +137,18 @@ struct Accumulators {
   }
 };
 
-// A panel holds groups' q pairs unpacked, [blocks, 16 pairs, G, 16 lanes], and their
-// scales, [blocks, 2 (d, m), G, 16]: formed once, read by every row tile.
-template <int G>
-struct Panel {
-  std::vector<int32_t> q;
-  std::vector<float> scales;
-};
-
 // The tiles of format F for run_tiles (quant_tiles.h). Register budget (32 zmm): two per
 // (row, group) accumulator, one per group's q.
 template <class F>
 struct Kernel {
   static constexpr int kDirectRows = 6, kPanelRows = 6, kPanelGroups = 2, kMaxTile = 12;
-  using Panel = llmserve::Panel<kPanelGroups>;
+  // A panel holds kPanelGroups groups' q pairs unpacked, [blocks, 16 pairs, groups, 16
+  // lanes], and their scales, [blocks, 2 (d, m), groups, 16]: formed once, read by every
+  // row tile.
+  struct Panel {
+    std::vector<int32_t> q;
+    std::vector<float> scales;
+  };
   const Problem& p;
 
   // Rows [row, row + R) x groups [group, group + G), q pairs formed in registers.
