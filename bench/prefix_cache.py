@@ -30,7 +30,7 @@ import grpc
 import httpx
 
 from services.grpc_server import CHANNEL_OPTIONS
-from services.rpc import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SEED = 1234
@@ -195,7 +195,7 @@ def transfer(addresses: dict[str, str], prefill_name: str, prompt: list[int], ru
                 kv_handle=prefilled.kv_handle,
                 prompt_token_ids=prompt,
                 first_token_id=prefilled.first_token_id,
-                stopping=decode_pb2.StoppingCriteria(max_tokens=2, ignore_eos=True),
+                stopping=common_pb2.Stopping(max_tokens=2, ignore_eos=True),
             )
             joined = list(decode.Generate(generate, timeout=600))[1]
             if i:

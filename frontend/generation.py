@@ -8,7 +8,7 @@ from frontend.errors import SERVER_ERROR, ApiError, internal_error
 from frontend.metrics import RequestMetrics
 from frontend.prompts import PreparedPrompt
 from frontend.server_metrics import ServerMetrics
-from frontend.stage_types import Prefilled, Sampling, Stopping, TokenDelta, TokenLogprob
+from frontend.stage_types import Choice, Prefilled, TokenDelta, TokenLogprob
 from frontend.stages import DecodeStream, StageClients
 
 logger = logging.getLogger(__name__)
@@ -55,19 +55,15 @@ class Generation:
     def __init__(
         self,
         stages: StageClients,
-        request_id: str,
+        choice: Choice,
         output: ChoiceOutput,
         prefilled: Prefilled,
-        sampling: Sampling,
-        stopping: Stopping,
         metrics: RequestMetrics,
         server_metrics: ServerMetrics,
     ) -> None:
         self._stages = stages
-        self._request_id = request_id
+        self._choice = choice
         self._prefilled = prefilled
-        self._sampling = sampling
-        self._stopping = stopping
         self._metrics = metrics
         self._server_metrics = server_metrics
         self.output = output
@@ -89,7 +85,7 @@ class Generation:
         delta = await self._read()
         now = time.monotonic_ns()
         if delta is None:
-            logger.error("decode stream of %s ended without a finish reason", self._request_id)
+            logger.error("decode stream of %s ended without a finish reason", self._choice.id)
             raise internal_error()
         self._claimed = True
         if delta.queue_ns and not self._metrics.generation_queue_ns:
@@ -112,13 +108,7 @@ class Generation:
         while True:
             if self._stream is None:
                 self._attempts += 1
-                self._stream = await self._stages.generate(
-                    self._request_id,
-                    self.output.prompt.token_ids,
-                    self._prefilled,
-                    self._sampling,
-                    self._stopping,
-                )
+                self._stream = await self._stages.generate(self._choice, self._prefilled)
                 if not self._metrics.backend_host:
                     self._metrics.backend_host = self._stream.instance.address
             try:
@@ -140,7 +130,7 @@ class Generation:
                 logger.warning(
                     "decode instance %s failed before answering %s; retrying elsewhere",
                     self._stream.instance.address,
-                    self._request_id,
+                    self._choice.id,
                 )
                 self._stream = None
 

@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 from frontend.errors import invalid_request
 from frontend.generation import ChoiceOutput, Generation
 from frontend.metrics import PathTimings, RequestMetrics
-from frontend.prompts import PreparedPrompt, PromptSource, PromptTokenizer, describe, fit_max_tokens
+from frontend.prompts import PreparedPrompt, PromptTokenizer, describe, fit_max_tokens
+from frontend.request import GenerationRequest
 from frontend.server_metrics import ServerMetrics
-from frontend.settings import GenerationSettings, OutputOptions
-from frontend.stage_types import ModelLimits, Stopping, TokenDelta
+from frontend.stage_types import Choice, ModelLimits, TokenDelta
 from frontend.stages import StageClients
 
 T = TypeVar("T")
@@ -60,13 +60,10 @@ class Run:
 
 
 @dataclass(slots=True)
-class _Request:
-    """What every prompt of one request shares while it starts."""
+class _Starting:
+    """A request while its prompts start."""
 
-    request_id: str
-    source: PromptSource
-    settings: GenerationSettings
-    options: OutputOptions
+    request: GenerationRequest
     metrics: RequestMetrics
     # (choice index, generation) as created, so that a failure can close them all.
     created: list[tuple[int, Generation]] = field(default_factory=list)
@@ -77,97 +74,86 @@ class Pipeline:
         self._stages = stages
         self.server_metrics = server_metrics
 
-    async def start(
-        self,
-        request_id: str,
-        source: PromptSource,
-        settings: GenerationSettings,
-        options: OutputOptions,
-        metrics: RequestMetrics,
-    ) -> Run:
+    async def start(self, request: GenerationRequest, metrics: RequestMetrics) -> Run:
         """Runs every choice up to decode's first message, so that stage failures still get
         an HTTP status. The caller owns `close()` of the returned run."""
         limits = await self._stages.limits()
-        check_token_ids(settings, limits)
-        request = _Request(request_id, source, settings, options, metrics)
+        check_token_ids(request, limits)
+        starting = _Starting(request, metrics)
         try:
             prompts = await run_all(
-                [self._start_prompt(request, i) for i in range(source.num_prompts)]
+                [self._start_prompt(starting, i) for i in range(request.source.num_prompts)]
             )
-            generations = [g for _, g in sorted(request.created, key=lambda item: item[0])]
+            generations = [g for _, g in sorted(starting.created, key=lambda item: item[0])]
             run = Run(prompts, generations, [], metrics, self.server_metrics)
             firsts = await run_all([g.next() for g in generations])
             run.firsts = [delta for delta in firsts if delta is not None]
             self.server_metrics.observe_first_token(metrics)
-            want_logprobs = settings.sampling.logprobs
-            await run_all([describe(self._stages, p, options, want_logprobs) for p in prompts])
+            want_logprobs = request.sampling.logprobs
+            output = request.output
+            await run_all([describe(self._stages, p, output, want_logprobs) for p in prompts])
         except BaseException:
-            for _, generation in request.created:
+            for _, generation in starting.created:
                 generation.close()
             raise
         return run
 
-    async def _start_prompt(self, request: _Request, index: int) -> PreparedPrompt:
+    async def _start_prompt(self, starting: _Starting, index: int) -> PreparedPrompt:
         """Tokenizes and prefills prompt `index`, registering its choices' generations."""
-        settings, source = request.settings, request.source
+        request, source = starting.request, starting.request.source
         timings = PathTimings()
         tokenized = await PromptTokenizer(self._stages, timings).tokenize(source, index)
         token_ids = tokenized.token_ids
         if not token_ids:
             raise invalid_request("The prompt is empty after tokenization.", source.param)
         limits = await self._stages.limits()
-        max_tokens = fit_max_tokens(len(token_ids), settings, limits.max_model_len, source.param)
+        max_tokens = fit_max_tokens(len(token_ids), request, limits.max_model_len)
         prompt = PreparedPrompt(index, token_ids, tokenized.text, max_tokens)
-        request.metrics.prompt_tokens += len(token_ids)
-        await self._prefill(request, prompt, 0, timings)
-        request.metrics.cached_prompt_tokens += prompt.num_cached_tokens
+        starting.metrics.prompt_tokens += len(token_ids)
+        await self._prefill(starting, prompt, 0, timings)
+        starting.metrics.cached_prompt_tokens += prompt.num_cached_tokens
         # The other choices are prefilled only now, together: prefill's prefix cache then
         # serves them the whole prompt, so its KV is computed once, and decode finds the
         # blocks it pulled for the first choice in its own prefix cache rather than moving
         # them again.
-        await run_all([self._prefill(request, prompt, j) for j in range(1, settings.n)])
+        await run_all([self._prefill(starting, prompt, j) for j in range(1, request.n)])
         return prompt
 
     async def _prefill(
         self,
-        request: _Request,
+        starting: _Starting,
         prompt: PreparedPrompt,
-        choice: int,
+        number: int,
         timings: PathTimings | None = None,
     ) -> None:
-        """Prefills one choice and registers its generation. The first choice (`timings`
-        given) is on its prompt's way to the first token and asks for prompt logprobs when
-        the echo shows them."""
-        settings, metrics = request.settings, request.metrics
-        index = prompt.index * settings.n + choice
-        choice_id = request.request_id if index == 0 else f"{request.request_id}-{index}"
-        sampling = settings.choice_sampling(choice)
-        echoes = request.options.echo_count(len(prompt.token_ids)) > 0
+        """Prefills choice `number` of a prompt and registers its generation. The first choice
+        (`timings` given) is on its prompt's way to the first token and asks for prompt
+        logprobs when the echo shows them."""
+        request, metrics = starting.request, starting.metrics
+        index = prompt.index * request.n + number
+        choice = Choice(
+            id=request.id if index == 0 else f"{request.id}-{index}",
+            prompt_ids=prompt.token_ids,
+            sampling=request.choice_sampling(number),
+            stopping=request.stopping(prompt.max_tokens),
+        )
+        echoes = request.output.echo_count(len(prompt.token_ids)) > 0
         started = time.monotonic_ns()
         prefilled = await self._stages.prefill(
-            choice_id,
-            prompt.token_ids,
-            sampling,
-            settings.cache,
-            prompt_logprobs=timings is not None and sampling.logprobs and echoes,
+            choice,
+            request.prompt_cache,
+            prompt_logprobs=timings is not None and choice.sampling.logprobs and echoes,
         )
         now = time.monotonic_ns()
         if timings is not None:
             timings.add_prefill_call(now - started, prefilled.queue_ns, prefilled.compute_ns)
             metrics.first_token(timings, now)
             prompt.prefilled = prefilled
-        stopping = Stopping(prompt.max_tokens, settings.stop, settings.ignore_eos)
+        output = ChoiceOutput(index, prompt)
         generation = Generation(
-            self._stages,
-            choice_id,
-            ChoiceOutput(index, prompt),
-            prefilled,
-            sampling,
-            stopping,
-            metrics,
-            self.server_metrics,
+            self._stages, choice, output, prefilled, metrics, self.server_metrics
         )
-        request.created.append((index, generation))
+        starting.created.append((index, generation))
 
     async def collect(self, run: Run) -> None:
         """Reads every choice to its end."""
@@ -179,10 +165,10 @@ async def _drain(generation: Generation) -> None:
         pass
 
 
-def check_token_ids(settings: GenerationSettings, limits: ModelLimits) -> None:
+def check_token_ids(request: GenerationRequest, limits: ModelLimits) -> None:
     if not limits.vocab_size:
         return
-    bad = [t for t in settings.sampling.logit_bias if t >= limits.vocab_size]
+    bad = [t for t in request.sampling.logit_bias if t >= limits.vocab_size]
     if bad:
         raise invalid_request(
             f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size}).",

@@ -9,30 +9,12 @@ from dataclasses import dataclass, field
 
 from frontend.errors import internal_error, invalid_request
 from frontend.metrics import PathTimings
-from frontend.settings import GenerationSettings, OutputOptions
+from frontend.request import GenerationRequest, PromptSource
 from frontend.stage_types import ChatTurn, Prefilled, Tokenized, TokenLogprob
 from frontend.stages import StageClients
+from services.request_params import OutputOptions
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class PromptSource:
-    """Completion prompts (each text or token ids), or one chat; exactly one is set."""
-
-    prompts: list[str | list[int]] | None = None
-    messages: list[ChatTurn] | None = None
-    # Chat: evict the earliest non-system turns until the prompt has at most this many tokens.
-    truncate_len: int | None = None
-    tools_json: str = ""  # chat: the tools the prompt lists (the OpenAI JSON list)
-
-    @property
-    def param(self) -> str:
-        return "prompt" if self.messages is None else "messages"
-
-    @property
-    def num_prompts(self) -> int:
-        return 1 if self.prompts is None else len(self.prompts)
 
 
 @dataclass(slots=True)
@@ -56,9 +38,7 @@ class PreparedPrompt:
         return self.prefilled.num_cached_tokens if self.prefilled else 0
 
 
-def fit_max_tokens(
-    num_prompt_tokens: int, settings: GenerationSettings, max_model_len: int, prompt_param: str
-) -> int:
+def fit_max_tokens(num_prompt_tokens: int, request: GenerationRequest, max_model_len: int) -> int:
     """max_tokens lowered to the room the prompt leaves in the context window."""
     room = max_model_len - num_prompt_tokens
     if room < 1:
@@ -67,20 +47,20 @@ def fit_max_tokens(
             f"This model's maximum context length is {max_model_len} tokens, but the prompt "
             f"has {num_prompt_tokens} tokens, which leaves no room for a completion: shorten "
             f"it by at least {1 - room} tokens.",
-            prompt_param,
+            request.source.param,
             "context_length_exceeded",
         )
-    if settings.max_tokens is None:
-        return min(settings.default_max_tokens, room)
-    if settings.max_tokens > room and settings.error_on_overflow:
+    if request.max_tokens is None:
+        return min(request.default_max_tokens, room)
+    if request.max_tokens > room and request.error_on_overflow:
         raise invalid_request(
             f"This model's maximum context length is {max_model_len} tokens, but the prompt "
-            f"({num_prompt_tokens} tokens) plus max_tokens ({settings.max_tokens}) exceeds "
-            f"it by {settings.max_tokens - room} tokens.",
+            f"({num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) exceeds "
+            f"it by {request.max_tokens - room} tokens.",
             "max_tokens",
             "context_length_exceeded",
         )
-    return min(settings.max_tokens, room)
+    return min(request.max_tokens, room)
 
 
 class PromptTokenizer:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from frontend.stage_types import Grammar
+from services.request_params import Grammar
 
 
 class _Strict(BaseModel):

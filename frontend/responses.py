@@ -9,9 +9,9 @@ from typing import Any
 
 from frontend import logprobs
 from frontend.generation import ChoiceOutput
-from frontend.settings import OutputOptions
 from frontend.stage_types import TokenDelta, TokenLogprob
 from frontend.tool_parser import CallDelta, ToolCall, ToolCallParser
+from services.request_params import OutputOptions
 
 JsonObject = dict[str, Any]
 

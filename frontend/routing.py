@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from frontend.instances import Instance
-from services.engine.block_hash import hash_blocks
+from services.request_params import PromptCache
 
 PREFILL_POLICIES = ("cache_aware", "round_robin")
 # A prompt whose best cached prefix covers less than this share of it is placed as new.
@@ -87,13 +87,11 @@ class PrefillRouter:
         self._indexes: dict[str, PrefixIndex] = {}
         self._turn = itertools.count()
 
-    def block_hashes(
-        self, token_ids: Sequence[int], salt: str, max_tokens: int | None
-    ) -> list[bytes]:
-        """The blocks prefill may serve from its cache: the last prompt token is always
-        computed, and `max_tokens` (prompt_cache_max_len) caps the cached part."""
-        limit = len(token_ids) - 1 if max_tokens is None else min(len(token_ids) - 1, max_tokens)
-        return hash_blocks(token_ids, self.block_size, salt, max_tokens=limit)
+    def servable_hashes(self, token_ids: Sequence[int], prompt_cache: PromptCache) -> list[bytes]:
+        """The hash chain of the blocks prefill may serve from its cache (prefill's own chain,
+        `PromptCache.block_hashes`, up to `PromptCache.servable_tokens`)."""
+        servable = prompt_cache.servable_tokens(len(token_ids))
+        return prompt_cache.block_hashes(token_ids[:servable], self.block_size)
 
     def choose(
         self, instances: Sequence[Instance], num_tokens: int, hashes: Sequence[bytes]

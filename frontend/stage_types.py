@@ -7,6 +7,7 @@ decode without looking inside.
 
 from dataclasses import dataclass, field
 
+from services.request_params import SamplingParams, Stopping
 from services.rpc import common_pb2
 
 STAGE_NAMES = ("tokenizer", "prefill", "decode")
@@ -30,41 +31,14 @@ class Tokenized:
     text: str = ""  # the text as given, or the rendered chat; empty for token-id prompts
 
 
-@dataclass(slots=True, frozen=True)
-class Grammar:
-    """Structured output: only what this grammar allows is sampled."""
-
-    kind: str  # "json_object", "json_schema", "gbnf", "tool_calls"
-    source: str
-    strict: bool
-
-
 @dataclass(slots=True)
-class Sampling:
-    """The sampling parameters of one choice, with the API's defaults filled in."""
+class Choice:
+    """One choice of one prompt, as its prefill and decode calls send it."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None  # None: the stages draw from their own generator
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    mirostat_target: float | None = None  # None: mirostat off
-    mirostat_lr: float = 0.1
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    grammar: Grammar | None = None
-
-
-@dataclass(slots=True)
-class Stopping:
-    max_tokens: int
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+    id: str  # the request's id for its first choice, "<id>-<index>" for the others
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stopping: Stopping
 
 
 @dataclass(slots=True)
@@ -102,14 +76,6 @@ class Prefilled:
     mirostat_mu: float | None = None
     # The prefill instance (as this frontend addresses it) that holds the KV handle.
     prefill_instance: str = ""
-
-
-@dataclass(slots=True)
-class PromptCache:
-    """How the prompt may use the prefix cache: a salt that isolates it, a length cap."""
-
-    isolation_key: str = ""
-    max_tokens: int | None = None  # None: no cap
 
 
 @dataclass(slots=True)

@@ -10,9 +10,7 @@ from frontend.rpc_errors import stage_error
 from frontend.stage_types import (
     DEFAULT_BLOCK_SIZE,
     ChatTurn,
-    Grammar,
     ModelLimits,
-    Sampling,
     StageStats,
     TokenDelta,
     TokenLogprob,
@@ -26,35 +24,6 @@ _FINISH_REASONS = {
     decode_pb2.FINISH_REASON_STOP: "stop",
     decode_pb2.FINISH_REASON_LENGTH: "length",
 }
-# The stages read top_p/typical_p 0 as "off", while the API's 0 means "only the most likely
-# token": the smallest positive float32 keeps exactly that one.
-_SMALLEST_MASS = 1e-38
-
-
-def sampling_pb(sampling: Sampling) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p or _SMALLEST_MASS,
-        top_k=sampling.top_k,
-        seed=sampling.seed,  # None leaves the optional field unset
-        min_p=sampling.min_p,
-        typical_p=sampling.typical_p or _SMALLEST_MASS,
-        frequency_penalty=sampling.frequency_penalty,
-        presence_penalty=sampling.presence_penalty,
-        repetition_penalty=sampling.repetition_penalty,
-        mirostat_target=sampling.mirostat_target,
-        mirostat_lr=sampling.mirostat_lr,
-        logit_bias=sampling.logit_bias,
-        logprobs=sampling.logprobs,
-        top_logprobs=sampling.top_logprobs,
-        grammar=_grammar_pb(sampling.grammar),
-    )
-
-
-def _grammar_pb(grammar: Grammar | None) -> common_pb2.Grammar | None:
-    if grammar is None:
-        return None
-    return common_pb2.Grammar(kind=grammar.kind, source=grammar.source, strict=grammar.strict)
 
 
 def chat_message_pb(turn: ChatTurn) -> tokenizer_pb2.ChatMessage:

@@ -21,12 +21,10 @@ from frontend.rpc_errors import rpc_errors, stage_error
 from frontend.stage_types import (
     STAGE_NAMES,
     ChatTurn,
+    Choice,
     ModelLimits,
     Prefilled,
-    PromptCache,
-    Sampling,
     StageStats,
-    Stopping,
     Tokenized,
 )
 from frontend.stage_wire import (
@@ -34,9 +32,9 @@ from frontend.stage_wire import (
     chat_message_pb,
     limits_from_infos,
     logprob_from_pb,
-    sampling_pb,
     stats_from_info,
 )
+from services.request_params import PromptCache
 from services.rpc import (
     common_pb2,
     decode_pb2,
@@ -133,24 +131,19 @@ class StageClients:
         return response.text
 
     async def prefill(
-        self,
-        request_id: str,
-        token_ids: list[int],
-        sampling: Sampling,
-        cache: PromptCache,
-        prompt_logprobs: bool = False,
+        self, choice: Choice, prompt_cache: PromptCache, prompt_logprobs: bool = False
     ) -> Prefilled:
+        token_ids = choice.prompt_ids
         request = prefill_pb2.PrefillRequest(
-            request_id=request_id,
+            request_id=choice.id,
             token_ids=token_ids,
-            sampling=sampling_pb(sampling),
-            cache_salt=cache.isolation_key,
-            cache_max_tokens=cache.max_tokens,  # None leaves the optional field unset
+            sampling=choice.sampling.to_pb(),
+            prompt_cache=prompt_cache.to_pb(),
             prompt_logprobs=prompt_logprobs,
         )
         router = await self._router()
-        hashes = router.block_hashes(token_ids, cache.isolation_key, cache.max_tokens)
         pool = await self._pool("prefill")
+        hashes = router.servable_hashes(token_ids, prompt_cache)
         queued: dict[Instance, int] = {}  # what this call added to instances' queues
 
         def route(instances: Sequence[Instance]) -> Instance:
@@ -179,14 +172,7 @@ class StageClients:
             prefill_instance=instance.address,
         )
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        prefilled: Prefilled,
-        sampling: Sampling,
-        stopping: Stopping,
-    ) -> DecodeStream:
+    async def generate(self, choice: Choice, prefilled: Prefilled) -> DecodeStream:
         """Starts Generate on the least loaded decode instance."""
         pool = await self._pool("decode")
         instances = pool.healthy()
@@ -194,18 +180,17 @@ class StageClients:
             raise no_instance("decode")
         instance = self._least_loaded["decode"].choose(instances)
         request = decode_pb2.GenerateRequest(
-            request_id=request_id,
+            request_id=choice.id,
             kv_handle=prefilled.kv_handle,
-            prompt_token_ids=prompt_token_ids,
+            prompt_token_ids=choice.prompt_ids,
             first_token_id=prefilled.first_token_id,
-            sampling=sampling_pb(sampling),
-            stopping=decode_pb2.StoppingCriteria(
-                max_tokens=stopping.max_tokens, stop=stopping.stop, ignore_eos=stopping.ignore_eos
-            ),
+            sampling=choice.sampling.to_pb(),
+            stopping=choice.stopping.to_pb(),
             first_token_logprob=prefilled.first_token_logprob,
             mirostat_mu=prefilled.mirostat_mu,  # None leaves the optional field unset
         )
-        return DecodeStream(pool, instance, instance.stub.Generate(request), sampling.logprobs)
+        stream = instance.stub.Generate(request)
+        return DecodeStream(pool, instance, stream, choice.sampling.logprobs)
 
     def release_later(self, prefilled: Prefilled) -> None:
         """Frees a KV handle decode never took, without making the caller wait.

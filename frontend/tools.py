@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from frontend.errors import invalid_request
 from frontend.fields import invalid
-from frontend.stage_types import Grammar
+from services.request_params import Grammar
 from services.tool_format import NAME_PATTERN
 
 TOOL_CHOICES = ("none", "auto", "required")

@@ -1,4 +1,4 @@
-"""The request's grammar (protobuf) to a compiled, per-sequence grammar state.
+"""The request's grammar to a compiled, per-sequence grammar state.
 
 Kept apart from `services.wire` because it loads the grammar engine, which only the
 prefill and decode services need.
@@ -23,7 +23,7 @@ from services.engine.grammar import (
     tool_calls_spec,
 )
 from services.errors import InvalidArgumentError
-from services.rpc import common_pb2
+from services.request_params import Grammar
 
 
 def request_field(kind: str) -> str:
@@ -31,35 +31,33 @@ def request_field(kind: str) -> str:
     return "tools" if kind == TOOL_CALLS else "response_format"
 
 
-def grammar_spec(pb: common_pb2.Grammar) -> GrammarSpec:
+def grammar_spec(grammar: Grammar) -> GrammarSpec:
     """Checks the grammar now (no tokenizer needed), so a bad one fails before it queues."""
     try:
-        if pb.kind == JSON_OBJECT:
+        if grammar.kind == JSON_OBJECT:
             return json_object_spec()
-        if pb.kind == JSON_SCHEMA:
+        if grammar.kind == JSON_SCHEMA:
             try:
-                schema = json.loads(pb.source)
+                schema = json.loads(grammar.source)
             except json.JSONDecodeError as exc:
                 raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
-            return json_schema_spec(schema, pb.strict)
-        if pb.kind == GBNF:
-            return gbnf_spec(pb.source)
-        if pb.kind == REGEX:
-            return regex_spec(pb.source)
-        if pb.kind == TOOL_CALLS:
-            return tool_calls_spec(pb.source)
+            return json_schema_spec(schema, grammar.strict)
+        if grammar.kind == GBNF:
+            return gbnf_spec(grammar.source)
+        if grammar.kind == REGEX:
+            return regex_spec(grammar.source)
+        if grammar.kind == TOOL_CALLS:
+            return tool_calls_spec(grammar.source)
     except GrammarError as exc:
-        raise InvalidArgumentError(f"{request_field(pb.kind)}: {exc}") from exc
-    raise InvalidArgumentError(f"response_format: unknown grammar kind {pb.kind!r}")
+        raise InvalidArgumentError(f"{request_field(grammar.kind)}: {exc}") from exc
+    raise InvalidArgumentError(f"response_format: unknown grammar kind {grammar.kind!r}")
 
 
-async def grammar_state(
-    sampling: common_pb2.SamplingParams, compiler: GrammarCompiler
-) -> GrammarState | None:
+async def grammar_state(grammar: Grammar | None, compiler: GrammarCompiler) -> GrammarState | None:
     """A fresh state for the request's grammar, compiled off the event loop (cached)."""
-    if not sampling.HasField("grammar"):
+    if grammar is None:
         return None
-    spec = grammar_spec(sampling.grammar)
+    spec = grammar_spec(grammar)
     try:
         compiled = await compiler.compile_async(spec)
     except GrammarError as exc:

@@ -1,14 +1,14 @@
 """Conversions between protobuf messages and internal types, shared by the services."""
 
 from services.engine.config import EngineInfo, ModelConfig
-from services.engine.sampling_params import SampledToken, SamplingParams, validate
+from services.engine.sampling_state import SampledToken
 from services.engine.tokenizer import Tokenizer
 from services.errors import InvalidArgumentError
+from services.request_params import SamplingParams, validate
 from services.rpc import common_pb2
 
 # Accepted by the API but without effect on a model without these abilities.
 NON_REASONING_NOTE = "reasoning_effort has no effect: the model is not a reasoning model"
-DEFAULT_MIROSTAT_LR = 0.1
 
 
 def model_info(
@@ -32,25 +32,10 @@ def model_info(
     )
 
 
-def sampling_from_pb(pb: common_pb2.SamplingParams, vocab_size: int) -> SamplingParams:
-    """Proto defaults (0) mean "off" where the field has a neutral value; ranges are
-    checked here for direct gRPC callers (the frontend checks them for HTTP ones)."""
-    params = SamplingParams(
-        temperature=pb.temperature,
-        top_p=pb.top_p or 1.0,
-        top_k=pb.top_k,
-        seed=pb.seed if pb.HasField("seed") else None,
-        min_p=pb.min_p,
-        typical_p=pb.typical_p or 1.0,
-        frequency_penalty=pb.frequency_penalty,
-        presence_penalty=pb.presence_penalty,
-        repetition_penalty=pb.repetition_penalty or 1.0,
-        mirostat_target=pb.mirostat_target if pb.HasField("mirostat_target") else None,
-        mirostat_lr=pb.mirostat_lr or DEFAULT_MIROSTAT_LR,
-        logit_bias=dict(pb.logit_bias),
-        logprobs=pb.logprobs,
-        top_logprobs=pb.top_logprobs,
-    )
+def checked_sampling(pb: common_pb2.SamplingParams, vocab_size: int) -> SamplingParams:
+    """The request's sampling, its ranges checked for direct gRPC callers (the frontend checks
+    them for HTTP ones)."""
+    params = SamplingParams.from_pb(pb)
     try:
         validate(params, vocab_size)
     except ValueError as exc:

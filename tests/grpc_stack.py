@@ -33,6 +33,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 20
 T = TypeVar("T")
+# Unset sampling fields take the API's defaults (temperature 1): tests that compare outputs
+# ask for greedy decoding.
+GREEDY = common_pb2.SamplingParams(temperature=0.0)
 # float32 everywhere, so the services compute exactly what tests/engine_reference.py does.
 ENGINE_ARGS = ("--dtype", "float32", "--threads", "1")
 PREFILL_KV_TOKENS, DECODE_KV_TOKENS, MAX_BATCH = 2048, 4096, 8
@@ -194,13 +197,16 @@ class Stack:
     def run_prefill(
         self,
         prompt: list[int],
-        sampling: common_pb2.SamplingParams | None = None,
+        sampling: common_pb2.SamplingParams = GREEDY,
         prefill: str = "prefill",
-        **cache: object,
+        **prompt_cache: object,
     ) -> prefill_pb2.PrefillResponse:
-        """cache: `cache_salt`, `cache_max_tokens` of the PrefillRequest."""
+        """prompt_cache: `isolation_key`, `max_len` of the PrefillRequest's PromptCache."""
         request = prefill_pb2.PrefillRequest(
-            request_id="p", token_ids=prompt, sampling=sampling, **cache
+            request_id="p",
+            token_ids=prompt,
+            sampling=sampling,
+            prompt_cache=common_pb2.PromptCache(**prompt_cache),
         )
         return self.prefill_stub(prefill).Prefill(request, timeout=60)
 
@@ -211,7 +217,7 @@ class Stack:
 
         kwargs: `sampling` (common_pb2.SamplingParams), `stop`, `ignore_eos`.
         """
-        sampling = kwargs.pop("sampling", None)
+        sampling = kwargs.pop("sampling", GREEDY)
         prefilled = self.run_prefill(prompt, sampling)
         return decode_pb2.GenerateRequest(
             request_id=request_id,
@@ -219,7 +225,7 @@ class Stack:
             prompt_token_ids=prompt,
             first_token_id=prefilled.first_token_id,
             sampling=sampling,
-            stopping=decode_pb2.StoppingCriteria(max_tokens=max_tokens, **kwargs),
+            stopping=common_pb2.Stopping(max_tokens=max_tokens, **kwargs),
         )
 
     def generate(self, prompt: list[int], max_tokens: int, **kwargs) -> list:

@@ -131,8 +131,9 @@ def test_every_sampling_field_reaches_the_stages(
     assert fakes.decode.requests[-1].mirostat_mu == 5.5
     fake_client.post(COMPLETIONS, json={"model": MODEL_ID, "prompt": "hi", "top_p": 0})
     assert not fakes.decode.requests[-1].HasField("mirostat_mu")
-    # The API's top_p 0 (the most likely token only) is not the stages' 0 (off).
-    assert 0 < fakes.prefill.requests[-1].sampling.top_p < 1e-30
+    # The API's top_p 0 (the most likely token only) arrives as a set 0, not as unset (off).
+    sent = fakes.prefill.requests[-1].sampling
+    assert sent.HasField("top_p") and sent.top_p == 0
 
 
 def _samples(text: str) -> dict[str, float]:

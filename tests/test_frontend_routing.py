@@ -16,6 +16,7 @@ from frontend.app import create_app
 from frontend.config import FrontendConfig
 from frontend.instances import Instance, StagePool, parse_targets, resolve
 from frontend.routing import LeastLoadedRouter, PrefillRouter, PrefixIndex
+from services.request_params import PromptCache
 from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, start_fake_stages
 
 BLOCK = 16
@@ -84,16 +85,16 @@ def test_cache_aware_prefill_follows_the_cached_prefix() -> None:
     router = PrefillRouter("cache_aware", BLOCK)
     a, b = instance("a"), instance("b")
     history = list(range(100, 164))  # 4 blocks
-    hashes = router.block_hashes(history, "", None)
+    hashes = router.servable_hashes(history, PromptCache())
     router.record(b, hashes)
     route = router.choose([a, b], len(history), hashes)
     # The last token is always computed, so 3 of the 4 blocks come from the cache.
     assert route.instance is b and route.uncached_tokens == len(history) - 3 * BLOCK
     # Another isolation key hashes differently: nothing is cached for it anywhere.
-    salted = router.block_hashes(history, "tenant", None)
+    salted = router.servable_hashes(history, PromptCache("tenant"))
     assert router.choose([a, b], len(history), salted).uncached_tokens == len(history)
     # prompt_cache_max_len caps what may be served from the cache.
-    capped = router.block_hashes(history, "", 20)
+    capped = router.servable_hashes(history, PromptCache(max_len=20))
     assert len(capped) == 1
 
 
@@ -101,9 +102,9 @@ def test_cache_aware_prefill_weighs_the_queue_against_the_cache() -> None:
     router = PrefillRouter("cache_aware", BLOCK)
     a, b = instance("a"), instance("b")
     shared = list(range(1000, 1000 + 8 * BLOCK))  # a system prompt of 8 blocks
-    router.record(a, router.block_hashes(shared, "", None))
+    router.record(a, router.servable_hashes(shared, PromptCache()))
     prompt = [*shared, *range(5000, 5000 + BLOCK)]
-    hashes = router.block_hashes(prompt, "", None)
+    hashes = router.servable_hashes(prompt, PromptCache())
     assert router.choose([a, b], len(prompt), hashes).instance is a
     # Once a has more queued than recomputing the system prompt on b costs, b is cheaper.
     a.queued_tokens = 8 * BLOCK + 1
@@ -117,7 +118,7 @@ def test_new_conversations_spread_despite_a_shared_system_prompt() -> None:
     placed = []
     for conversation in range(6):
         prompt = [*system, *range(10_000 * (conversation + 1), 10_000 * (conversation + 1) + 160)]
-        hashes = router.block_hashes(prompt, "", None)
+        hashes = router.servable_hashes(prompt, PromptCache())
         route = router.choose([a, b], len(prompt), hashes)
         router.record(route.instance, hashes)
         placed.append(route.instance.address)

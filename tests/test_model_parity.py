@@ -2,9 +2,10 @@
 
 Our side runs as the services do by default: the file's Q4_1/Q8_0 blocks multiplied by our
 CPU kernels (float32 activations, or int16 ones on CPUs with AVX-512 VNNI). The reference is
-transformers in float32 on the same weights, dequantized. One teacher-forced reference pass over prompt + our greedy tokens checks both:
-the reference's argmax at each position should be our next token (so its greedy decoding
-equals ours), and its logits must agree within LOGITS_ATOL.
+transformers in float32 on the same weights, dequantized. One teacher-forced reference pass
+over prompt + our greedy tokens checks both: the reference's argmax at each position should be
+our next token (so its greedy decoding equals ours), and its logits must agree within
+LOGITS_ATOL.
 """
 
 import os

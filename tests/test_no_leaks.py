@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from services.grpc_server import CHANNEL_OPTIONS
-from services.rpc import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from tests.grpc_stack import ENGINE_ARGS, Stack, running, start_service, tokens_of
+from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from tests.grpc_stack import ENGINE_ARGS, GREEDY, Stack, running, start_service, tokens_of
 
 SEED = 20240611
 NUM_REQUESTS, CONCURRENCY = 200, 16
@@ -77,7 +77,7 @@ async def run_plan(
     prefill: prefill_pb2_grpc.PrefillStub, decode: decode_pb2_grpc.DecodeStub, plan: Plan, i: int
 ) -> str:
     """Runs one request up to its abort point; returns "cancelled" or "completed"."""
-    request = prefill_pb2.PrefillRequest(request_id=f"r{i}", token_ids=plan.prompt)
+    request = prefill_pb2.PrefillRequest(request_id=f"r{i}", token_ids=plan.prompt, sampling=GREEDY)
     call = prefill.Prefill(request, timeout=60)
     if plan.kind in ("queued", "mid_prefill"):
         await asyncio.sleep(plan.delay_s)
@@ -94,7 +94,8 @@ async def run_plan(
             kv_handle=prefilled.kv_handle,
             prompt_token_ids=plan.prompt,
             first_token_id=prefilled.first_token_id,
-            stopping=decode_pb2.StoppingCriteria(max_tokens=64, ignore_eos=True),
+            sampling=GREEDY,
+            stopping=common_pb2.Stopping(max_tokens=64, ignore_eos=True),
         ),
         timeout=60,
     )
@@ -130,7 +131,8 @@ def greedy(stack: Stack, prompt: list[int]) -> list[int]:
         kv_handle=prefilled.kv_handle,
         prompt_token_ids=prompt,
         first_token_id=prefilled.first_token_id,
-        stopping=decode_pb2.StoppingCriteria(max_tokens=8, ignore_eos=True),
+        sampling=GREEDY,
+        stopping=common_pb2.Stopping(max_tokens=8, ignore_eos=True),
     )
     return tokens_of(stack.decode.Generate(request, timeout=60))
 

@@ -13,9 +13,17 @@ import grpc
 import pytest
 
 from services.engine.tokenizer import Tokenizer
-from services.rpc import decode_pb2, prefill_pb2
+from services.rpc import common_pb2, decode_pb2, prefill_pb2
 from tests.engine_reference import Reference
-from tests.grpc_stack import ENGINE_ARGS, Stack, rpc_error, running, start_service, tokens_of
+from tests.grpc_stack import (
+    ENGINE_ARGS,
+    GREEDY,
+    Stack,
+    rpc_error,
+    running,
+    start_service,
+    tokens_of,
+)
 
 pytest_plugins = ["tests.grpc_fixtures"]
 
@@ -61,7 +69,7 @@ def text_prompt(tok: Tokenizer, tag: str, num_tokens: int) -> list[int]:
 def generate(
     stack: Stack, prompt: list[int], max_tokens: int, decode: str = "decode", **prefill_args
 ) -> tuple[prefill_pb2.PrefillResponse, list[decode_pb2.GenerateResponse]]:
-    """Greedy: prefill (prefill_args: `prefill`, `cache_salt`, ...), then decode to the end."""
+    """Greedy: prefill (prefill_args: `prefill`, `isolation_key`, ...), then decode to the end."""
     ignore_eos = prefill_args.pop("ignore_eos", False)
     prefilled = stack.run_prefill(prompt, **prefill_args)
     request = generate_request(prompt, prefilled, max_tokens, ignore_eos)
@@ -76,7 +84,8 @@ def generate_request(
         kv_handle=prefilled.kv_handle,
         prompt_token_ids=prompt,
         first_token_id=prefilled.first_token_id,
-        stopping=decode_pb2.StoppingCriteria(max_tokens=max_tokens, ignore_eos=ignore_eos),
+        sampling=GREEDY,
+        stopping=common_pb2.Stopping(max_tokens=max_tokens, ignore_eos=ignore_eos),
     )
 
 
@@ -112,15 +121,15 @@ def test_repeated_prompt_computes_only_the_uncached_part(stack, reference, tok):
 
 def test_cache_salt_and_length_cap(stack, tok):
     prompt = text_prompt(tok, "Salted", 90)  # 5 full blocks
-    assert cached_tokens(stack, prompt, cache_salt="alice") == 0
-    assert cached_tokens(stack, prompt, cache_salt="bob") == 0
+    assert cached_tokens(stack, prompt, isolation_key="alice") == 0
+    assert cached_tokens(stack, prompt, isolation_key="bob") == 0
     assert cached_tokens(stack, prompt) == 0  # no salt is a salt of its own
-    assert cached_tokens(stack, prompt, cache_salt="alice") == 80
-    assert cached_tokens(stack, prompt, cache_salt="bob") == 80
-    assert cached_tokens(stack, prompt, cache_salt="alice", cache_max_tokens=40) == 40
-    assert cached_tokens(stack, prompt, cache_salt="alice", cache_max_tokens=0) == 0
+    assert cached_tokens(stack, prompt, isolation_key="alice") == 80
+    assert cached_tokens(stack, prompt, isolation_key="bob") == 80
+    assert cached_tokens(stack, prompt, isolation_key="alice", max_len=40) == 40
+    assert cached_tokens(stack, prompt, isolation_key="alice", max_len=0) == 0
     capped = text_prompt(tok, "Capped", 90)
-    assert cached_tokens(stack, capped, cache_max_tokens=40) == 0
+    assert cached_tokens(stack, capped, max_len=40) == 0
     assert cached_tokens(stack, capped) == 32  # only the capped request's 2 blocks were cached
 
 
@@ -135,7 +144,7 @@ def test_prompt_diverging_inside_a_block_reuses_the_shared_part(stack, reference
     assert prefilled.num_cached_tokens == shared
     assert prefilled.first_token_id == expected[0] and tokens_of(responses) == expected
     # Within the request's cap only.
-    assert cached_tokens(stack, other[:-1] + [5], cache_max_tokens=36) == 36
+    assert cached_tokens(stack, other[:-1] + [5], max_len=36) == 36
     assert stack.wait_idle("prefill").num_used_blocks == 0
 
 
@@ -144,8 +153,8 @@ def test_chunked_prefill_matches_one_pass(stack, reference, tok):
     expected = reference.greedy(prompt, 8)
     steps_before = stack.stats("prefill_chunked").num_steps
     # Different salts: decode's cache cannot serve the second run with the first one's KV.
-    _, chunked = generate(stack, prompt, 8, prefill="prefill_chunked", cache_salt="chunked")
-    _, whole = generate(stack, prompt, 8, cache_salt="whole")
+    _, chunked = generate(stack, prompt, 8, prefill="prefill_chunked", isolation_key="chunked")
+    _, whole = generate(stack, prompt, 8, isolation_key="whole")
     assert tokens_of(chunked) == tokens_of(whole) == expected
     assert stack.stats("prefill_chunked").num_steps - steps_before >= 300 // 32 + 1
 
@@ -157,7 +166,7 @@ def test_short_prompt_overtakes_long_one(stack, tok):
     finished: list[str] = []
     calls = {}
     for name, prompt in (("long", long_prompt), ("short", short_prompt)):
-        request = prefill_pb2.PrefillRequest(request_id=name, token_ids=prompt)
+        request = prefill_pb2.PrefillRequest(request_id=name, token_ids=prompt, sampling=GREEDY)
         calls[name] = prefill.Prefill.future(request, timeout=120)
         calls[name].add_done_callback(lambda _, name=name: finished.append(name))
     responses = {name: call.result() for name, call in calls.items()}
@@ -191,10 +200,10 @@ def test_decode_moves_only_blocks_it_lacks(stack, reference, tok):
 def test_shared_memory_and_grpc_transports_agree(stack, reference, tok):
     prompt = text_prompt(tok, "Transport", 150)  # 10 blocks
     # Different salts: decode's own cache holds none of the blocks in any of the runs.
-    _, shm = generate(stack, prompt, 8, cache_salt="shm")
-    _, pulled = generate(stack, prompt, 8, prefill="prefill_grpc", cache_salt="grpc")
+    _, shm = generate(stack, prompt, 8, isolation_key="shm")
+    _, pulled = generate(stack, prompt, 8, prefill="prefill_grpc", isolation_key="grpc")
     # A handle naming a pool decode cannot map falls back to PullKv.
-    prefilled = stack.run_prefill(prompt, cache_salt="fallback")
+    prefilled = stack.run_prefill(prompt, isolation_key="fallback")
     prefilled.kv_handle.shm_path = "/proc/self/fd/-1"
     fallback = list(stack.decode.Generate(generate_request(prompt, prefilled, 8), timeout=120))
     joined = [shm[1], pulled[1], fallback[1]]
@@ -207,7 +216,7 @@ def test_shared_memory_and_grpc_transports_agree(stack, reference, tok):
 
 def test_shared_memory_pull_of_unknown_handle_fails(stack, tok):
     prompt = text_prompt(tok, "Bogus handle", 40)
-    prefilled = stack.run_prefill(prompt, cache_salt="bogus")
+    prefilled = stack.run_prefill(prompt, isolation_key="bogus")
     assert prefilled.kv_handle.shm_path  # decode will copy from shared memory
     request = generate_request(prompt, prefilled, 8)
     request.kv_handle.handle_id = "no-such-handle"
@@ -227,7 +236,7 @@ def test_preempted_sequences_match_their_solo_runs(stack, tok):
     args = dict(max_tokens=64, ignore_eos=True)
     requests = []
     for prompt in prompts:
-        prefilled = stack.run_prefill(prompt, cache_salt="tiny")
+        prefilled = stack.run_prefill(prompt, isolation_key="tiny")
         requests.append(generate_request(prompt, prefilled, **args))
     tiny = stack.decode_stub("decode_tiny")
     barrier = threading.Barrier(len(requests))
@@ -238,7 +247,7 @@ def test_preempted_sequences_match_their_solo_runs(stack, tok):
 
     def alone() -> list[list[int]]:
         # On the session decode, one request at a time, while decode_tiny runs the four.
-        return [tokens_of(generate(stack, p, cache_salt="solo", **args)[1]) for p in prompts]
+        return [tokens_of(generate(stack, p, isolation_key="solo", **args)[1]) for p in prompts]
 
     with ThreadPoolExecutor(len(requests) + 1) as pool:
         solo = pool.submit(alone)

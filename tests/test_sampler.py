@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from services.engine.sampler import Sampler, SamplingParams, invert_cdf
+from services.engine.sampler import Sampler, invert_cdf
 from services.engine.sampling_filters import (
     apply_filters,
     apply_min_p,
@@ -13,6 +13,7 @@ from services.engine.sampling_filters import (
     apply_top_p,
     apply_typical_p,
 )
+from services.request_params import SamplingParams
 
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
 LOGITS = PROBS.log()

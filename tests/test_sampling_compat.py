@@ -3,7 +3,8 @@ same filtering of temperature, top-k and top-p, the same random numbers, the sam
 
 import torch
 
-from services.engine.sampler import Sampler, SamplingParams, invert_cdf
+from services.engine.sampler import Sampler, invert_cdf
+from services.request_params import SamplingParams
 
 _POSITION_STRIDE = 1_000_003
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from services.engine.sampler import Sampler, SamplingParams, TokenHistory
+from services.engine.sampler import Sampler
+from services.engine.sampling_state import TokenHistory
+from services.request_params import SamplingParams
 
 NUM_ROWS = 4
 

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from services.engine.sampler import MirostatState, Sampler, SamplingParams, TokenHistory
+from services.engine.sampler import Sampler
+from services.engine.sampling_state import MirostatState, TokenHistory
+from services.request_params import SamplingParams
 
 VOCAB = 1000
 # Zipf (s = 1) over 1,000 tokens: entropy 7.49 bits, room below it for any target used here.

@@ -3,7 +3,9 @@
 import torch
 
 from services.engine.logits_processors import apply_logit_bias, apply_penalties, token_counts
-from services.engine.sampler import Sampler, SamplingParams, TokenHistory
+from services.engine.sampler import Sampler
+from services.engine.sampling_state import TokenHistory
+from services.request_params import SamplingParams
 
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
 LOGITS = PROBS.log()

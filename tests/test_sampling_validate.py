@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from services.engine.sampler import SamplingParams, validate
+from services.request_params import SamplingParams, validate
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 from services.decode.scheduler import Scheduler
 from services.decode.sequence import Finish, Sequence, StopRules
 from services.engine.block_manager import BlockManager
-from services.engine.sampler import SamplingParams
+from services.request_params import SamplingParams
 
 EOS = 2
 

@@ -21,7 +21,7 @@ from services.engine.loader import load_tokenizer
 from services.engine.tokenizer import Tokenizer
 from services.errors import InvalidArgumentError
 from services.grammar_wire import grammar_spec
-from services.rpc import common_pb2
+from services.request_params import Grammar
 from services.tool_format import format_call
 
 VOCAB_SIZE = 49152
@@ -166,7 +166,7 @@ def test_invalid_sources_name_the_problem(spec: dict[str, Any], message: str) ->
 
 
 def test_wire_errors_name_tools() -> None:
-    pb = common_pb2.Grammar(kind="tool_calls", source="{not json")
+    grammar = Grammar(kind="tool_calls", source="{not json")
     with pytest.raises(InvalidArgumentError, match="^tools: ") as info:
-        grammar_spec(pb)
+        grammar_spec(grammar)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -7,9 +7,9 @@ from fastapi import APIRouter, Request, Response
 
 from frontend.context import get_state
 from frontend.parsing import parse_chat_request, read_json_object
-from frontend.prompts import PromptSource
+from frontend.request import PromptSource, generation_request
 from frontend.responses import ChatShape
-from frontend.routes.generation import job_from, new_request_id, respond, shape_for
+from frontend.routes.generation import new_request_id, respond, shape_for
 from frontend.schemas import DEFAULT_PROMPT_TRUNCATE_LEN, ChatMessage
 from frontend.stage_types import ChatTurn
 
@@ -31,10 +31,10 @@ async def create_chat_completion(request: Request) -> Response:
     source = PromptSource(
         messages=turns, truncate_len=truncate_len, tools_json=body.tool_use.tools_json
     )
-    job = job_from(body, request_id, source, CHAT_DEFAULT_MAX_TOKENS)
+    generation = generation_request(body, request_id, source, CHAT_DEFAULT_MAX_TOKENS)
     await state.check_model(body.model)
-    shape = shape_for(ChatShape, job, body.model)
-    return await respond(request, state, job, shape, arrival_ns)
+    shape = shape_for(ChatShape, generation, body.model)
+    return await respond(request, state, generation, shape, arrival_ns)
 
 
 def chat_turn(message: ChatMessage) -> ChatTurn:

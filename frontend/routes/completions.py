@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request, Response
 
 from frontend.context import get_state
 from frontend.parsing import parse_completion_request, read_json_object
-from frontend.prompts import PromptSource
+from frontend.request import PromptSource, generation_request
 from frontend.responses import CompletionShape
-from frontend.routes.generation import job_from, new_request_id, respond, shape_for
+from frontend.routes.generation import new_request_id, respond, shape_for
 
 router = APIRouter()
 
@@ -23,7 +23,7 @@ async def create_completion(request: Request) -> Response:
     body = parse_completion_request(await read_json_object(request))
     request_id = new_request_id("cmpl")
     source = PromptSource(prompts=body.prompt)
-    job = job_from(body, request_id, source, COMPLETION_DEFAULT_MAX_TOKENS)
+    generation = generation_request(body, request_id, source, COMPLETION_DEFAULT_MAX_TOKENS)
     await state.check_model(body.model)
-    shape = shape_for(CompletionShape, job, body.model)
-    return await respond(request, state, job, shape, arrival_ns)
+    shape = shape_for(CompletionShape, generation, body.model)
+    return await respond(request, state, generation, shape, arrival_ns)

@@ -7,7 +7,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -16,66 +15,39 @@ from starlette.requests import ClientDisconnect
 
 from frontend.context import AppState
 from frontend.metrics import RequestMetrics, sampling_options_header
-from frontend.prompts import PromptSource
+from frontend.request import GenerationRequest
 from frontend.responses import ResponseShape
-from frontend.schemas import ChatCompletionRequest, CompletionRequest
-from frontend.settings import (
-    GenerationSettings,
-    OutputOptions,
-    output_options,
-    sampling_options,
-    settings_from,
-)
 from frontend.streaming import SSEResponse, sse_events
 
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class Job:
-    request_id: str
-    source: PromptSource
-    settings: GenerationSettings
-    options: OutputOptions
 
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def job_from(
-    request: CompletionRequest | ChatCompletionRequest,
-    request_id: str,
-    source: PromptSource,
-    default_max_tokens: int,
-) -> Job:
-    return Job(
-        request_id=request_id,
-        source=source,
-        settings=settings_from(request, default_max_tokens),
-        options=output_options(request),
-    )
-
-
-def shape_for(shape_class: type[ResponseShape], job: Job, model: str) -> ResponseShape:
-    want_logprobs = job.settings.sampling.logprobs
-    return shape_class(job.request_id, int(time.time()), model, job.options, want_logprobs)
+def shape_for(
+    shape_class: type[ResponseShape], request: GenerationRequest, model: str
+) -> ResponseShape:
+    want_logprobs = request.sampling.logprobs
+    return shape_class(request.id, int(time.time()), model, request.output, want_logprobs)
 
 
 async def respond(
-    request: Request, state: AppState, job: Job, shape: ResponseShape, arrival_ns: int
+    http_request: Request,
+    state: AppState,
+    request: GenerationRequest,
+    shape: ResponseShape,
+    arrival_ns: int,
 ) -> Response:
     metrics = RequestMetrics(arrival_ns, num_concurrent_requests=state.in_flight.enter())
     try:
-        run = await until_disconnect(
-            request,
-            state.pipeline.start(job.request_id, job.source, job.settings, job.options, metrics),
-        )
+        run = await until_disconnect(http_request, state.pipeline.start(request, metrics))
     except BaseException:
         state.in_flight.leave()
         raise
-    headers = sampling_options_header(sampling_options(job.settings, run.prompts[0].max_tokens))
-    if job.options.stream:
+    headers = sampling_options_header(request.sampling_options(run.prompts[0].max_tokens))
+    if request.output.stream:
 
         def on_close() -> None:
             run.close()
@@ -84,17 +56,17 @@ async def respond(
         events = sse_events(
             run,
             shape,
-            include_usage=job.options.include_usage,
-            perf_metrics_in_response=job.options.perf_metrics_in_response,
+            include_usage=request.output.include_usage,
+            perf_metrics_in_response=request.output.perf_metrics_in_response,
         )
         return SSEResponse(events, on_close, headers)
     try:
-        await until_disconnect(request, state.pipeline.collect(run))
+        await until_disconnect(http_request, state.pipeline.collect(run))
     finally:
         run.close()
         state.in_flight.leave()
     body = shape.body(run.choices, run.usage())
-    if job.options.perf_metrics_in_response:
+    if request.output.perf_metrics_in_response:
         body["perf_metrics"] = metrics.as_dict()
     return JSONResponse(body, headers={**metrics.headers(), **headers})
 

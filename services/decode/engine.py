@@ -15,7 +15,7 @@ from services.decode.sequence import Finish, Sequence
 from services.engine.block_manager import BlockManager
 from services.engine.grammar_batch import GrammarBatch
 from services.engine.runner import SeqChunk
-from services.engine.sampling_params import SampledToken, TokenHistory
+from services.engine.sampling_state import SampledToken, TokenHistory
 from services.engine.worker import Worker
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.engine.grammar import GrammarState
-from services.engine.sampling_params import MirostatState, SamplingParams, TokenHistory
+from services.engine.sampling_state import MirostatState, TokenHistory
+from services.request_params import SamplingParams
 
 
 class Finish(enum.Enum):

@@ -16,13 +16,14 @@ from services.decode.text_stream import TextStream
 from services.engine import loader
 from services.engine.block_manager import blocks_needed
 from services.engine.grammar import GrammarCompiler
-from services.engine.sampling_params import MirostatState, SampledToken
+from services.engine.sampling_state import MirostatState, SampledToken
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError
 from services.grammar_wire import grammar_state
 from services.grpc_server import serve
+from services.request_params import Stopping
 from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc
-from services.wire import model_info, sampling_from_pb, token_logprob_pb
+from services.wire import checked_sampling, model_info, token_logprob_pb
 
 MAX_STOP_SEQUENCES = 16
 _FINISH_PB = {
@@ -62,7 +63,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     def _new_sequence(self, request: decode_pb2.GenerateRequest) -> Sequence:
         config = self.worker.config
-        stopping = request.stopping
+        stopping = Stopping.from_pb(request.stopping)
         if stopping.max_tokens < 1:
             raise InvalidArgumentError("stopping.max_tokens must be at least 1")
         if len(stopping.stop) > MAX_STOP_SEQUENCES:
@@ -79,7 +80,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             request_id=request.request_id,
             token_ids=[*request.prompt_token_ids, request.first_token_id],
             num_prompt_tokens=num_prompt,
-            sampling=sampling_from_pb(request.sampling, config.vocab_size),
+            sampling=checked_sampling(request.sampling, config.vocab_size),
             stop=StopRules(
                 max_tokens=stopping.max_tokens,
                 max_model_len=config.max_position_embeddings,
@@ -118,7 +119,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         received_ns = time.monotonic_ns()
         try:
             seq = self._new_sequence(request)
-            seq.grammar = await grammar_state(request.sampling, self.grammars)
+            seq.grammar = await grammar_state(seq.sampling.grammar, self.grammars)
             if seq.grammar is not None and not seq.grammar.accept(request.first_token_id):
                 raise InvalidArgumentError("first_token_id is not allowed by the grammar")
         except InvalidArgumentError:

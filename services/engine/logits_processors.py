@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from services.engine.sampling_params import SamplingParams, TokenHistory
+from services.engine.sampling_state import TokenHistory
+from services.request_params import SamplingParams
 
 Penalty = Callable[[torch.Tensor, list[SamplingParams], list[TokenHistory]], torch.Tensor]
 

@@ -3,7 +3,7 @@ bias, penalties, temperature and filters, so they do not depend on how a token w
 
 import torch
 
-from services.engine.sampling_params import SamplingParams
+from services.request_params import SamplingParams
 
 Logprobs = tuple[float | None, list[tuple[int, float]]]
 

@@ -8,7 +8,7 @@ it replaces top-k, top-p, min-p and typical-p.
 
 import torch
 
-from services.engine.sampling_params import MirostatState
+from services.engine.sampling_state import MirostatState
 
 
 def truncated_probs(logits: torch.Tensor, mus: list[float]) -> torch.Tensor:

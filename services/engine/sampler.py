@@ -26,22 +26,8 @@ from services.engine import mirostat as mirostat_v2
 from services.engine.logits_processors import apply_logit_bias, apply_penalties
 from services.engine.logprobs import token_logprobs
 from services.engine.sampling_filters import apply_filters
-from services.engine.sampling_params import (
-    MirostatState,
-    SampledToken,
-    SamplingParams,
-    TokenHistory,
-    validate,
-)
-
-__all__ = [
-    "MirostatState",
-    "SampledToken",
-    "Sampler",
-    "SamplingParams",
-    "TokenHistory",
-    "validate",
-]
+from services.engine.sampling_state import MirostatState, SampledToken, TokenHistory
+from services.request_params import SamplingParams
 
 # Keeps (seed, position) pairs apart when folded into one generator seed.
 _POSITION_STRIDE = 1_000_003

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from services.engine.sampling_params import SamplingParams
+from services.request_params import SamplingParams
 
 Filter = Callable[[torch.Tensor, Sequence[float]], torch.Tensor]
 
@@ -20,7 +20,7 @@ def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     logits = _where_needed(logits, [p.top_p for p in params], lambda p: p < 1.0, apply_top_p)
     logits = _where_needed(logits, [p.min_p for p in params], lambda p: p > 0.0, apply_min_p)
     typical = [p.typical_p for p in params]
-    return _where_needed(logits, typical, lambda p: 0.0 < p < 1.0, apply_typical_p)
+    return _where_needed(logits, typical, lambda p: p < 1.0, apply_typical_p)
 
 
 def _where_needed(
@@ -74,6 +74,7 @@ def apply_typical_p(logits: torch.Tensor, typical_ps: Sequence[float]) -> torch.
     _, order = distance.sort(dim=-1)
     sorted_probs = probs.gather(-1, order)
     drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= _column(typical_ps, logits)
+    drop[:, 0] = False  # typical_p = 0 keeps the most typical token alone
     return logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
 
 

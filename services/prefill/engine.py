@@ -14,7 +14,7 @@ from collections import deque
 from services.engine.block_manager import blocks_needed
 from services.engine.grammar_batch import GrammarBatch
 from services.engine.runner import SeqChunk
-from services.engine.sampling_params import SampledToken, TokenHistory
+from services.engine.sampling_state import SampledToken, TokenHistory
 from services.engine.worker import Worker
 from services.errors import InvalidArgumentError
 from services.prefill.jobs import Handle, PrefillJob, PrefillResult
@@ -164,15 +164,10 @@ class PrefillEngine:
         """Reuses the longest cached prefix, whole blocks and then part of the next one, and
         allocates blocks for the rest of the prompt."""
         block_size = self.blocks.block_size
+        servable = job.block_hashes[: job.servable_tokens // block_size]
         hits = (
-            []
-            if job.wants_prompt_logprobs
-            else self.blocks.match_prefix(job.block_hashes, job.token_ids)
+            [] if job.wants_prompt_logprobs else self.blocks.match_prefix(servable, job.token_ids)
         )
-        if hits and len(hits) * block_size >= len(job.token_ids):
-            # The last prompt token is always computed: its logits give the first token.
-            self.blocks.free(hits[-1:])
-            hits = hits[:-1]
         missing = blocks_needed(len(job.token_ids), block_size) - len(hits)
         if not self.blocks.can_allocate(missing):
             self.blocks.free(hits)
@@ -192,8 +187,7 @@ class PrefillEngine:
         block_size = self.blocks.block_size
         index = job.num_computed // block_size
         start = index * block_size
-        # Never the last prompt token, never past what the request lets the cache serve.
-        end = min(start + block_size, len(job.token_ids) - 1, job.max_cached_tokens)
+        end = min(start + block_size, job.servable_tokens)
         if end <= start:
             return 0
         parent = job.block_hashes[index - 1] if index else job.root_hash

@@ -8,7 +8,8 @@ import torch
 
 from services.engine.grammar import GrammarState
 from services.engine.logprobs import token_logprobs
-from services.engine.sampling_params import MirostatState, SampledToken, SamplingParams
+from services.engine.sampling_state import MirostatState, SampledToken
+from services.request_params import SamplingParams
 
 
 @dataclass(slots=True)
@@ -28,11 +29,11 @@ class PrefillJob:
     request_id: str
     token_ids: list[int]
     sampling: SamplingParams
-    # Chained hashes of the prompt's cacheable full blocks (salted, capped by the request),
-    # the chain's root, and how many leading tokens the request lets the cache serve.
+    # The prompt cache's hash chain of the prompt's full blocks and its root, and how many
+    # leading tokens the cache may serve (`PromptCache.servable_tokens`).
     block_hashes: list[bytes]
     root_hash: bytes
-    max_cached_tokens: int
+    servable_tokens: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     # Logprobs of every prompt token after the first (echo); the prompt is computed in full.

@@ -8,7 +8,6 @@ import torch
 
 from services import cli
 from services.engine import loader
-from services.engine.block_hash import hash_blocks, root_hash
 from services.engine.grammar import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
 from services.engine.worker import Worker
@@ -16,8 +15,9 @@ from services.errors import InvalidArgumentError, NotFoundError, UnavailableErro
 from services.grammar_wire import grammar_state
 from services.grpc_server import serve
 from services.prefill.engine import PrefillEngine, PrefillJob
+from services.request_params import PromptCache
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
-from services.wire import model_info, sampling_from_pb, token_logprob_pb
+from services.wire import checked_sampling, model_info, token_logprob_pb
 
 KV_CHUNK_BYTES = 1 << 20  # per message, far below the gRPC message limit
 
@@ -41,23 +41,22 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             )
         if any(t < 0 or t >= config.vocab_size for t in request.token_ids):
             raise InvalidArgumentError(f"token ids must be in [0, {config.vocab_size})")
-        if request.HasField("cache_max_tokens") and request.cache_max_tokens < 0:
-            raise InvalidArgumentError("cache_max_tokens must be >= 0")
-        grammar = await grammar_state(request.sampling, self.grammars)
+        sampling = checked_sampling(request.sampling, config.vocab_size)
+        prompt_cache = PromptCache.from_pb(request.prompt_cache)
+        if prompt_cache.max_len is not None and prompt_cache.max_len < 0:
+            raise InvalidArgumentError("prompt_cache.max_len must be >= 0")
+        grammar = await grammar_state(sampling.grammar, self.grammars)
         token_ids = list(request.token_ids)
-        max_cached = request.cache_max_tokens if request.HasField("cache_max_tokens") else None
         loop = asyncio.get_running_loop()
         job = PrefillJob(
             request_id=request.request_id,
             token_ids=token_ids,
-            sampling=sampling_from_pb(request.sampling, config.vocab_size),
+            sampling=sampling,
             wants_prompt_logprobs=request.prompt_logprobs,
             grammar=grammar,
-            block_hashes=hash_blocks(
-                token_ids, self.worker.pool.block_size, request.cache_salt, max_cached
-            ),
-            root_hash=root_hash(request.cache_salt),
-            max_cached_tokens=len(token_ids) if max_cached is None else max_cached,
+            block_hashes=prompt_cache.block_hashes(token_ids, self.worker.pool.block_size),
+            root_hash=prompt_cache.root_hash(),
+            servable_tokens=prompt_cache.servable_tokens(len(token_ids)),
             future=loop.create_future(),
             loop=loop,
         )
