@@ -22,8 +22,8 @@ def create_app(config: FrontendConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # grpc.aio channels bind to the loop that creates them: this one.
-        state.stages.start()
-        watch = asyncio.create_task(state.stages.watch())
+        state.directory.start()
+        watch = asyncio.create_task(state.directory.watch())
         try:
             yield
         finally:

@@ -5,7 +5,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from frontend.routing import PREFILL_POLICIES
+from frontend.stages.routing import PREFILL_POLICIES
 
 API_KEYS_ENV = "API_KEYS"
 

@@ -1,4 +1,4 @@
-"""What every route needs, built once per app: config, stage clients, pipeline, counters."""
+"""What every route needs, built once per app: config, stages, pipeline, counters."""
 
 import time
 from dataclasses import dataclass, field
@@ -7,10 +7,11 @@ from fastapi import Request
 
 from frontend.config import FrontendConfig
 from frontend.errors import model_not_found
-from frontend.metrics import InFlight
-from frontend.pipeline import Pipeline
-from frontend.server_metrics import ServerMetrics
-from frontend.stages import StageClients
+from frontend.metrics.request import InFlight
+from frontend.metrics.server import ServerMetrics
+from frontend.run.pipeline import Pipeline
+from frontend.stages.clients import StageClients
+from frontend.stages.directory import StageDirectory
 
 # Fireworks clients name models by their full resource path.
 FIREWORKS_MODEL_PREFIX = "accounts/fireworks/models/"
@@ -19,6 +20,7 @@ FIREWORKS_MODEL_PREFIX = "accounts/fireworks/models/"
 @dataclass(slots=True)
 class AppState:
     config: FrontendConfig
+    directory: StageDirectory
     stages: StageClients
     pipeline: Pipeline
     server_metrics: ServerMetrics
@@ -28,7 +30,7 @@ class AppState:
     async def model_name(self) -> str:
         if self.config.served_model_name:
             return self.config.served_model_name
-        return (await self.stages.limits()).model_id
+        return (await self.directory.limits()).model_id
 
     async def check_model(self, requested: str) -> None:
         name = await self.model_name()
@@ -37,10 +39,12 @@ class AppState:
 
 
 def build_state(config: FrontendConfig) -> AppState:
-    stages = StageClients(config)
+    directory = StageDirectory(config)
+    stages = StageClients(config, directory)
     server_metrics = ServerMetrics()
     return AppState(
         config=config,
+        directory=directory,
         stages=stages,
         pipeline=Pipeline(stages, server_metrics),
         server_metrics=server_metrics,

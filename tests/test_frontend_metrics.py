@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from tests.test_frontend_fake_stages import MODEL_ID, FakeStages
 
 COMPLETIONS = "/v1/completions"
-# The terms that tile arrival -> first token (see frontend.metrics).
+# The terms that tile arrival -> first token (see frontend.metrics.request).
 TTFT_TERMS = (
     "tokenizer-queue-duration",
     "tokenizer-duration",

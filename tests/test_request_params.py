@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from frontend.schemas import ChatCompletionRequest, CompletionRequest
+from frontend.api.schemas import ChatCompletionRequest, CompletionRequest
 from services.request_params import Grammar, PromptCache, SamplingParams, Stopping
 from services.rpc import common_pb2
 

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import torch
 
-from frontend.tool_parser import ToolCallParser
+from frontend.output.tool_parser import ToolCallParser
 from services.engine.grammar import (
     GrammarCompiler,
     GrammarError,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from frontend.tool_parser import Parsed, ToolCallParser
+from frontend.output.tool_parser import Parsed, ToolCallParser
 from services.tool_format import format_call
 
 # A closing tag and braces inside strings: the arguments end where their JSON does.

@@ -5,13 +5,13 @@ import time
 
 from fastapi import APIRouter, Request, Response
 
+from frontend.api.parsing import parse_chat_request, read_json_object
+from frontend.api.request import PromptSource, generation_request
+from frontend.api.schemas import DEFAULT_PROMPT_TRUNCATE_LEN, ChatMessage
 from frontend.context import get_state
-from frontend.parsing import parse_chat_request, read_json_object
-from frontend.request import PromptSource, generation_request
-from frontend.responses import ChatShape
-from frontend.routes.generation import new_request_id, respond, shape_for
-from frontend.schemas import DEFAULT_PROMPT_TRUNCATE_LEN, ChatMessage
-from frontend.stage_types import ChatTurn
+from frontend.output.responses import ChatShape
+from frontend.routes.respond import new_request_id, respond, shape_for
+from frontend.stages.types import ChatTurn
 
 router = APIRouter()
 

@@ -4,11 +4,11 @@ import time
 
 from fastapi import APIRouter, Request, Response
 
+from frontend.api.parsing import parse_completion_request, read_json_object
+from frontend.api.request import PromptSource, generation_request
 from frontend.context import get_state
-from frontend.parsing import parse_completion_request, read_json_object
-from frontend.request import PromptSource, generation_request
-from frontend.responses import CompletionShape
-from frontend.routes.generation import new_request_id, respond, shape_for
+from frontend.output.responses import CompletionShape
+from frontend.routes.respond import new_request_id, respond, shape_for
 
 router = APIRouter()
 

@@ -5,7 +5,7 @@ from fastapi.responses import JSONResponse, Response
 
 from frontend.context import get_state
 from frontend.errors import SERVER_ERROR, ApiError
-from frontend.prometheus import CONTENT_TYPE
+from frontend.metrics.prometheus import CONTENT_TYPE
 
 router = APIRouter()
 open_router = APIRouter()  # never behind an API key
@@ -30,7 +30,7 @@ async def list_models(request: Request) -> JSONResponse:
 async def health(request: Request) -> JSONResponse:
     """200 when every stage has an instance answering grpc.health.v1 SERVING; else 503 naming
     the stages that have none. Lists each instance's status."""
-    instances = await get_state(request).stages.health()
+    instances = await get_state(request).directory.health()
     stages = {
         stage: SERVING if SERVING in statuses.values() else _down_status(statuses)
         for stage, statuses in instances.items()
@@ -49,7 +49,7 @@ async def health(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     """Prometheus text: this frontend's request metrics and the stages' load, polled now."""
     state = get_state(request)
-    stats, down = await state.stages.stats()
+    stats, down = await state.directory.stats()
     text = state.server_metrics.render(stats, down, state.in_flight.count)
     return Response(text, media_type=CONTENT_TYPE)
 

@@ -5,11 +5,11 @@ import time
 from dataclasses import dataclass, field
 
 from frontend.errors import SERVER_ERROR, ApiError, internal_error
-from frontend.metrics import RequestMetrics
-from frontend.prompts import PreparedPrompt
-from frontend.server_metrics import ServerMetrics
-from frontend.stage_types import Choice, Prefilled, TokenDelta, TokenLogprob
-from frontend.stages import DecodeStream, StageClients
+from frontend.metrics.request import RequestMetrics
+from frontend.metrics.server import ServerMetrics
+from frontend.run.prompts import PreparedPrompt
+from frontend.stages.clients import DecodeStream, StageClients
+from frontend.stages.types import Choice, Prefilled, TokenDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
 # A request whose decode instance fails before answering is tried on this many instances.

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from frontend.instances import Instance
+from frontend.stages.instances import Instance
 from services.request_params import PromptCache
 
 PREFILL_POLICIES = ("cache_aware", "round_robin")

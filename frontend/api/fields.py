@@ -1,6 +1,6 @@
 """Checks of request fields whose JSON forms vary, each returning the one form we use.
 
-Raised errors become a 400 naming the field (see frontend.parsing).
+Raised errors become a 400 naming the field (see frontend.api.parsing).
 """
 
 import math

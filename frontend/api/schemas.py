@@ -1,6 +1,6 @@
 """Request bodies of /v1/completions and /v1/chat/completions, fields ordered like the docs.
 
-Only the fields this server implements are declared; `frontend.unsupported` strips the
+Only the fields this server implements are declared; `frontend.api.unsupported` strips the
 documented-but-unimplemented ones first, so `extra="forbid"` rejects exactly the unknown ones.
 Strict mode: `"16"` is not an integer and `1` is not `true`, as in OpenAI's API.
 """
@@ -11,9 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from frontend import fields
-from frontend.fields import INT32_MAX, MAX_TOP_LOGPROBS, Prompt, invalid, unsupported
-from frontend.response_format import ResponseFormat
-from frontend.tools import Tool, ToolUse, message_tool_calls, tool_choice_value, tool_use
+from frontend.api.fields import INT32_MAX, MAX_TOP_LOGPROBS, Prompt, invalid, unsupported
+from frontend.api.response_format import ResponseFormat
+from frontend.api.tools import Tool, ToolUse, message_tool_calls, tool_choice_value, tool_use
 
 UINT64_MAX = 2**64 - 1
 MAX_N = 128

@@ -13,11 +13,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from frontend.api.request import GenerationRequest
 from frontend.context import AppState
-from frontend.metrics import RequestMetrics, sampling_options_header
-from frontend.request import GenerationRequest
-from frontend.responses import ResponseShape
-from frontend.streaming import SSEResponse, sse_events
+from frontend.metrics.request import RequestMetrics, sampling_options_header
+from frontend.output.responses import ResponseShape
+from frontend.output.streaming import SSEResponse, sse_events
 
 T = TypeVar("T")
 

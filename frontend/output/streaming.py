@@ -13,10 +13,10 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from frontend.errors import ApiError, internal_error
-from frontend.generation import Generation
-from frontend.pipeline import Run
-from frontend.responses import ResponseShape
-from frontend.stage_types import TokenDelta
+from frontend.output.responses import ResponseShape
+from frontend.run.choice import Generation
+from frontend.run.pipeline import Run
+from frontend.stages.types import TokenDelta
 
 logger = logging.getLogger(__name__)
 

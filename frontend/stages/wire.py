@@ -5,9 +5,9 @@ import logging
 import grpc
 
 from frontend.errors import internal_error
-from frontend.instances import Instance, StagePool
-from frontend.rpc_errors import stage_error
-from frontend.stage_types import (
+from frontend.stages.instances import Instance, StagePool
+from frontend.stages.rpc_errors import stage_error
+from frontend.stages.types import (
     DEFAULT_BLOCK_SIZE,
     ChatTurn,
     ModelLimits,

@@ -6,14 +6,14 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from frontend.api.request import GenerationRequest
 from frontend.errors import invalid_request
-from frontend.generation import ChoiceOutput, Generation
-from frontend.metrics import PathTimings, RequestMetrics
-from frontend.prompts import PreparedPrompt, PromptTokenizer, describe, fit_max_tokens
-from frontend.request import GenerationRequest
-from frontend.server_metrics import ServerMetrics
-from frontend.stage_types import Choice, ModelLimits, TokenDelta
-from frontend.stages import StageClients
+from frontend.metrics.request import PathTimings, RequestMetrics
+from frontend.metrics.server import ServerMetrics
+from frontend.run.choice import ChoiceOutput, Generation
+from frontend.run.prompts import PreparedPrompt, PromptTokenizer, describe, fit_max_tokens
+from frontend.stages.clients import StageClients
+from frontend.stages.types import Choice, ModelLimits, TokenDelta
 
 T = TypeVar("T")
 
@@ -77,7 +77,7 @@ class Pipeline:
     async def start(self, request: GenerationRequest, metrics: RequestMetrics) -> Run:
         """Runs every choice up to decode's first message, so that stage failures still get
         an HTTP status. The caller owns `close()` of the returned run."""
-        limits = await self._stages.limits()
+        limits = await self._stages.directory.limits()
         check_token_ids(request, limits)
         starting = _Starting(request, metrics)
         try:
@@ -106,7 +106,7 @@ class Pipeline:
         token_ids = tokenized.token_ids
         if not token_ids:
             raise invalid_request("The prompt is empty after tokenization.", source.param)
-        limits = await self._stages.limits()
+        limits = await self._stages.directory.limits()
         max_tokens = fit_max_tokens(len(token_ids), request, limits.max_model_len)
         prompt = PreparedPrompt(index, token_ids, tokenized.text, max_tokens)
         starting.metrics.prompt_tokens += len(token_ids)

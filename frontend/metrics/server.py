@@ -1,9 +1,9 @@
 """What GET /metrics exports: this frontend's request histograms and token counters, and the
 stages' load, read from their Info at scrape time."""
 
-from frontend.metrics import RequestMetrics
-from frontend.prometheus import Counter, Histogram, Labels, gauge
-from frontend.stage_types import STAGE_NAMES, StageStats
+from frontend.metrics.prometheus import Counter, Histogram, Labels, gauge
+from frontend.metrics.request import RequestMetrics
+from frontend.stages.types import STAGE_NAMES, StageStats
 
 PREFIX = "llmserve_"
 # The Fireworks stage names, as label values of the stage histogram.

@@ -8,9 +8,9 @@ import dataclasses
 from typing import Any
 
 from frontend import logprobs
-from frontend.generation import ChoiceOutput
-from frontend.stage_types import TokenDelta, TokenLogprob
-from frontend.tool_parser import CallDelta, ToolCall, ToolCallParser
+from frontend.output.tool_parser import CallDelta, ToolCall, ToolCallParser
+from frontend.run.choice import ChoiceOutput
+from frontend.stages.types import TokenDelta, TokenLogprob
 from services.request_params import OutputOptions
 
 JsonObject = dict[str, Any]

@@ -7,11 +7,11 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
+from frontend.api.request import GenerationRequest, PromptSource
 from frontend.errors import internal_error, invalid_request
-from frontend.metrics import PathTimings
-from frontend.request import GenerationRequest, PromptSource
-from frontend.stage_types import ChatTurn, Prefilled, Tokenized, TokenLogprob
-from frontend.stages import StageClients
+from frontend.metrics.request import PathTimings
+from frontend.stages.clients import StageClients
+from frontend.stages.types import ChatTurn, Prefilled, Tokenized, TokenLogprob
 from services.request_params import OutputOptions
 
 logger = logging.getLogger(__name__)

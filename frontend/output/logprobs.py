@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from frontend.stage_types import TokenLogprob, TopLogprob
+from frontend.stages.types import TokenLogprob, TopLogprob
 
 JsonObject = dict[str, Any]
 

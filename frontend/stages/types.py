@@ -1,6 +1,6 @@
 """What the frontend sends to and gets from the stages.
 
-`frontend.stage_wire` converts these at the RPC edge; everything above it sees dataclasses.
+`frontend.stages.wire` converts these at the RPC edge; everything above it sees dataclasses.
 The one protobuf message here is the KV handle, which the frontend carries from prefill to
 decode without looking inside.
 """

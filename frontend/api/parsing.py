@@ -8,15 +8,15 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from frontend.errors import ApiError, invalid_request
-from frontend.response_format import FORMAT_TYPES
-from frontend.schemas import ChatCompletionRequest, CompletionRequest
-from frontend.unsupported import (
+from frontend.api.response_format import FORMAT_TYPES
+from frontend.api.schemas import ChatCompletionRequest, CompletionRequest
+from frontend.api.unsupported import (
     CHAT_UNSUPPORTED,
     COMPLETION_UNSUPPORTED,
     MESSAGE_UNSUPPORTED,
     drop_neutral_fields,
 )
+from frontend.errors import ApiError, invalid_request
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from frontend.api.fields import invalid
 from frontend.errors import invalid_request
-from frontend.fields import invalid
 from services.request_params import Grammar
 from services.tool_format import NAME_PATTERN
 

@@ -7,10 +7,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from frontend.api.response_format import grammar_of
+from frontend.api.schemas import ChatCompletionRequest, CompletionRequest
 from frontend.errors import invalid_request
-from frontend.response_format import grammar_of
-from frontend.schemas import ChatCompletionRequest, CompletionRequest
-from frontend.stage_types import ChatTurn
+from frontend.stages.types import ChatTurn
 from services.request_params import Grammar, OutputOptions, PromptCache, SamplingParams, Stopping
 
 UINT64_MODULUS = 2**64

@@ -1,0 +1,1 @@
+"""Per-request perf metrics and the server's Prometheus metrics."""

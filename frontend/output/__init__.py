@@ -1,0 +1,1 @@
+"""What the client gets: response bodies, SSE chunks, logprobs, parsed tool calls."""

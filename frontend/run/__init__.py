@@ -1,0 +1,1 @@
+"""Running a request: prompts, the pipeline over the stages, each choice's decode call."""

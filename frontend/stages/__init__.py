@@ -1,0 +1,1 @@
+"""The stages as the frontend sees them: instances, routing, gRPC clients and the wire."""

@@ -1,0 +1,220 @@
+"""gRPC clients of the three stages: with the directory, the frontend's only protobuf edge.
+
+frontend.stages.routing picks the instance of the directory's for each call. Every RPC error
+becomes an ApiError here (via frontend.stages.rpc_errors), so nothing above this module sees
+grpc.
+"""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from frontend.config import FrontendConfig
+from frontend.stages.directory import StageDirectory, no_instance
+from frontend.stages.instances import Instance, StagePool
+from frontend.stages.routing import LeastLoadedRouter, PrefillRouter
+from frontend.stages.rpc_errors import stage_error
+from frontend.stages.types import (
+    ChatTurn,
+    Choice,
+    Prefilled,
+    Tokenized,
+)
+from frontend.stages.wire import (
+    DecodeStream,
+    chat_message_pb,
+    logprob_from_pb,
+)
+from services.request_params import PromptCache
+from services.rpc import (
+    decode_pb2,
+    prefill_pb2,
+    tokenizer_pb2,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StageClients:
+    """The stages' RPCs, each on the instance routing picks among the directory's."""
+
+    def __init__(self, config: FrontendConfig, directory: StageDirectory) -> None:
+        self._config = config
+        self.directory = directory
+        self._prefill_router: PrefillRouter | None = None
+        self._least_loaded = {"tokenizer": LeastLoadedRouter(), "decode": LeastLoadedRouter()}
+        # Fire-and-forget RPCs (Release) held here so they are not garbage-collected mid-flight.
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Waits (a bounded time) for the fire-and-forget RPCs still running, then closes
+        the directory's channels."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=self._config.release_timeout_s)
+        await self.directory.close()
+
+    async def tokenize(self, prompt: str | list[int]) -> Tokenized:
+        if isinstance(prompt, str):
+            request = tokenizer_pb2.TokenizeRequest(text=prompt, add_special_tokens=True)
+        else:
+            request = tokenizer_pb2.TokenizeRequest(token_ids=tokenizer_pb2.TokenIds(ids=prompt))
+        response = await self._unary(
+            "tokenizer",
+            lambda stub: stub.Tokenize(request, timeout=self._config.tokenize_timeout_s),
+            param="prompt",
+        )
+        return _tokenized(response)
+
+    async def render_chat(self, turns: Sequence[ChatTurn], tools_json: str = "") -> Tokenized:
+        request = tokenizer_pb2.RenderChatRequest(
+            messages=[chat_message_pb(t) for t in turns],
+            add_generation_prompt=True,
+            tools_json=tools_json,
+        )
+        response = await self._unary(
+            "tokenizer",
+            lambda stub: stub.RenderChat(request, timeout=self._config.tokenize_timeout_s),
+            param="messages",
+        )
+        return _tokenized(response)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, special tokens included (they are part of the prompt)."""
+        request = tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=False)
+        response = await self._unary(
+            "tokenizer",
+            lambda stub: stub.Detokenize(request, timeout=self._config.tokenize_timeout_s),
+            param="prompt",
+        )
+        return response.text
+
+    async def prefill(
+        self, choice: Choice, prompt_cache: PromptCache, prompt_logprobs: bool = False
+    ) -> Prefilled:
+        token_ids = choice.prompt_ids
+        request = prefill_pb2.PrefillRequest(
+            request_id=choice.id,
+            token_ids=token_ids,
+            sampling=choice.sampling.to_pb(),
+            prompt_cache=prompt_cache.to_pb(),
+            prompt_logprobs=prompt_logprobs,
+        )
+        router = await self._router()
+        pool = await self.directory.pool("prefill")
+        hashes = router.servable_hashes(token_ids, prompt_cache)
+        queued: dict[Instance, int] = {}  # what this call added to instances' queues
+
+        def route(instances: Sequence[Instance]) -> Instance:
+            chosen = router.choose(instances, len(token_ids), hashes)
+            chosen.instance.queued_tokens += chosen.uncached_tokens
+            queued[chosen.instance] = chosen.uncached_tokens
+            return chosen.instance
+
+        try:
+            instance, response = await self._call(
+                pool, route, lambda stub: stub.Prefill(request), None
+            )
+        finally:
+            for instance_queued, tokens in queued.items():
+                instance_queued.queued_tokens -= tokens
+        router.record(instance, hashes)
+        return Prefilled(
+            response.kv_handle,
+            response.first_token_id,
+            response.queue_ns,
+            response.compute_ns,
+            response.num_cached_tokens,
+            response.first_token_logprob if response.HasField("first_token_logprob") else None,
+            [logprob_from_pb(lp) for lp in response.prompt_logprobs],
+            response.mirostat_mu if response.HasField("mirostat_mu") else None,
+            prefill_instance=instance.address,
+        )
+
+    async def generate(self, choice: Choice, prefilled: Prefilled) -> DecodeStream:
+        """Starts Generate on the least loaded decode instance."""
+        pool = await self.directory.pool("decode")
+        instances = pool.healthy()
+        if not instances:
+            raise no_instance("decode")
+        instance = self._least_loaded["decode"].choose(instances)
+        request = decode_pb2.GenerateRequest(
+            request_id=choice.id,
+            kv_handle=prefilled.kv_handle,
+            prompt_token_ids=choice.prompt_ids,
+            first_token_id=prefilled.first_token_id,
+            sampling=choice.sampling.to_pb(),
+            stopping=choice.stopping.to_pb(),
+            first_token_logprob=prefilled.first_token_logprob,
+            mirostat_mu=prefilled.mirostat_mu,  # None leaves the optional field unset
+        )
+        stream = instance.stub.Generate(request)
+        return DecodeStream(pool, instance, stream, choice.sampling.logprobs)
+
+    def release_later(self, prefilled: Prefilled) -> None:
+        """Frees a KV handle decode never took, without making the caller wait.
+
+        Runs as its own task because the caller is often being cancelled (client gone), and
+        an await there would be cancelled with it.
+        """
+        task = asyncio.get_running_loop().create_task(self._release(prefilled))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, prefilled: Prefilled) -> None:
+        handle_id = prefilled.kv_handle.handle_id
+        instance = (await self.directory.pool("prefill")).get(prefilled.prefill_instance)
+        if instance is None:
+            return  # gone: its blocks went with it
+        request = prefill_pb2.ReleaseRequest(handle_id=handle_id)
+        try:
+            await instance.stub.Release(request, timeout=self._config.release_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("releasing KV handle %s failed: %s", handle_id, exc.code().name)
+
+    async def _router(self) -> PrefillRouter:
+        if self._prefill_router is None:
+            limits = await self.directory.limits()
+            self._prefill_router = PrefillRouter(self._config.prefill_routing, limits.block_size)
+        return self._prefill_router
+
+    async def _unary(
+        self, stage: str, call: Callable[[Any], Awaitable[T]], param: str | None = None
+    ) -> T:
+        pool = await self.directory.pool(stage)
+        _, response = await self._call(pool, self._least_loaded[stage].choose, call, param)
+        return response
+
+    async def _call(
+        self,
+        pool: StagePool,
+        pick: Callable[[Sequence[Instance]], Instance],
+        call: Callable[[Any], Awaitable[T]],
+        param: str | None,
+    ) -> tuple[Instance, T]:
+        """Runs `call` on the instance `pick` chooses among the healthy ones. An instance that
+        is unreachable is marked down and the call tried on another: these calls are
+        idempotent, and one that never reached its instance changed nothing there."""
+        while True:
+            instances = pool.healthy()
+            if not instances:
+                raise no_instance(pool.stage)
+            instance = pick(instances)
+            instance.in_flight += 1
+            try:
+                return instance, await call(instance.stub)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise stage_error(pool.stage, exc, param) from None
+                pool.mark_down(instance, exc.code().name)
+            finally:
+                instance.in_flight -= 1
+
+
+def _tokenized(response: tokenizer_pb2.TokenizeResponse) -> Tokenized:
+    return Tokenized(
+        list(response.token_ids), response.queue_ns, response.duration_ns, response.prompt
+    )
