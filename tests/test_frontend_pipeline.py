@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from frontend.app import create_app
 from frontend.config import FrontendConfig
+from services.request_params import SamplingParams
 from tests.test_frontend_fake_stages import (
     BOS,
     MAX_MODEL_LEN,
@@ -117,7 +118,7 @@ def test_completion_passes_sampling_and_stop(fake_client: TestClient, fakes: Fak
 
 def test_defaults_when_unset(fake_client: TestClient, fakes: FakeStages) -> None:
     fake_client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "x"})
-    sampling = fakes.prefill.requests[-1].sampling
+    sampling = SamplingParams.from_pb(fakes.prefill.requests[-1].sampling)
     assert (sampling.temperature, sampling.top_p, sampling.top_k) == (1.0, 1.0, 0)
     assert fakes.decode.requests[-1].stopping.max_tokens == 16
 
