@@ -26,7 +26,11 @@ _NO_HISTORY = TokenHistory((), ())
 
 
 class DecodeEngine:
-    def __init__(self, worker: Worker, max_batch_size: int, max_step_tokens: int) -> None:
+    def __init__(
+        self, worker: Worker, max_batch_size: int, max_step_tokens: int, deliver: Deliver
+    ) -> None:
+        """`deliver` is called on the event loop that calls `start`, once per step with that
+        step's new tokens."""
         self.worker = worker
         self.blocks: BlockManager = worker.pool.blocks
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_step_tokens)
@@ -42,13 +46,13 @@ class DecodeEngine:
         # Guards the scheduler and the block manager (KV pulls allocate from the event loop).
         self.lock = threading.Lock()
         self._pending_aborts: list[str] = []
+        self._deliver = deliver
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._deliver: Deliver | None = None
         self._thread = EngineThread("decode-engine", self._poll)
 
-    def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
-        """`deliver` is called on `loop` once per step with that step's new tokens."""
-        self._loop, self._deliver = loop, deliver
+    def start(self) -> None:
+        """Starts the engine thread; call it on the event loop."""
+        self._loop = asyncio.get_running_loop()
         self._thread.start()
 
     def stop(self) -> None:
@@ -100,7 +104,7 @@ class DecodeEngine:
         except Exception:  # noqa: BLE001 - fail these requests, keep serving others
             log.exception("decode step failed")
             outputs = self._fail(scheduled)
-        assert self._loop is not None and self._deliver is not None
+        assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, outputs)
         return True
 
