@@ -13,6 +13,7 @@ from collections.abc import Callable
 from services.decode.scheduler import Scheduled, Scheduler
 from services.decode.sequence import Finish, Sequence
 from services.engine.block_manager import BlockManager
+from services.engine.engine_thread import EngineThread
 from services.engine.grammar_batch import GrammarBatch
 from services.engine.runner import SeqChunk
 from services.engine.sampling_state import SampledToken, TokenHistory
@@ -25,7 +26,11 @@ _NO_HISTORY = TokenHistory((), ())
 
 
 class DecodeEngine:
-    def __init__(self, worker: Worker, max_batch_size: int, max_step_tokens: int) -> None:
+    def __init__(
+        self, worker: Worker, max_batch_size: int, max_step_tokens: int, deliver: Deliver
+    ) -> None:
+        """`deliver` is called on the event loop that calls `start`, once per step with that
+        step's new tokens."""
         self.worker = worker
         self.blocks: BlockManager = worker.pool.blocks
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_step_tokens)
@@ -41,32 +46,28 @@ class DecodeEngine:
         # Guards the scheduler and the block manager (KV pulls allocate from the event loop).
         self.lock = threading.Lock()
         self._pending_aborts: list[str] = []
-        self._wakeup = threading.Event()
-        self._stopped = False
+        self._deliver = deliver
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._deliver: Deliver | None = None
-        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+        self._thread = EngineThread("decode-engine", self._poll)
 
-    def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
-        """`deliver` is called on `loop` once per step with that step's new tokens."""
-        self._loop, self._deliver = loop, deliver
+    def start(self) -> None:
+        """Starts the engine thread; call it on the event loop."""
+        self._loop = asyncio.get_running_loop()
         self._thread.start()
 
     def stop(self) -> None:
-        self._stopped = True
-        self._wakeup.set()
-        self._thread.join(timeout=5)
+        self._thread.stop()
 
     def add(self, seq: Sequence) -> None:
         with self.lock:
             self.scheduler.add(seq)
             self.num_requests += 1
-        self._wakeup.set()
+        self._thread.wake()
 
     def abort(self, request_id: str) -> None:
         with self.lock:
             self._pending_aborts.append(request_id)
-        self._wakeup.set()
+        self._thread.wake()
 
     def stats(self) -> dict[str, int]:
         with self.lock:
@@ -89,24 +90,23 @@ class DecodeEngine:
                 "num_tokens": self.num_tokens,
             }
 
-    def _run(self) -> None:
-        while not self._stopped:
-            with self.lock:
-                for request_id in self._pending_aborts:
-                    self.scheduler.abort(request_id)
-                self._pending_aborts.clear()
-                scheduled = self.scheduler.schedule()
-            if not scheduled:
-                self._wakeup.wait(timeout=0.5)
-                self._wakeup.clear()
-                continue
-            try:
-                outputs = self._step(scheduled)
-            except Exception:  # noqa: BLE001 - fail these requests, keep serving others
-                log.exception("decode step failed")
-                outputs = self._fail(scheduled)
-            assert self._loop is not None and self._deliver is not None
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
+    def _poll(self) -> bool:
+        """One turn of the engine thread: applies aborts, then runs a step if there is work."""
+        with self.lock:
+            for request_id in self._pending_aborts:
+                self.scheduler.abort(request_id)
+            self._pending_aborts.clear()
+            scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return False
+        try:
+            outputs = self._step(scheduled)
+        except Exception:  # noqa: BLE001 - fail these requests, keep serving others
+            log.exception("decode step failed")
+            outputs = self._fail(scheduled)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, outputs)
+        return True
 
     def _step(self, scheduled: list[Scheduled]) -> list:
         started_ns = time.perf_counter_ns()

@@ -6,24 +6,20 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-import torch
 
-from services import cli
+from services import cli, engine_service
 from services.decode.engine import DecodeEngine
 from services.decode.kv_pull import KvPuller
 from services.decode.sequence import Finish, Sequence, StopRules
 from services.decode.text_stream import TextStream
-from services.engine import loader
 from services.engine.block_manager import blocks_needed
 from services.engine.grammar import GrammarCompiler
 from services.engine.sampling_state import MirostatState, SampledToken
-from services.engine.worker import Worker
 from services.errors import InvalidArgumentError
 from services.grammar_wire import grammar_state
-from services.grpc_server import serve
 from services.request_params import Stopping
 from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc
-from services.wire import checked_sampling, model_info, token_logprob_pb
+from services.wire import checked_sampling, token_logprob_pb
 
 MAX_STOP_SEQUENCES = 16
 _FINISH_PB = {
@@ -203,16 +199,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.AbortResponse(aborted=True)
 
     async def Info(self, request, context):
-        return common_pb2.InfoResponse(
-            service="decode",
-            instance=self.address,
-            model=model_info(self.worker.config, self.worker.info, self.worker.pool.block_size),
-            limits=common_pb2.Limits(
-                max_batch_size=self.engine.scheduler.max_batch_size,
-                num_kv_blocks=self.worker.pool.num_blocks,
-                max_model_len=self.worker.config.max_position_embeddings,
-            ),
-            stats=common_pb2.Stats(**self.engine.stats()),
+        return engine_service.info_response(
+            "decode", self.address, self.engine, max_batch_size=self.engine.scheduler.max_batch_size
         )
 
 
@@ -223,23 +211,16 @@ def main() -> None:
         "--max-step-tokens", type=int, default=2048, help="token budget of one step (recompute)"
     )
     args = parser.parse_args()
-    cli.setup_logging(args.log_level)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    worker = Worker(cli.worker_options(args))
-    tokenizer = loader.load_tokenizer(args.model)
-    engine = DecodeEngine(worker, args.max_batch_size, args.max_step_tokens)
-
-    def register(server: grpc.aio.Server, address: str) -> list[str]:
-        engine.start(asyncio.get_running_loop(), deliver)
-        servicer = DecodeServicer(engine, address, tokenizer)
-        decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
-        return [decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name]
-
-    async def stop() -> None:
-        engine.stop()
-
-    asyncio.run(serve("decode", f"{args.host}:{args.port}", register, on_stop=stop))
+    engine_service.run(
+        "decode",
+        args,
+        make_engine=lambda worker: DecodeEngine(
+            worker, args.max_batch_size, args.max_step_tokens, deliver
+        ),
+        servicer=DecodeServicer,
+        add_servicer=decode_pb2_grpc.add_DecodeServicer_to_server,
+        service=decode_pb2.DESCRIPTOR.services_by_name["Decode"],
+    )
 
 
 if __name__ == "__main__":

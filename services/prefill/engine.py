@@ -12,6 +12,7 @@ import uuid
 from collections import deque
 
 from services.engine.block_manager import blocks_needed
+from services.engine.engine_thread import EngineThread
 from services.engine.grammar_batch import GrammarBatch
 from services.engine.runner import SeqChunk
 from services.engine.sampling_state import SampledToken, TokenHistory
@@ -40,17 +41,13 @@ class PrefillEngine:
         self._running: list[PrefillJob] = []  # admitted: blocks held, chunks left to run
         self._handles: dict[str, Handle] = {}
         self._lock = threading.Lock()
-        self._wakeup = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
+        self._thread = EngineThread("prefill-engine", self._poll)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stopped = True
-        self._wakeup.set()
-        self._thread.join(timeout=5)
+        self._thread.stop()
 
     def submit(self, job: PrefillJob) -> None:
         if blocks_needed(len(job.token_ids), self.blocks.block_size) > self.blocks.num_blocks:
@@ -60,7 +57,7 @@ class PrefillEngine:
             )
         with self._lock:
             self._waiting.append(job)
-        self._wakeup.set()
+        self._thread.wake()
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -123,20 +120,19 @@ class PrefillEngine:
                 "num_pinned_handles": len(self._handles),
             }
 
-    def _loop(self) -> None:
-        while not self._stopped:
-            self._expire_handles()
-            batch = self._schedule()
-            if not batch:
-                self._wakeup.wait(timeout=0.5)
-                self._wakeup.clear()
-                continue
-            try:
-                self._run(batch)
-            except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                log.exception("prefill step failed")
-                for job, _ in batch:
-                    self._finish(job, exc)
+    def _poll(self) -> bool:
+        """One turn of the engine thread: expires leases, then runs a pass if there is work."""
+        self._expire_handles()
+        batch = self._schedule()
+        if not batch:
+            return False
+        try:
+            self._run(batch)
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+            log.exception("prefill step failed")
+            for job, _ in batch:
+                self._finish(job, exc)
+        return True
 
     def _schedule(self) -> list[tuple[PrefillJob, SeqChunk]]:
         """Fills the token budget, fewest remaining tokens first: a short prompt that arrives

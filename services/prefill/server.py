@@ -3,21 +3,17 @@
 import asyncio
 from collections.abc import AsyncIterator
 
-import grpc
 import torch
 
-from services import cli
-from services.engine import loader
+from services import cli, engine_service
 from services.engine.grammar import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
-from services.engine.worker import Worker
 from services.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from services.grammar_wire import grammar_state
-from services.grpc_server import serve
 from services.prefill.engine import PrefillEngine, PrefillJob
 from services.request_params import PromptCache
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
-from services.wire import checked_sampling, model_info, token_logprob_pb
+from services.wire import checked_sampling, token_logprob_pb
 
 KV_CHUNK_BYTES = 1 << 20  # per message, far below the gRPC message limit
 
@@ -123,17 +119,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.ReleaseResponse(released=self.engine.release(request.handle_id))
 
     async def Info(self, request, context):
-        stats = self.engine.stats()
-        return common_pb2.InfoResponse(
-            service="prefill",
-            instance=self.address,
-            model=model_info(self.worker.config, self.worker.info, self.worker.pool.block_size),
-            limits=common_pb2.Limits(
-                max_prefill_tokens=self.engine.max_prefill_tokens,
-                num_kv_blocks=self.worker.pool.num_blocks,
-                max_model_len=self.worker.config.max_position_embeddings,
-            ),
-            stats=common_pb2.Stats(**stats),
+        return engine_service.info_response(
+            "prefill", self.address, self.engine, max_prefill_tokens=self.engine.max_prefill_tokens
         )
 
 
@@ -175,24 +162,15 @@ def main() -> None:
         help="keep the KV pool out of shared memory: decode always pulls over gRPC",
     )
     args = parser.parse_args()
-    cli.setup_logging(args.log_level)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    worker = Worker(cli.worker_options(args, shared_kv=not args.no_shared_kv))
-    tokenizer = loader.load_tokenizer(args.model)
-    engine = PrefillEngine(worker, args.max_prefill_tokens, args.kv_lease_s)
-    engine.start()
-
-    def register(server: grpc.aio.Server, address: str) -> list[str]:
-        prefill_pb2_grpc.add_PrefillServicer_to_server(
-            PrefillServicer(engine, address, tokenizer), server
-        )
-        return [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
-
-    async def stop() -> None:
-        engine.stop()
-
-    asyncio.run(serve("prefill", f"{args.host}:{args.port}", register, on_stop=stop))
+    engine_service.run(
+        "prefill",
+        args,
+        make_engine=lambda worker: PrefillEngine(worker, args.max_prefill_tokens, args.kv_lease_s),
+        servicer=PrefillServicer,
+        add_servicer=prefill_pb2_grpc.add_PrefillServicer_to_server,
+        service=prefill_pb2.DESCRIPTOR.services_by_name["Prefill"],
+        shared_kv=not args.no_shared_kv,
+    )
 
 
 if __name__ == "__main__":
