@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from frontend import fields
+from frontend.api import fields
 from frontend.api.fields import INT32_MAX, MAX_TOP_LOGPROBS, Prompt, invalid, unsupported
 from frontend.api.response_format import ResponseFormat
 from frontend.api.tools import Tool, ToolUse, message_tool_calls, tool_choice_value, tool_use

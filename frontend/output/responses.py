@@ -7,7 +7,7 @@ subclass says how one choice, its stream deltas and its logprobs look.
 import dataclasses
 from typing import Any
 
-from frontend import logprobs
+from frontend.output import logprobs
 from frontend.output.tool_parser import CallDelta, ToolCall, ToolCallParser
 from frontend.run.choice import ChoiceOutput
 from frontend.stages.types import TokenDelta, TokenLogprob
