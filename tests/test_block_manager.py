@@ -39,8 +39,10 @@ def register_all(manager: BlockManager, block_ids: list[int], token_ids: list[in
         manager.register(block_ids[i], block_hash, token_ids[i * size : (i + 1) * size], parent)
 
 
-def match(manager: BlockManager, token_ids: list[int], salt: str = "") -> list[int]:
-    return manager.match_prefix(hash_blocks(token_ids, manager.block_size, salt), token_ids)
+def match(manager: BlockManager, token_ids: list[int], isolation_key: str = "") -> list[int]:
+    return manager.match_prefix(
+        hash_blocks(token_ids, manager.block_size, isolation_key), token_ids
+    )
 
 
 def states(manager: BlockManager) -> tuple[int, int, int]:
@@ -109,9 +111,9 @@ def test_double_free_is_caught():
 def test_hash_is_blake2b_of_little_endian_int32_and_same_in_another_process():
     packed = hashlib.blake2b(b"p\x01\x00\x00\x00\xfe\xff\xff\xff", digest_size=16).digest()
     assert hash_block(b"p", [1, -2]) == packed
-    expected = b"".join(hash_blocks(list(range(100, 120)), 4, salt="tenant")).hex()
+    expected = b"".join(hash_blocks(list(range(100, 120)), 4, isolation_key="tenant")).hex()
     code = "from services.engine.block_hash import hash_blocks as h; " + (
-        "print(b''.join(h(list(range(100, 120)), 4, salt='tenant')).hex())"
+        "print(b''.join(h(list(range(100, 120)), 4, isolation_key='tenant')).hex())"
     )
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
@@ -126,7 +128,9 @@ def test_salt_parent_and_ids_all_change_the_hash():
     assert root_hash("a") != root_hash("b") != root_hash("")
     assert hash_block(root_hash("a"), [1, 2]) != hash_block(root_hash("b"), [1, 2])
     assert hash_block(root_hash(""), [1, 2]) != hash_block(root_hash(""), [2, 1])
-    assert hash_blocks([1, 2, 3, 4], 2, salt="a") != hash_blocks([1, 2, 3, 4], 2, salt="b")
+    assert hash_blocks([1, 2, 3, 4], 2, isolation_key="a") != hash_blocks(
+        [1, 2, 3, 4], 2, isolation_key="b"
+    )
     # The chain makes a block's hash depend on its whole prefix, not just its own ids.
     assert hash_blocks([1, 2, 5, 6], 2)[1] != hash_blocks([3, 4, 5, 6], 2)[1]
 
@@ -137,8 +141,8 @@ def test_hash_blocks_covers_only_full_blocks_within_max_tokens():
     counts = [len(hash_blocks(token_ids, 4, max_tokens=n)) for n in (100, 9, 8, 7, 3, 0)]
     assert counts == [2, 2, 2, 1, 0, 0]
     assert hash_blocks(token_ids, 4, max_tokens=7) == full[:1]
-    chain = hash_blocks(list(range(16)), 4, salt="s")
-    assert hash_blocks(list(range(8)), 4, salt="s") == chain[:2]
+    chain = hash_blocks(list(range(16)), 4, isolation_key="s")
+    assert hash_blocks(list(range(8)), 4, isolation_key="s") == chain[:2]
     assert hash_blocks(list(range(8, 16)), 4, parent=chain[1]) == chain[2:]
 
 
@@ -149,7 +153,7 @@ def test_shared_prefix_matches_registered_blocks_and_leaves_the_rest_cached():
     assert match(manager, tokens[:8] + [90, 91, 92, 93]) == [0, 1]
     assert manager.ref_counts[:3] == [1, 1, 0]
     assert states(manager) == (2, 1, 6)
-    assert match(manager, tokens, salt="tenant-b") == []
+    assert match(manager, tokens, isolation_key="tenant-b") == []
     assert manager.ref_counts[:3] == [1, 1, 0]
     # Counted in blocks: every block asked for is a query, every block returned a hit.
     assert (manager.num_queries, manager.num_hits) == (6, 2)

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Sequence
 
 DIGEST_SIZE = 16
-# Domain separation: a root's input (tag + salt) can never equal a block's (parent + ids).
+# Domain separation: a root's input (tag + key) can never equal a block's (parent + ids).
 _ROOT_TAG = b"kv-prefix-root\x00"
 
 
@@ -26,19 +26,20 @@ def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
     return digest.digest()
 
 
-def root_hash(salt: str) -> bytes:
-    """The chain's root; `salt` is the prompt-cache isolation key ("" when none).
+def root_hash(isolation_key: str) -> bytes:
+    """The chain's root, salted by the prompt-cache isolation key ("" when none).
 
-    Different salts give different roots, so their chains never meet and requests with
+    Different keys give different roots, so their chains never meet and requests with
     different isolation keys never share cache entries.
     """
-    return hashlib.blake2b(_ROOT_TAG + salt.encode("utf-8"), digest_size=DIGEST_SIZE).digest()
+    seed = _ROOT_TAG + isolation_key.encode("utf-8")
+    return hashlib.blake2b(seed, digest_size=DIGEST_SIZE).digest()
 
 
 def hash_blocks(
     token_ids: Sequence[int],
     block_size: int,
-    salt: str = "",
+    isolation_key: str = "",
     max_tokens: int | None = None,
     parent: bytes | None = None,
 ) -> list[bytes]:
@@ -47,11 +48,11 @@ def hash_blocks(
     Only blocks lying entirely within the first `max_tokens` tokens are hashed (None: no
     cap; 0: none), so a caller that must compute the last prompt token itself passes
     `len(prompt) - 1`. `parent` continues an existing chain, `token_ids` then starting at
-    a block boundary; `salt` only picks the root when `parent` is None.
+    a block boundary; `isolation_key` only picks the root when `parent` is None.
     """
     num_tokens = len(token_ids) if max_tokens is None else min(len(token_ids), max_tokens)
     num_full_blocks = max(num_tokens, 0) // block_size
-    block_hash = root_hash(salt) if parent is None else parent
+    block_hash = root_hash(isolation_key) if parent is None else parent
     hashes = []
     for start in range(0, num_full_blocks * block_size, block_size):
         block_hash = hash_block(block_hash, token_ids[start : start + block_size])
