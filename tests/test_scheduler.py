@@ -110,3 +110,76 @@ def test_abort_frees_blocks_of_running_and_waiting():
     assert scheduler.abort("a").finish is Finish.ABORT
     assert scheduler.abort("missing") is None
     assert blocks.num_free_blocks == 8
+
+
+# Decode's defaults: 65,536 tokens of KV in 16-token blocks, 64 sequences, 2,048 tokens a step.
+DEFAULT_BLOCKS, DEFAULT_BLOCK_SIZE, DEFAULT_BATCH, DEFAULT_STEP_TOKENS = 4096, 16, 64, 2048
+
+
+def distinct_seq(index: int, prompt_len: int, max_tokens: int) -> Sequence:
+    seq = make_seq(f"r{index}", prompt_len, max_tokens)
+    seq.token_ids = [100_000 * (index + 1) + t for t in range(prompt_len)] + [5]
+    seq.stop.max_model_len = 8192
+    return seq
+
+
+def run_to_completion(scheduler: Scheduler, pending: list[Sequence], max_steps: int) -> int:
+    """Steps like the decode engine, pulling the pending sequences' KV as `KvPuller` does
+    (each tries every step, in arrival order); returns the steps taken until all finished."""
+    done = 0
+    for step_index in range(max_steps):
+        for seq in list(pending):
+            blocks = scheduler.begin_pull([], seq.token_ids[: seq.num_prompt_tokens], 63)
+            if blocks is None:
+                continue
+            reused, new = blocks
+            seq.block_table, seq.num_cached = reused + new, seq.num_prompt_tokens
+            scheduler.end_pull(seq)
+            pending.remove(seq)
+        step = scheduler.schedule()
+        assert step or not (scheduler.running or scheduler.waiting), f"jammed at {step_index}"
+        outputs = scheduler.postprocess(step, [7] * sum(s.samples for s in step))
+        done += sum(finish is not None for _, _, finish in outputs)
+        if not pending and not scheduler.running and not scheduler.waiting:
+            return step_index + 1
+    raise AssertionError(f"{done} finished after {max_steps} steps")
+
+
+def test_two_hundred_long_prompts_never_jam_the_default_pool():
+    """200 prompts of 1,000 tokens, 200 tokens each: 64 running sequences need 4,800 blocks of
+    the 4,096, so the pool runs dry, yet every request finishes and waiting ones hold little."""
+    blocks = BlockManager(DEFAULT_BLOCKS, DEFAULT_BLOCK_SIZE)
+    scheduler = Scheduler(blocks, DEFAULT_BATCH, DEFAULT_STEP_TOKENS)
+    pending = [distinct_seq(i, 1000, max_tokens=200) for i in range(200)]
+    run_to_completion(scheduler, pending, max_steps=5000)
+    assert blocks.num_free_blocks == DEFAULT_BLOCKS
+    assert scheduler.num_preemptions > 0
+
+
+def test_waiting_sequences_holding_the_pool_give_it_up():
+    """The jam as it was: KV pulled for waiting sequences until 4,095 of 4,096 blocks were
+    held by sequences that could not join. Their blocks are taken back; all finish."""
+    blocks = BlockManager(DEFAULT_BLOCKS, DEFAULT_BLOCK_SIZE)
+    scheduler = Scheduler(blocks, DEFAULT_BATCH, DEFAULT_STEP_TOKENS)
+    index = 0
+    while blocks.can_allocate(64):
+        scheduler.add(pulled(blocks, distinct_seq(index, 1000, max_tokens=200)))
+        index += 1
+    assert (blocks.num_free_blocks, index) == (1, 65)  # 4,095 of 4,096 blocks held
+    pending = [distinct_seq(i, 1000, max_tokens=200) for i in range(index, 200)]
+    run_to_completion(scheduler, pending, max_steps=5000)
+    assert blocks.num_free_blocks == DEFAULT_BLOCKS
+
+
+def test_a_sequence_without_blocks_takes_back_what_the_prefix_cache_holds():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64)
+    seq = pulled(blocks, make_seq("a", 8))
+    seq.block_hashes = [b"h0", b"h1"]
+    for i, block_hash in enumerate(seq.block_hashes):
+        blocks.register(seq.block_table[i], block_hash, seq.token_ids[i * 4 : (i + 1) * 4])
+    scheduler.add(seq)
+    scheduler._evict(seq)  # as the batch does to a waiting sequence when the pool runs dry
+    step = scheduler.schedule()
+    # Both prompt blocks are found again: only the last token is computed.
+    assert [(s.seq.request_id, s.num_tokens) for s in step] == [("a", 1)]

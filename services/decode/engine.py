@@ -58,10 +58,21 @@ class DecodeEngine:
     def stop(self) -> None:
         self._thread.stop()
 
-    def add(self, seq: Sequence) -> None:
+    def begin_pull(
+        self, block_hashes: list[bytes], prompt_ids: list[int], num_blocks: int
+    ) -> tuple[list[int], list[int]] | None:
+        """`Scheduler.begin_pull`: (reused, new) blocks once the sequence can join, else None."""
         with self.lock:
-            self.scheduler.add(seq)
-            self.num_requests += 1
+            return self.scheduler.begin_pull(block_hashes, prompt_ids, num_blocks)
+
+    def end_pull(self, seq: Sequence | None, failed_blocks: list[int] = ()) -> None:
+        """Ends a pull: `seq` joins the waiting sequences, or the pull failed and
+        `failed_blocks` are freed."""
+        with self.lock:
+            self.blocks.free(list(failed_blocks))
+            self.scheduler.end_pull(seq)
+            if seq is not None:
+                self.num_requests += 1
         self._thread.wake()
 
     def abort(self, request_id: str) -> None:

@@ -18,7 +18,7 @@ from services.errors import UnavailableError
 from services.grpc_server import CHANNEL_OPTIONS
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
 
-# How often a pull waiting for free blocks looks again.
+# How often a pull waiting for a batch slot and free blocks looks again.
 _BLOCK_WAIT_S = 0.005
 
 
@@ -55,12 +55,11 @@ class KvPuller:
             pass
 
     async def pull(self, handle: common_pb2.KvHandle, prompt_ids: list[int]) -> PulledKv:
-        with self.engine.lock:
-            reused = self.blocks.match_prefix(list(handle.block_hashes), prompt_ids)
+        """The prompt's KV in decode's pool, once the sequence can join the batch. The caller
+        must end the pull with `engine.end_pull(seq)` (failures here end it themselves)."""
         start = time.monotonic_ns()
-        new_blocks: list[int] = []
+        reused, new_blocks = await self._reserve(handle, prompt_ids)
         try:
-            new_blocks = await self._allocate(handle.num_blocks - len(reused))
             if not new_blocks:
                 await self.release(handle)
                 num_bytes, transport = 0, "none"
@@ -71,8 +70,7 @@ class KvPuller:
                 num_bytes = await self._stream(handle, len(reused), new_blocks)
                 transport = "grpc"
         except BaseException:
-            with self.engine.lock:
-                self.blocks.free(reused + new_blocks)
+            self.engine.end_pull(None, reused + new_blocks)
             raise
         block_ids = reused + new_blocks
         self._register(handle, prompt_ids, block_ids, len(reused))
@@ -86,12 +84,15 @@ class KvPuller:
                 tokens = prompt_ids[i * size : (i + 1) * size]
                 self.blocks.register(block_ids[i], handle.block_hashes[i], tokens)
 
-    async def _allocate(self, num_blocks: int) -> list[int]:
-        # Waits while the pool is full; running sequences finish and free blocks.
+    async def _reserve(
+        self, handle: common_pb2.KvHandle, prompt_ids: list[int]
+    ) -> tuple[list[int], list[int]]:
+        # Waits for a batch slot and free blocks; running sequences finish and free both.
+        hashes = list(handle.block_hashes)
         while True:
-            with self.engine.lock:
-                if self.blocks.can_allocate(num_blocks):
-                    return self.blocks.allocate(num_blocks)
+            blocks = self.engine.begin_pull(hashes, prompt_ids, handle.num_blocks)
+            if blocks is not None:
+                return blocks
             await asyncio.sleep(_BLOCK_WAIT_S)
 
     def _shared_pool(self, handle: common_pb2.KvHandle) -> torch.Tensor | None:

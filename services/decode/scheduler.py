@@ -2,8 +2,14 @@
 
 Sequences join and leave at step boundaries. Each step gives every running sequence its
 uncached tokens (one in steady decode; more after a preemption, recomputed in chunks
-under the token budget). When the pool runs dry, the newest sequence is preempted: its
-blocks are freed and it is recomputed later, never failed.
+under the token budget). When the pool runs dry, blocks are taken back from waiting
+sequences first (newest first), then by preempting the newest running one: its blocks are
+freed and it is recomputed later, from what the prefix cache still holds, never failed.
+
+A new sequence's prompt KV is pulled only once it can join the batch (`begin_pull`): the
+running, waiting and pulling sequences together stay within max_batch_size, so waiting
+sequences hold little, and what they hold is given up before the batch starves. Every
+sequence fits the pool alone (decode refuses the rest), so the oldest always progresses.
 """
 
 import time
@@ -34,9 +40,33 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_pulling = 0  # sequences between begin_pull and end_pull
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def begin_pull(
+        self, block_hashes: list[bytes], prompt_ids: list[int], num_blocks: int
+    ) -> tuple[list[int], list[int]] | None:
+        """Blocks for a new sequence's prompt KV, once it can join the batch: those its prefix
+        cache holds (leading blocks of `block_hashes`), then newly allocated ones for the rest.
+        None: not now (no batch slot, or too few free blocks); nothing is held then."""
+        if len(self.running) + len(self.waiting) + self.num_pulling >= self.max_batch_size:
+            return None
+        reused = self.blocks.match_prefix(block_hashes, prompt_ids)
+        missing = num_blocks - len(reused)
+        if not self.blocks.can_allocate(missing):
+            self.blocks.free(reused)
+            return None
+        self.num_pulling += 1
+        return reused, self.blocks.allocate(missing)
+
+    def end_pull(self, seq: Sequence | None) -> None:
+        """The pull that `begin_pull` started is over: `seq` waits to join, or (None) the pull
+        failed and its blocks were freed."""
+        self.num_pulling -= 1
+        if seq is not None:
+            self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
         for queue in (self.running, self.waiting):
@@ -53,7 +83,7 @@ class Scheduler:
         kept: deque[Sequence] = deque()
         while self.running:
             seq = self.running.popleft()
-            if not self._reserve(seq, victims=self.running):
+            if not self._reserve(seq, preempt_running=True):
                 self._preempt(seq)
                 continue
             num_tokens = min(len(seq.token_ids) - seq.num_cached, max(budget, 1))
@@ -63,7 +93,7 @@ class Scheduler:
         self.running = kept
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
-            if not self._reserve(seq, victims=None):
+            if not self._reserve(seq, preempt_running=False):
                 break
             self.waiting.popleft()
             num_tokens = min(len(seq.token_ids) - seq.num_cached, budget)
@@ -105,22 +135,41 @@ class Scheduler:
             hashes.append(hash_block(hashes[-1], tokens))
             self.blocks.register(seq.block_table[i], hashes[-1], tokens)
 
-    def _reserve(self, seq: Sequence, victims: deque[Sequence] | None) -> bool:
-        """Allocates blocks for all of `seq`'s tokens, preempting the newest victims if needed."""
+    def _reserve(self, seq: Sequence, preempt_running: bool) -> bool:
+        """Allocates blocks for all of `seq`'s tokens, taking them from waiting sequences
+        (and, with `preempt_running`, from the newest running ones still to be scheduled)."""
+        if not seq.block_table:
+            self._reuse_cached(seq)
         missing = blocks_needed(len(seq.token_ids), self.blocks.block_size) - len(seq.block_table)
         while not self.blocks.can_allocate(missing):
-            if not victims:
+            holders = [s for s in self.waiting if s.block_table and s is not seq]
+            if holders:
+                self._evict(holders[-1])
+            elif preempt_running and self.running:
+                self._preempt(self.running.pop())
+            else:
                 return False
-            self._preempt(victims.pop())
         if missing > 0:
             seq.block_table.extend(self.blocks.allocate(missing))
         return True
 
+    def _reuse_cached(self, seq: Sequence) -> None:
+        """A sequence without blocks (preempted, or given them up while waiting) takes back
+        the leading blocks its prefix cache chain still finds; the last token is computed."""
+        servable = (len(seq.token_ids) - 1) // self.blocks.block_size
+        hits = self.blocks.match_prefix(seq.block_hashes[:servable], seq.token_ids)
+        seq.block_table, seq.num_cached = hits, len(hits) * self.blocks.block_size
+
     def _preempt(self, seq: Sequence) -> None:
+        """Takes a running sequence out of the batch; it waits at the front of the queue."""
+        self._evict(seq)
+        self.waiting.appendleft(seq)
+
+    def _evict(self, seq: Sequence) -> None:
+        """Frees a sequence's blocks; they stay in the prefix cache until reused."""
         self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.num_cached = 0
-        self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence, finish: Finish) -> None:

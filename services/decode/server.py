@@ -148,7 +148,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         yield response
         pulled = await self.puller.pull(request.kv_handle, seq.token_ids[: seq.num_prompt_tokens])
         seq.block_table, seq.num_cached = pulled.block_ids, seq.num_prompt_tokens
-        self.engine.add(seq)
+        self.engine.end_pull(seq)
         try:
             first_step = True
             while finish is None:
