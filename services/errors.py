@@ -21,3 +21,9 @@ class ResourceExhaustedError(ServiceError):
 
 class UnavailableError(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class AbortedError(ServiceError):
+    """This request cannot go on (its prompt's KV was lost), while the service is fine."""
+
+    code = grpc.StatusCode.ABORTED

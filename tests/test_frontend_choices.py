@@ -204,6 +204,24 @@ def test_failed_decode_releases_every_choice(fake_client: TestClient, fakes: Fak
     assert _eventually(lambda: set(fakes.prefill.released) == handles)
 
 
+def test_lost_kv_fails_its_request_and_leaves_decode_up(
+    fake_client: TestClient, fakes: FakeStages
+) -> None:
+    fake_client.get("/health")  # checks again the instances an earlier test took down
+    fakes.decode.mode = "kv_lost"
+    try:
+        body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 4, "stream": True}
+        events = events_of(fake_client.post(COMPLETIONS, json=body).text)
+    finally:
+        fakes.decode.mode = "normal"
+    assert events[-1]["error"]["code"] == "request_aborted"
+    assert "retry" in events[-1]["error"]["message"]
+    health = fake_client.get("/health").json()
+    assert set(health["instances"]["decode"].values()) == {"SERVING"}
+    body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 2}
+    assert fake_client.post(COMPLETIONS, json=body).status_code == 200
+
+
 def _eventually(check: Any, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -178,6 +178,7 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
 @dataclass
 class FakeDecode(decode_pb2_grpc.DecodeServicer):
     # "normal" | "endless" (until cancelled) | "stall" (no first message) | "unavailable"
+    # | "kv_lost" (the first token, then the request's KV is lost: ABORTED)
     mode: str = "normal"
     requests: list[decode_pb2.GenerateRequest] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -219,6 +220,8 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
             yield response
             if finish:
                 return
+            if self.mode == "kv_lost":
+                context.abort(grpc.StatusCode.ABORTED, "the prompt's KV was lost; retry")
 
     def _finish(self, request, text: str, piece: str, num_generated: int) -> tuple[int, str]:
         for stop in request.stopping.stop:

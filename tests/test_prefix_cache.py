@@ -223,7 +223,7 @@ def test_shared_memory_pull_of_unknown_handle_fails(stack, tok):
     stream = stack.decode.Generate(request, timeout=60)
     assert list(next(stream).token_ids) == [prefilled.first_token_id]  # sent before the pull
     error = rpc_error(list, stream)
-    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    assert error.code() == grpc.StatusCode.ABORTED, error.details()
     assert "no-such-handle" in error.details()
     release = prefill_pb2.ReleaseRequest(handle_id=prefilled.kv_handle.handle_id)
     assert stack.prefill.Release(release, timeout=10).released  # decode never took it

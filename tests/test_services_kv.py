@@ -17,7 +17,7 @@ pytest_plugins = ["tests.grpc_fixtures"]
 
 STORY = "Once upon a time, in a small village,"
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
-UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+ABORTED = grpc.StatusCode.ABORTED
 
 
 @pytest.fixture
@@ -152,8 +152,9 @@ BAD_GENERATE = {
     "prompt_token_high": (lambda r: r.prompt_token_ids.__setitem__(0, 60000), INVALID, True),
     "block_size_mismatch": (_set("kv_handle.block_size", 8), INVALID, True),
     "num_blocks_mismatch": (_set("kv_handle.num_blocks", 10**6), INVALID, True),
-    "unknown_handle": (_set("kv_handle.handle_id", "no-such-handle"), UNAVAILABLE, False),
-    "prefill_unreachable": (_set("kv_handle.prefill_address", "127.0.0.1:1"), UNAVAILABLE, False),
+    # The request's own KV is lost (decode is fine): ABORTED, which no client takes for down.
+    "unknown_handle": (_set("kv_handle.handle_id", "no-such-handle"), ABORTED, False),
+    "prefill_unreachable": (_set("kv_handle.prefill_address", "127.0.0.1:1"), ABORTED, False),
 }
 
 

@@ -40,6 +40,11 @@ def stage_error(
             details,
         )
         return stage_unavailable(stage)
+    if code == grpc.StatusCode.ABORTED:
+        # This request's own trouble (its KV was lost), not the stage's: never marks it down.
+        logger.warning("%s stage aborted a request: %s", stage, details)
+        message = details[:1].upper() + details[1:]
+        return ApiError(503, message, type=SERVER_ERROR, code="request_aborted")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(
             503,

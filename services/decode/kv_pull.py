@@ -3,6 +3,10 @@
 Leading blocks found in decode's own prefix cache (same hash chain as prefill's) are
 reused. The rest is copied straight out of prefill's pool when it is mapped in shared
 memory on this host, else streamed over gRPC (PullKv).
+
+A request waits for its place in the batch before anything moves, renewing the handle's lease
+meanwhile. KV that is lost on the way (the lease ran out, the prefill instance went away) ends
+that request with ABORTED; decode itself is fine, so nobody should take it for down.
 """
 
 import asyncio
@@ -14,7 +18,7 @@ import torch
 
 from services.decode.engine import DecodeEngine
 from services.engine import shm_storage
-from services.errors import UnavailableError
+from services.errors import AbortedError
 from services.grpc_server import CHANNEL_OPTIONS
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
 
@@ -87,13 +91,28 @@ class KvPuller:
     async def _reserve(
         self, handle: common_pb2.KvHandle, prompt_ids: list[int]
     ) -> tuple[list[int], list[int]]:
-        # Waits for a batch slot and free blocks; running sequences finish and free both.
+        """Waits for a batch slot and free blocks (running sequences finish and free both),
+        renewing the handle's lease every third of it."""
         hashes = list(handle.block_hashes)
+        renew_every_s = handle.lease_ms / 3000
+        renewed_at = time.monotonic()
         while True:
             blocks = self.engine.begin_pull(hashes, prompt_ids, handle.num_blocks)
             if blocks is not None:
                 return blocks
+            if time.monotonic() - renewed_at >= renew_every_s:
+                await self._renew(handle)
+                renewed_at = time.monotonic()
             await asyncio.sleep(_BLOCK_WAIT_S)
+
+    async def _renew(self, handle: common_pb2.KvHandle) -> None:
+        request = prefill_pb2.RenewRequest(handle_id=handle.handle_id)
+        try:
+            reply = await self.stub(handle.prefill_address).Renew(request, timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise _lost(handle, f"renewing its lease failed: {exc.details()}") from exc
+        if not reply.renewed:
+            raise _lost(handle, "the handle expired")
 
     def _shared_pool(self, handle: common_pb2.KvHandle) -> torch.Tensor | None:
         if not handle.shm_path or self.cache.device.type != "cpu":
@@ -132,7 +151,7 @@ class KvPuller:
         # The blocks were pinned from the handle's creation until this Release: if it
         # finds the handle, nothing overwrote them while they were copied.
         if not await self._release_pinned(handle):
-            raise UnavailableError(f"KV handle {handle.handle_id!r} is unknown or expired")
+            raise _lost(handle, "the handle is unknown or expired")
         return num_bytes
 
     async def _release_pinned(self, handle: common_pb2.KvHandle) -> bool:
@@ -159,7 +178,12 @@ class KvPuller:
                     self.cache[chunk.layer, kv, ids] = tensor
                 num_bytes += len(chunk.k) + len(chunk.v)
         except grpc.aio.AioRpcError as exc:
-            raise UnavailableError(
-                f"KV pull from {handle.prefill_address} failed: {exc.details()}"
-            ) from exc
+            raise _lost(handle, f"pulling it failed: {exc.details()}") from exc
         return num_bytes
+
+
+def _lost(handle: common_pb2.KvHandle, why: str) -> AbortedError:
+    return AbortedError(
+        f"the prompt's KV (handle {handle.handle_id!r} on prefill instance "
+        f"{handle.prefill_address}) was lost before decode took it ({why}); retry the request"
+    )

@@ -8,7 +8,7 @@ import torch
 from services import cli, engine_service
 from services.engine.grammar import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
-from services.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from services.errors import AbortedError, InvalidArgumentError, NotFoundError
 from services.grammar_wire import grammar_state
 from services.prefill.engine import PrefillEngine, PrefillJob
 from services.request_params import PromptCache
@@ -107,7 +107,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             while True:
                 # Renewed before each chunk is read, so no chunk ever reads freed blocks.
                 if not self.engine.renew(handle_id):
-                    raise UnavailableError(f"the lease of KV handle {handle_id!r} ran out")
+                    raise AbortedError(f"the lease of KV handle {handle_id!r} ran out")
                 chunk = next(chunks, None)
                 if chunk is None:
                     break
@@ -117,6 +117,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Release(self, request, context):
         return prefill_pb2.ReleaseResponse(released=self.engine.release(request.handle_id))
+
+    async def Renew(self, request, context):
+        return prefill_pb2.RenewResponse(renewed=self.engine.renew(request.handle_id))
 
     async def Info(self, request, context):
         return engine_service.info_response(

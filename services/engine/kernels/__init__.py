@@ -39,8 +39,16 @@ _VARIANTS = {
     # Matmuls on int16 activations (vnni_linear.cpp); the others keep float32 activations.
     "avx512vnni": (
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx2", "fma", "f16c"),
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma",
-         "-mf16c"],
+        [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mavx512vnni",
+            "-mavx2",
+            "-mfma",
+            "-mf16c",
+        ],
     ),
     "avx512": (
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
@@ -105,9 +113,7 @@ def matmul_inputs() -> str:
 
 
 def _build_dir(variant: str) -> Path:
-    sources = b"".join(
-        (_HERE / name).read_bytes() for name in (*_SOURCES, *_HEADERS)
-    )
+    sources = b"".join((_HERE / name).read_bytes() for name in (*_SOURCES, *_HEADERS))
     flags = " ".join([*_COMMON_FLAGS, *_VARIANTS[variant][1]]).encode()
     digest = hashlib.sha256(sources + flags + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("LLMSERVE_KERNEL_DIR", _HERE / "build"))
