@@ -7,7 +7,7 @@ grpc.
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -29,11 +29,7 @@ from frontend.stages.wire import (
     logprob_from_pb,
 )
 from services.request_params import PromptCache
-from services.rpc import (
-    decode_pb2,
-    prefill_pb2,
-    tokenizer_pb2,
-)
+from services.rpc import decode_pb2, prefill_pb2, prefill_pb2_grpc, tokenizer_pb2
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,6 +103,7 @@ class StageClients:
         pool = await self.directory.pool("prefill")
         hashes = router.servable_hashes(token_ids, prompt_cache)
         queued: dict[Instance, int] = {}  # what this call added to instances' queues
+        calls: list[tuple[Instance, grpc.aio.UnaryUnaryCall]] = []
 
         def route(instances: Sequence[Instance]) -> Instance:
             chosen = router.choose(instances, len(token_ids), hashes)
@@ -114,10 +111,17 @@ class StageClients:
             queued[chosen.instance] = chosen.uncached_tokens
             return chosen.instance
 
+        def start(stub: prefill_pb2_grpc.PrefillStub) -> grpc.aio.UnaryUnaryCall:
+            calls.append((next(reversed(queued)), stub.Prefill(request)))
+            return calls[-1][1]
+
         try:
-            instance, response = await self._call(
-                pool, route, lambda stub: stub.Prefill(request), None
-            )
+            instance, response = await self._call(pool, route, start, None)
+        except asyncio.CancelledError:
+            # Cancelled just as prefill answered: the handle is pinned and nobody holds it.
+            if calls and calls[-1][1].done() and not calls[-1][1].cancelled():
+                self._later(self._release_answered(*calls[-1]))
+            raise
         finally:
             for instance_queued, tokens in queued.items():
                 instance_queued.queued_tokens -= tokens
@@ -160,13 +164,22 @@ class StageClients:
         Runs as its own task because the caller is often being cancelled (client gone), and
         an await there would be cancelled with it.
         """
-        task = asyncio.get_running_loop().create_task(self._release(prefilled))
+        self._later(self._release(prefilled.prefill_instance, prefilled.kv_handle.handle_id))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _release(self, prefilled: Prefilled) -> None:
-        handle_id = prefilled.kv_handle.handle_id
-        instance = (await self.directory.pool("prefill")).get(prefilled.prefill_instance)
+    async def _release_answered(self, instance: Instance, call: grpc.aio.UnaryUnaryCall) -> None:
+        try:
+            response = await call
+        except grpc.aio.AioRpcError:
+            return  # it failed: no handle
+        await self._release(instance.address, response.kv_handle.handle_id)
+
+    async def _release(self, address: str, handle_id: str) -> None:
+        instance = (await self.directory.pool("prefill")).get(address)
         if instance is None:
             return  # gone: its blocks went with it
         request = prefill_pb2.ReleaseRequest(handle_id=handle_id)

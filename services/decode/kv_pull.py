@@ -42,6 +42,8 @@ class KvPuller:
         self.cache = engine.worker.pool.cache
         self._stubs: dict[str, prefill_pb2_grpc.PrefillStub] = {}
         self._shared_pools: dict[tuple[str, str], torch.Tensor | None] = {}
+        # Release calls made for requests that are going away, held until they finish.
+        self._releases: set[asyncio.Task[None]] = set()
 
     def stub(self, address: str) -> prefill_pb2_grpc.PrefillStub:
         if address not in self._stubs:
@@ -49,23 +51,26 @@ class KvPuller:
             self._stubs[address] = prefill_pb2_grpc.PrefillStub(channel)
         return self._stubs[address]
 
-    async def release(self, handle: common_pb2.KvHandle) -> None:
-        """Frees a handle that will not be pulled; its lease frees it if this fails."""
-        try:
-            await self.stub(handle.prefill_address).Release(
-                prefill_pb2.ReleaseRequest(handle_id=handle.handle_id), timeout=5
-            )
-        except grpc.aio.AioRpcError:
-            pass
+    def release_later(self, handle: common_pb2.KvHandle) -> None:
+        """Frees a handle that will not be pulled, without making the caller wait: it is
+        often being cancelled, and an await would be cancelled with it. Its lease frees the
+        handle if this fails; a handle already gone is no harm."""
+        task = asyncio.get_running_loop().create_task(self._release_pinned(handle))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def pull(self, handle: common_pb2.KvHandle, prompt_ids: list[int]) -> PulledKv:
         """The prompt's KV in decode's pool, once the sequence can join the batch. The caller
         must end the pull with `engine.end_pull(seq)` (failures here end it themselves)."""
         start = time.monotonic_ns()
-        reused, new_blocks = await self._reserve(handle, prompt_ids)
+        try:
+            reused, new_blocks = await self._reserve(handle, prompt_ids)
+        except BaseException:
+            self.release_later(handle)
+            raise
         try:
             if not new_blocks:
-                await self.release(handle)
+                self.release_later(handle)
                 num_bytes, transport = 0, "none"
             elif (source := self._shared_pool(handle)) is not None:
                 num_bytes = await self._copy_shared(handle, source, len(reused), new_blocks)
@@ -75,6 +80,7 @@ class KvPuller:
                 transport = "grpc"
         except BaseException:
             self.engine.end_pull(None, reused + new_blocks)
+            self.release_later(handle)
             raise
         block_ids = reused + new_blocks
         self._register(handle, prompt_ids, block_ids, len(reused))

@@ -118,8 +118,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             seq.grammar = await grammar_state(seq.sampling.grammar, self.grammars)
             if seq.grammar is not None and not seq.grammar.accept(request.first_token_id):
                 raise InvalidArgumentError("first_token_id is not allowed by the grammar")
-        except InvalidArgumentError:
-            await self.puller.release(request.kv_handle)
+        except BaseException:  # a bad request, or the caller gone: nobody will pull the KV
+            self.puller.release_later(request.kv_handle)
             raise
         self._active[seq.request_id] = seq
         try:
@@ -142,10 +142,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if seq.sampling.wants_logprobs:
             response.logprobs.append(request.first_token_logprob)
         if finish is not None:
-            await self.puller.release(request.kv_handle)
+            self.puller.release_later(request.kv_handle)
             yield response
             return
-        yield response
+        try:
+            yield response
+        except BaseException:  # the caller went away after the first token, before the pull
+            self.puller.release_later(request.kv_handle)
+            raise
         pulled = await self.puller.pull(request.kv_handle, seq.token_ids[: seq.num_prompt_tokens])
         seq.block_table, seq.num_cached = pulled.block_ids, seq.num_prompt_tokens
         self.engine.end_pull(seq)

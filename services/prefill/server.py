@@ -61,6 +61,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             result = await job.future
         except asyncio.CancelledError:
             self.engine.abort(request.request_id)
+            future = job.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # Finished just as the caller left: nobody will pull or release it.
+                self.engine.release(future.result().handle_id)
             raise
         handle = common_pb2.KvHandle(
             prefill_address=self.address,
