@@ -33,6 +33,8 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    def healthy(self) -> bool: ...
+
 
 E = TypeVar("E", bound=Engine)
 
@@ -63,7 +65,8 @@ def run(
     async def stop() -> None:
         engine.stop()
 
-    asyncio.run(serve(name, f"{args.host}:{args.port}", register, on_stop=stop))
+    address = f"{args.host}:{args.port}"
+    asyncio.run(serve(name, address, register, on_stop=stop, healthy=engine.healthy))
 
 
 def info_response(

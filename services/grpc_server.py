@@ -20,6 +20,7 @@ from services.errors import ServiceError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+HEALTH_CHECK_S = 1.0  # how often an engine service checks its engine for its gRPC health
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -92,11 +93,13 @@ async def serve(
     address: str,
     register: Callable[[grpc.aio.Server, str], list[str]],
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    healthy: Callable[[], bool] | None = None,
 ) -> None:
     """Serves until SIGINT/SIGTERM.
 
     `register(server, bound_address)` adds the servicers and returns their full names; the
-    bound address has the real port when `address` asked for port 0.
+    bound address has the real port when `address` asked for port 0. `healthy`, checked every
+    HEALTH_CHECK_S, turns the gRPC health of every service to NOT_SERVING while it is false.
     """
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[ErrorInterceptor()])
     port = server.add_insecure_port(address)
@@ -113,13 +116,38 @@ async def serve(
     for service in ["", *service_names]:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"{name} serving on {host}:{port}", flush=True)
+    watch = None
+    if healthy is not None:
+        watch = asyncio.create_task(_watch_health(name, health_servicer, service_names, healthy))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
+    if watch is not None:
+        watch.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     if on_stop is not None:
         await on_stop()
+
+
+async def _watch_health(
+    name: str,
+    servicer: health.aio.HealthServicer,
+    service_names: list[str],
+    healthy: Callable[[], bool],
+) -> None:
+    serving = True
+    while True:
+        await asyncio.sleep(HEALTH_CHECK_S)
+        now = healthy()
+        if now != serving:
+            serving = now
+            status = health_pb2.HealthCheckResponse.SERVING
+            if not now:
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+                log.error("%s: the engine is dead or stuck; reporting NOT_SERVING", name)
+            for service in ["", *service_names]:
+                await servicer.set(service, status)

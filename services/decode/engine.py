@@ -48,7 +48,7 @@ class DecodeEngine:
         self._pending_aborts: list[str] = []
         self._deliver = deliver
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = EngineThread("decode-engine", self._poll)
+        self._thread = EngineThread("decode-engine", self._poll, self._fail_all)
 
     def start(self) -> None:
         """Starts the engine thread; call it on the event loop."""
@@ -168,6 +168,21 @@ class DecodeEngine:
         return [
             (seq, token, finish) for (seq, _, finish), token in zip(outputs, sampled, strict=True)
         ]
+
+    def healthy(self) -> bool:
+        with self.lock:
+            has_work = bool(self.scheduler.running or self.scheduler.waiting)
+        return self._thread.healthy(has_work)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """After a failure outside a step: every sequence ends with an error, and whatever
+        state broke the turn goes with them."""
+        with self.lock:
+            seqs = [*self.scheduler.running, *self.scheduler.waiting]
+            for seq in seqs:
+                self.scheduler.abort(seq.request_id)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, [(seq, None, Finish.ABORT) for seq in seqs])
 
     def _fail(self, scheduled: list[Scheduled]) -> list:
         with self.lock:

@@ -41,7 +41,7 @@ class PrefillEngine:
         self._running: list[PrefillJob] = []  # admitted: blocks held, chunks left to run
         self._handles: dict[str, Handle] = {}
         self._lock = threading.Lock()
-        self._thread = EngineThread("prefill-engine", self._poll)
+        self._thread = EngineThread("prefill-engine", self._poll, self._fail_all)
 
     def start(self) -> None:
         self._thread.start()
@@ -119,6 +119,21 @@ class PrefillEngine:
                 "num_tokens": self.num_tokens,
                 "num_pinned_handles": len(self._handles),
             }
+
+    def healthy(self) -> bool:
+        with self._lock:
+            has_work = bool(self._waiting or self._running)
+        return self._thread.healthy(has_work)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """After a failure outside a pass: every job ends with the error."""
+        with self._lock:
+            running, waiting = list(self._running), list(self._waiting)
+            self._waiting.clear()
+        for job in running:
+            self._finish(job, exc)
+        for job in waiting:
+            job.loop.call_soon_threadsafe(_resolve, job.future, exc, self)
 
     def _poll(self) -> bool:
         """One turn of the engine thread: expires leases, then runs a pass if there is work."""
