@@ -33,6 +33,9 @@ class FrontendConfig:
     # Stage instances are re-resolved and health-checked this often.
     health_interval_s: float = 2.0
     prefill_routing: str = "cache_aware"  # or "round_robin"
+    # Requests in flight beyond which a new one is refused (429): the stages' own queues
+    # refuse sooner when they are the bottleneck; this bounds the frontend's memory.
+    max_requests: int = 1024
 
 
 def parse_args(
@@ -74,6 +77,12 @@ def parse_args(
     )
     parser.add_argument("--log-level", default=defaults.log_level)
     parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=defaults.max_requests,
+        help="requests in flight beyond which a new one gets 429 with Retry-After",
+    )
+    parser.add_argument(
         "--graceful-shutdown-s",
         type=int,
         default=defaults.graceful_shutdown_s,
@@ -101,5 +110,6 @@ def parse_args(
         port=args.port,
         log_level=args.log_level,
         graceful_shutdown_s=args.graceful_shutdown_s,
+        max_requests=args.max_requests,
         api_keys=tuple(dict.fromkeys(k.strip() for k in keys if k.strip())),
     )

@@ -15,6 +15,7 @@ INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 # nginx's "client closed request": nobody reads it, but the access log says what happened.
 CLIENT_CLOSED_REQUEST = 499
+RETRY_AFTER_S = 2  # what a refused request is told to wait: a few steps and passes
 
 
 class ApiError(Exception):
@@ -80,6 +81,17 @@ def stage_unavailable(stage: str) -> ApiError:
         f"The {stage} stage is unavailable; try again later.",
         type=SERVER_ERROR,
         code="stage_unavailable",
+    )
+
+
+def overloaded(message: str) -> ApiError:
+    """Too much work queued: refused before any token, to be retried after a moment."""
+    return ApiError(
+        429,
+        f"{message} Retry after {RETRY_AFTER_S} s.",
+        type=SERVER_ERROR,
+        code="overloaded",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
     )
 
 

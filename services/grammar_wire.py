@@ -23,7 +23,7 @@ from services.engine.grammar import (
     tool_calls_spec,
 )
 from services.errors import InvalidArgumentError
-from services.request_params import Grammar
+from services.request_params import MAX_GRAMMAR_BYTES, Grammar
 
 
 def request_field(kind: str) -> str:
@@ -33,6 +33,11 @@ def request_field(kind: str) -> str:
 
 def grammar_spec(grammar: Grammar) -> GrammarSpec:
     """Checks the grammar now (no tokenizer needed), so a bad one fails before it queues."""
+    if len(grammar.source.encode()) > MAX_GRAMMAR_BYTES:
+        raise InvalidArgumentError(
+            f"{request_field(grammar.kind)}: the schema or grammar is larger than "
+            f"{MAX_GRAMMAR_BYTES // 1024} KiB"
+        )
     try:
         if grammar.kind == JSON_OBJECT:
             return json_object_spec()

@@ -20,6 +20,9 @@ MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0  # frequency and presence penalties lie in [-2, 2], repetition in [0, 2]
 MAX_LOGIT_BIAS = 100.0
 MAX_TOP_LOGPROBS = 5
+# A grammar's source (JSON schema, GBNF, regex, tool tags): larger ones are refused before any
+# compiling, which grows with it.
+MAX_GRAMMAR_BYTES = 64 * 1024
 
 
 @dataclass(slots=True, frozen=True)

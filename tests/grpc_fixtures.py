@@ -31,8 +31,10 @@ def services_stack() -> Iterator[Stack]:
         "decode": start_service(
             "decode", *ENGINE_ARGS, kv, str(DECODE_KV_TOKENS), "--max-batch-size", str(MAX_BATCH)
         ),
-        # Frees an unpulled handle after one second.
-        "prefill_short": start_service("prefill", *ENGINE_ARGS, kv, "512", "--kv-lease-s", "1"),
+        # Frees an unpulled handle after one second; queues at most 600 prompt tokens.
+        "prefill_short": start_service(
+            "prefill", *ENGINE_ARGS, kv, "512", "--kv-lease-s", "1", "--max-queued-tokens", "600"
+        ),
     }
     with running(services):
         stack = Stack(services)

@@ -139,6 +139,7 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
     requests: list[prefill_pb2.PrefillRequest] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     delay_s: float = 0.0  # as FakeTokenizer.delay_s
+    full: bool = False  # answers RESOURCE_EXHAUSTED, as a prefill whose queue is full
     # When (time.monotonic) each Prefill call started and returned, by request id.
     started: dict[str, float] = field(default_factory=dict)
     finished: dict[str, float] = field(default_factory=dict)
@@ -146,6 +147,8 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
     def Prefill(self, request, context):  # noqa: N802
         self.started[request.request_id] = time.monotonic()
         self.requests.append(request)
+        if self.full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "40000 prompt tokens queued")
         handle = common_pb2.KvHandle(handle_id=f"kv-{request.request_id}", num_tokens=3)
         timing = _sleep_and_time(self.delay_s) if self.delay_s else {}
         response = prefill_pb2.PrefillResponse(

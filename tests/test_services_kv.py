@@ -60,6 +60,20 @@ def test_pull_kv_matches_engine(stack, engine_reference: Reference, default_toke
     assert stack.wait_idle("prefill").num_used_blocks == 0
 
 
+def test_a_full_prefill_queue_refuses_the_next_prompt(stack, default_tokenizer):
+    short = stack.prefill_stub("prefill_short")
+    text = " ".join(f"Item {i} is {i * i}." for i in range(100))
+    first, second = (default_tokenizer.encode(f"{tag} {text}")[:500] for tag in "AB")
+    running = short.Prefill.future(prefill_pb2.PrefillRequest(request_id="a", token_ids=first))
+    refused = rpc_error(short.Prefill, prefill_pb2.PrefillRequest(request_id="b", token_ids=second))
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
+    assert "queued" in refused.details()
+    running.result(timeout=60)
+    assert stack.wait_idle("prefill_short").num_used_blocks == 0  # the lease freed the first
+    accepted = short.Prefill(prefill_pb2.PrefillRequest(request_id="c", token_ids=second))
+    assert accepted.kv_handle.num_tokens == 500
+
+
 def test_release_frees_blocks(stack, prompt):
     handle = stack.run_prefill(prompt).kv_handle
     stats = stack.stats("prefill")

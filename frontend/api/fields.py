@@ -10,6 +10,8 @@ from pydantic_core import PydanticCustomError
 
 INT32_MAX = 2**31 - 1
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS_ENTRIES = 300  # as OpenAI
 MAX_TOP_LOGPROBS = 5
 MAX_LOGIT_BIAS = 100.0
 REASONING_EFFORTS = ("low", "medium", "high", "none")
@@ -36,6 +38,8 @@ def stop_list(value: Any) -> list[str]:
         raise invalid(f"stop takes at most {MAX_STOP_SEQUENCES} sequences.")
     if any(not s for s in stops):
         raise invalid("stop sequences must not be empty.")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid(f"stop sequences must be at most {MAX_STOP_CHARS} characters long.")
     return stops
 
 
@@ -46,6 +50,8 @@ def logit_bias_map(value: Any) -> dict[int, float] | None:
         return None
     if not isinstance(value, dict):
         raise invalid("logit_bias must be an object mapping token ids to biases.")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise invalid(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries.")
     biases = {}
     for key, bias in value.items():
         token_id = _token_id_key(key)

@@ -19,10 +19,12 @@ from frontend.api.unsupported import (
 from frontend.errors import ApiError, invalid_request
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+# Room for a context window of token ids written as JSON, and then some.
+MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
-    body = await request.body()
+    body = await _read_body(request)
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -39,6 +41,28 @@ async def read_json_object(request: Request) -> dict[str, Any]:
             code="invalid_json",
         )
     return data
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed MAX_BODY_BYTES."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> ApiError:
+    return ApiError(
+        413,
+        f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB.",
+        code="request_too_large",
+    )
 
 
 def _has_lone_surrogate(data: Any) -> bool:

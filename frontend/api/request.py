@@ -8,10 +8,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from frontend.api.response_format import grammar_of
-from frontend.api.schemas import ChatCompletionRequest, CompletionRequest
+from frontend.api.schemas import MAX_N, ChatCompletionRequest, CompletionRequest
 from frontend.errors import invalid_request
 from frontend.stages.types import ChatTurn
-from services.request_params import Grammar, OutputOptions, PromptCache, SamplingParams, Stopping
+from services.request_params import (
+    MAX_GRAMMAR_BYTES,
+    Grammar,
+    OutputOptions,
+    PromptCache,
+    SamplingParams,
+    Stopping,
+)
 
 UINT64_MODULUS = 2**64
 # SamplingParams fields that are not read as they come: the API's logprobs has two forms, and
@@ -97,6 +104,13 @@ def generation_request(
                 "max_completion_tokens",
             )
         max_tokens = body.max_completion_tokens
+    n = body.n or 1
+    if source.num_prompts * n > MAX_N:
+        raise invalid_request(
+            f"prompts x n is {source.num_prompts} x {n}; a request may ask for at most "
+            f"{MAX_N} completions.",
+            "n",
+        )
     return GenerationRequest(
         id=request_id,
         source=source,
@@ -111,7 +125,7 @@ def generation_request(
             max_len=body.prompt_cache_max_len,
         ),
         output=_output_options(body),
-        n=body.n or 1,
+        n=n,
     )
 
 
@@ -126,7 +140,18 @@ def _sampling(body: Body) -> SamplingParams:
 
 
 def _grammar(body: Body) -> Grammar | None:
-    """response_format's grammar, or the tools' (never both)."""
+    """response_format's grammar, or the tools' (never both), within MAX_GRAMMAR_BYTES."""
+    grammar = _requested_grammar(body)
+    if grammar is not None and len(grammar.source.encode()) > MAX_GRAMMAR_BYTES:
+        param = "tools" if grammar.kind == "tool_calls" else "response_format"
+        raise invalid_request(
+            f"{param}: the schema or grammar is larger than {MAX_GRAMMAR_BYTES // 1024} KiB.",
+            param,
+        )
+    return grammar
+
+
+def _requested_grammar(body: Body) -> Grammar | None:
     requested = grammar_of(body.response_format)
     if not isinstance(body, ChatCompletionRequest) or body.tool_use.grammar is None:
         return requested

@@ -21,6 +21,8 @@ TOOL_CHOICES = ("none", "auto", "required")
 # A function without parameters takes an empty object.
 DEFAULT_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
+MAX_TOOLS = 128  # as OpenAI
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -106,6 +108,8 @@ def tool_use(
         return ToolUse()
     if choice == "none":
         return ToolUse()
+    if len(tools) > MAX_TOOLS:
+        raise invalid_request(f"tools: at most {MAX_TOOLS} tools are allowed.", "tools")
     names = [tool.function.name for tool in tools]
     if len(set(names)) != len(names):
         raise invalid_request("tools: function names must be unique.", "tools")

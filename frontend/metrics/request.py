@@ -18,9 +18,11 @@ come after it.
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 HEADER_PREFIX = "fireworks-"
 SAMPLING_OPTIONS_HEADER = "fireworks-sampling-options"
+MAX_HEADER_BYTES = 4096  # the sampling-options header stays under what proxies accept
 
 
 def seconds(ns: int) -> str:
@@ -113,9 +115,18 @@ class RequestMetrics:
         return {HEADER_PREFIX + name: value for name, value in self.as_dict().items()}
 
 
-def sampling_options_header(options: dict[str, object]) -> dict[str, str]:
+def sampling_options_header(options: dict[str, Any]) -> dict[str, str]:
     # ASCII JSON: header values must be latin-1, and stop strings may be anything.
-    return {SAMPLING_OPTIONS_HEADER: json.dumps(options, separators=(",", ":"))}
+    value = json.dumps(options, separators=(",", ":"))
+    if len(value) > MAX_HEADER_BYTES:
+        # Proxies and clients break on long headers: the long fields' sizes stand in for them.
+        options = {
+            **options,
+            "logit_bias": f"{len(options['logit_bias'])} entries",
+            "stop": f"{len(options['stop'])} sequences",
+        }
+        value = json.dumps(options, separators=(",", ":"))
+    return {SAMPLING_OPTIONS_HEADER: value}
 
 
 class InFlight:

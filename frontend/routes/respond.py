@@ -15,6 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from frontend.api.request import GenerationRequest
 from frontend.context import AppState
+from frontend.errors import overloaded
 from frontend.metrics.request import RequestMetrics, sampling_options_header
 from frontend.output.responses import ResponseShape
 from frontend.output.streaming import SSEResponse, sse_events
@@ -40,6 +41,11 @@ async def respond(
     shape: ResponseShape,
     arrival_ns: int,
 ) -> Response:
+    limit = state.config.max_requests
+    if state.in_flight.count >= limit:
+        raise overloaded(
+            f"The server has {state.in_flight.count} requests in flight (at most {limit})."
+        )
     metrics = RequestMetrics(arrival_ns, num_concurrent_requests=state.in_flight.enter())
     try:
         run = await until_disconnect(http_request, state.pipeline.start(request, metrics))

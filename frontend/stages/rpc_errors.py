@@ -11,6 +11,7 @@ from frontend.errors import (
     ApiError,
     internal_error,
     invalid_request,
+    overloaded,
     stage_unavailable,
 )
 
@@ -46,12 +47,7 @@ def stage_error(
         message = details[:1].upper() + details[1:]
         return ApiError(503, message, type=SERVER_ERROR, code="request_aborted")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ApiError(
-            503,
-            f"The {stage} stage is overloaded: {details}",
-            type=SERVER_ERROR,
-            code="overloaded",
-        )
+        return overloaded(f"The {stage} stage is at capacity ({details}).")
     logger.error("%s stage failed with %s: %s", stage, code.name, details)
     return internal_error()
 

@@ -27,11 +27,18 @@ _NO_HISTORY = TokenHistory((), ())
 
 class DecodeEngine:
     def __init__(
-        self, worker: Worker, max_batch_size: int, max_step_tokens: int, deliver: Deliver
+        self,
+        worker: Worker,
+        max_batch_size: int,
+        max_step_tokens: int,
+        deliver: Deliver,
+        max_queued_requests: int,
     ) -> None:
         """`deliver` is called on the event loop that calls `start`, once per step with that
-        step's new tokens."""
+        step's new tokens. Beyond `max_queued_requests` waiting to join the batch, decode
+        refuses new ones."""
         self.worker = worker
+        self.max_queued_requests = max_queued_requests
         self.blocks: BlockManager = worker.pool.blocks
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_step_tokens)
         self.grammar_batch = GrammarBatch(worker.config.vocab_size, max_batch_size, worker.device)

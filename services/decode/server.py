@@ -15,7 +15,7 @@ from services.decode.text_stream import TextStream
 from services.engine.block_manager import blocks_needed
 from services.engine.grammar import GrammarCompiler
 from services.engine.sampling_state import MirostatState, SampledToken
-from services.errors import InvalidArgumentError
+from services.errors import InvalidArgumentError, ResourceExhaustedError
 from services.grammar_wire import grammar_state
 from services.request_params import Stopping
 from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc
@@ -114,6 +114,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Generate(self, request, context) -> AsyncIterator[decode_pb2.GenerateResponse]:
         received_ns = time.monotonic_ns()
         try:
+            queued = len(self._active) - len(self.engine.scheduler.running)
+            if queued >= self.engine.max_queued_requests:
+                raise ResourceExhaustedError(
+                    f"decode has {queued} requests waiting to join its batch; retry later"
+                )
             seq = self._new_sequence(request)
             seq.grammar = await grammar_state(seq.sampling.grammar, self.grammars)
             if seq.grammar is not None and not seq.grammar.accept(request.first_token_id):
@@ -212,6 +217,13 @@ def main() -> None:
     parser = cli.engine_parser("Decode service", default_port=50053, kv_cache_tokens=65536)
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences per step")
     parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=0,
+        help="requests waiting to join the batch beyond which a new one is refused "
+        "(RESOURCE_EXHAUSTED, HTTP 429); 0: four batches' worth",
+    )
+    parser.add_argument(
         "--max-step-tokens", type=int, default=2048, help="token budget of one step (recompute)"
     )
     args = parser.parse_args()
@@ -219,7 +231,11 @@ def main() -> None:
         "decode",
         args,
         make_engine=lambda worker: DecodeEngine(
-            worker, args.max_batch_size, args.max_step_tokens, deliver
+            worker,
+            args.max_batch_size,
+            args.max_step_tokens,
+            deliver,
+            args.max_queued_requests or 4 * args.max_batch_size,
         ),
         servicer=DecodeServicer,
         add_servicer=decode_pb2_grpc.add_DecodeServicer_to_server,

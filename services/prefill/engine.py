@@ -17,17 +17,20 @@ from services.engine.grammar_batch import GrammarBatch
 from services.engine.runner import SeqChunk
 from services.engine.sampling_state import SampledToken, TokenHistory
 from services.engine.worker import Worker
-from services.errors import InvalidArgumentError
+from services.errors import InvalidArgumentError, ResourceExhaustedError
 from services.prefill.jobs import Handle, PrefillJob, PrefillResult
 
 log = logging.getLogger(__name__)
 
 
 class PrefillEngine:
-    def __init__(self, worker: Worker, max_prefill_tokens: int, lease_s: float) -> None:
+    def __init__(
+        self, worker: Worker, max_prefill_tokens: int, lease_s: float, max_queued_tokens: int
+    ) -> None:
         self.worker = worker
         self.blocks = worker.pool.blocks
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_queued_tokens = max_queued_tokens
         # At most one first token per prompt in a pass, so the budget bounds the rows.
         self.grammar_batch = GrammarBatch(
             worker.config.vocab_size, max_prefill_tokens, worker.device
@@ -56,6 +59,12 @@ class PrefillEngine:
                 f"({self.blocks.num_blocks * self.blocks.block_size} tokens)"
             )
         with self._lock:
+            queued = sum(j.num_remaining for j in (*self._waiting, *self._running))
+            if queued and queued + len(job.token_ids) > self.max_queued_tokens:
+                raise ResourceExhaustedError(
+                    f"prefill has {queued} prompt tokens queued (at most "
+                    f"{self.max_queued_tokens}); retry later"
+                )
             self._waiting.append(job)
         self._thread.wake()
 
