@@ -25,6 +25,9 @@ from services.engine.grammar import (
 from services.errors import InvalidArgumentError
 from services.request_params import MAX_GRAMMAR_BYTES, Grammar
 
+# A grammar that takes longer to compile is refused; its worker thread finishes it anyway.
+COMPILE_TIMEOUT_S = 10.0
+
 
 def request_field(kind: str) -> str:
     """The API field a grammar comes from; its errors start with it ("tools: ...")."""
@@ -59,12 +62,18 @@ def grammar_spec(grammar: Grammar) -> GrammarSpec:
 
 
 async def grammar_state(grammar: Grammar | None, compiler: GrammarCompiler) -> GrammarState | None:
-    """A fresh state for the request's grammar, compiled off the event loop (cached)."""
+    """A fresh state for the request's grammar, parsed and compiled off the event loop
+    within COMPILE_TIMEOUT_S (cached)."""
     if grammar is None:
         return None
-    spec = grammar_spec(grammar)
+    field = request_field(grammar.kind)
     try:
-        compiled = await compiler.compile_async(spec)
+        compiled = await compiler.compile_async(lambda: grammar_spec(grammar), COMPILE_TIMEOUT_S)
     except GrammarError as exc:
-        raise InvalidArgumentError(f"{request_field(spec.kind)}: {exc}") from exc
+        raise InvalidArgumentError(f"{field}: {exc}") from exc
+    except TimeoutError:
+        raise InvalidArgumentError(
+            f"{field}: compiling the schema or grammar took over {COMPILE_TIMEOUT_S:.0f} s; "
+            "simplify it"
+        ) from None
     return GrammarState(compiled)

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import re
+import threading
 import time
 
 import jsonschema
@@ -11,6 +12,7 @@ import torch
 from tokenizers import AddedToken, decoders, models, normalizers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from services import grammar_wire
 from services.engine.grammar import (
     GrammarCompiler,
     GrammarError,
@@ -25,6 +27,8 @@ from services.engine.grammar import (
 from services.engine.grammar_batch import GrammarBatch
 from services.engine.loader import load_tokenizer
 from services.engine.tokenizer import Tokenizer
+from services.errors import InvalidArgumentError
+from services.request_params import Grammar
 
 VOCAB_SIZE = 49152
 MAX_TOKENS = 200
@@ -113,11 +117,50 @@ def test_compile_async_compiles_concurrent_requests_once(tokenizer: Tokenizer) -
     spec = json_schema_spec(SCHEMAS[1])
 
     async def compile_four() -> list:
-        return await asyncio.gather(*(compiler.compile_async(spec) for _ in range(4)))
+        return await asyncio.gather(*(compiler.compile_async(lambda: spec, 60) for _ in range(4)))
 
     results = asyncio.run(compile_four())
     assert all(result is results[0] for result in results)
     assert (compiler.stats().misses, compiler.stats().hits) == (1, 3)
+    compiler.close()
+
+
+def test_grammar_work_runs_off_the_event_loop_within_a_time_limit(tokenizer: Tokenizer) -> None:
+    compiler = GrammarCompiler(tokenizer, VOCAB_SIZE)
+    release = threading.Event()
+
+    def pathological() -> GrammarSpec:  # parsing that does not end in time
+        release.wait(10)
+        return json_schema_spec(SCHEMAS[1])
+
+    async def serve_meanwhile() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        with pytest.raises(TimeoutError):
+            await compiler.compile_async(pathological, 0.3)
+        ticker.cancel()
+        return ticks
+
+    assert asyncio.run(serve_meanwhile()) >= 10  # the loop went on serving
+    release.set()
+    compiler.close()
+
+
+def test_a_grammar_over_its_time_limit_is_the_requests_error(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(grammar_wire, "COMPILE_TIMEOUT_S", 1e-6)
+    compiler = GrammarCompiler(tokenizer, VOCAB_SIZE)
+    grammar = Grammar("json_schema", json.dumps(SCHEMAS[1]), strict=True)
+    with pytest.raises(InvalidArgumentError, match="^response_format: compiling .* took over"):
+        asyncio.run(grammar_wire.grammar_state(grammar, compiler))
     compiler.close()
 
 

@@ -230,14 +230,16 @@ class GrammarCompiler:
         pending.set_result(compiled)
         return compiled
 
-    async def compile_async(self, spec: GrammarSpec) -> CompiledGrammar:
-        """Compiles on a worker thread; xgrammar releases the GIL, so serving goes on."""
-        with self._lock:
-            compiled = self._cached(spec)
-        if compiled is not None:  # the common case needs no thread hop
-            return compiled
+    async def compile_async(
+        self, spec_of: Callable[[], GrammarSpec], timeout_s: float
+    ) -> CompiledGrammar:
+        """Builds the spec (`spec_of` parses and checks the grammar) and compiles it on a
+        worker thread, so that no grammar work runs on the event loop (xgrammar releases the
+        GIL: serving goes on). TimeoutError after `timeout_s`; the thread then finishes on
+        its own and caches what it compiled."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.compile, spec)
+        work = loop.run_in_executor(self._executor, lambda: self.compile(spec_of()))
+        return await asyncio.wait_for(work, timeout_s)
 
     def stats(self) -> GrammarCacheStats:
         with self._lock:
