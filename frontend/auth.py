@@ -1,5 +1,11 @@
-"""Optional bearer API keys: with none configured every request is let through."""
+"""Optional bearer API keys: with none configured every request is let through.
 
+With keys, each key's requests share prefix-cache entries only among themselves (unless the
+operator shares the cache, `--shared-prompt-cache`): otherwise `cached_tokens` would let one
+client learn whether another sent a prompt.
+"""
+
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -23,3 +29,10 @@ async def require_api_key(request: Request) -> None:
     matches = [hmac.compare_digest(given, key.encode()) for key in keys]
     if not any(matches):
         raise unauthorized()
+    if not get_state(request).config.shared_prompt_cache:
+        request.state.prompt_cache_tenant = hashlib.sha256(given).hexdigest()[:32]
+
+
+def prompt_cache_tenant(request: Request) -> str:
+    """Whose prefix-cache entries the request may share ("" when everyone's)."""
+    return getattr(request.state, "prompt_cache_tenant", "")

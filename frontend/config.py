@@ -36,6 +36,8 @@ class FrontendConfig:
     # Requests in flight beyond which a new one is refused (429): the stages' own queues
     # refuse sooner when they are the bottleneck; this bounds the frontend's memory.
     max_requests: int = 1024
+    # With API keys: share prefix-cache entries across keys (else each key has its own).
+    shared_prompt_cache: bool = False
 
 
 def parse_args(
@@ -77,6 +79,12 @@ def parse_args(
     )
     parser.add_argument("--log-level", default=defaults.log_level)
     parser.add_argument(
+        "--shared-prompt-cache",
+        action="store_true",
+        help="with API keys, let requests of different keys share prefix-cache entries "
+        "(by default each key's are its own, so cached_tokens reveals nothing across keys)",
+    )
+    parser.add_argument(
         "--max-requests",
         type=int,
         default=defaults.max_requests,
@@ -111,5 +119,6 @@ def parse_args(
         log_level=args.log_level,
         graceful_shutdown_s=args.graceful_shutdown_s,
         max_requests=args.max_requests,
+        shared_prompt_cache=args.shared_prompt_cache,
         api_keys=tuple(dict.fromkeys(k.strip() for k in keys if k.strip())),
     )

@@ -52,6 +52,28 @@ def test_valid_keys_are_served(client: TestClient) -> None:
     assert client.get("/v1/models", headers={"Authorization": "Bearer key-one"}).status_code == 200
 
 
+def _isolation_key(client: TestClient, fakes: FakeStages, key: str, **body: str) -> str:
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.post("/v1/completions", json={**BODY, **body}, headers=headers).is_success
+    return fakes.prefill.requests[-1].prompt_cache.isolation_key
+
+
+def test_each_key_has_its_own_prompt_cache(client: TestClient, fakes: FakeStages) -> None:
+    one, two = (_isolation_key(client, fakes, key) for key in KEYS)
+    assert one and two and one != two
+    assert one == _isolation_key(client, fakes, "key-one")
+    assert all(key not in one + two for key in KEYS)  # the salt does not reveal the key
+    # The request's own isolation key divides the key's cache further.
+    salted = _isolation_key(client, fakes, "key-one", prompt_cache_isolation_key="user-7")
+    assert salted not in (one, two) and salted.endswith("user-7")
+
+
+def test_a_shared_prompt_cache_is_the_operators_choice(fakes: FakeStages) -> None:
+    config = fake_config(fakes, api_keys=KEYS, shared_prompt_cache=True)
+    with TestClient(create_app(config)) as shared:
+        assert {_isolation_key(shared, fakes, key) for key in KEYS} == {""}
+
+
 def test_health_and_metrics_stay_open(client: TestClient) -> None:
     assert client.get("/health").status_code == 200
     assert client.get("/metrics").status_code == 200

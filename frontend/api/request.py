@@ -93,9 +93,14 @@ class GenerationRequest:
 
 
 def generation_request(
-    body: Body, request_id: str, source: PromptSource, default_max_tokens: int
+    body: Body,
+    request_id: str,
+    source: PromptSource,
+    default_max_tokens: int,
+    prompt_cache_tenant: str = "",
 ) -> GenerationRequest:
-    """The body's fields with the API's defaults filled in."""
+    """The body's fields with the API's defaults filled in. A `prompt_cache_tenant` (an API
+    key's) salts the prompt cache ahead of the request's own isolation key."""
     max_tokens = body.max_tokens
     if body.max_completion_tokens is not None:
         if max_tokens is not None:
@@ -121,7 +126,9 @@ def generation_request(
         default_max_tokens=default_max_tokens,
         error_on_overflow=body.context_length_exceeded_behavior == "error",
         prompt_cache=PromptCache(
-            isolation_key=body.prompt_cache_isolation_key or "",
+            isolation_key="/".join(
+                filter(None, (prompt_cache_tenant, body.prompt_cache_isolation_key))
+            ),
             max_len=body.prompt_cache_max_len,
         ),
         output=_output_options(body),

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from frontend.api.parsing import parse_chat_request, read_json_object
 from frontend.api.request import PromptSource, generation_request
 from frontend.api.schemas import DEFAULT_PROMPT_TRUNCATE_LEN, ChatMessage
+from frontend.auth import prompt_cache_tenant
 from frontend.context import get_state
 from frontend.output.responses import ChatShape
 from frontend.routes.respond import new_request_id, respond, shape_for
@@ -31,7 +32,8 @@ async def create_chat_completion(request: Request) -> Response:
     source = PromptSource(
         messages=turns, truncate_len=truncate_len, tools_json=body.tool_use.tools_json
     )
-    generation = generation_request(body, request_id, source, CHAT_DEFAULT_MAX_TOKENS)
+    tenant = prompt_cache_tenant(request)
+    generation = generation_request(body, request_id, source, CHAT_DEFAULT_MAX_TOKENS, tenant)
     await state.check_model(body.model)
     shape = shape_for(ChatShape, generation, body.model)
     return await respond(request, state, generation, shape, arrival_ns)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from frontend.api.parsing import parse_completion_request, read_json_object
 from frontend.api.request import PromptSource, generation_request
+from frontend.auth import prompt_cache_tenant
 from frontend.context import get_state
 from frontend.output.responses import CompletionShape
 from frontend.routes.respond import new_request_id, respond, shape_for
@@ -23,7 +24,8 @@ async def create_completion(request: Request) -> Response:
     body = parse_completion_request(await read_json_object(request))
     request_id = new_request_id("cmpl")
     source = PromptSource(prompts=body.prompt)
-    generation = generation_request(body, request_id, source, COMPLETION_DEFAULT_MAX_TOKENS)
+    tenant = prompt_cache_tenant(request)
+    generation = generation_request(body, request_id, source, COMPLETION_DEFAULT_MAX_TOKENS, tenant)
     await state.check_model(body.model)
     shape = shape_for(CompletionShape, generation, body.model)
     return await respond(request, state, generation, shape, arrival_ns)
