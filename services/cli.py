@@ -49,6 +49,13 @@ def engine_parser(
     parser.set_defaults(default_kv_cache_tokens=kv_cache_tokens)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
+        "--drain-s",
+        type=float,
+        default=30.0,
+        help="after SIGTERM: refuse new work (health NOT_SERVING) and let open requests finish "
+        "for up to this long before exiting",
+    )
+    parser.add_argument(
         "--compute-lock",
         metavar="PATH",
         help="a file shared by the engines on this host: their CPU forward passes take turns",

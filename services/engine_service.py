@@ -6,6 +6,7 @@ starts the engine, serves until SIGINT/SIGTERM and then stops the engine.
 
 import argparse
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -37,13 +38,27 @@ class Engine(Protocol):
 
 
 E = TypeVar("E", bound=Engine)
+# How often a draining service looks whether its open work is done.
+DRAIN_POLL_S = 0.1
+
+
+class Drainable(Protocol):
+    """A servicer that can stop taking work and wait for what it has (SIGTERM)."""
+
+    async def drain(self, deadline: float) -> None: ...
+
+
+async def wait_until(done: Callable[[], bool], deadline: float) -> None:
+    """Returns once `done()` holds or at `deadline` (time.monotonic())."""
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
 
 
 def run(
     name: str,
     args: argparse.Namespace,
     make_engine: Callable[[Worker], E],
-    servicer: Callable[[E, str, Tokenizer], Any],
+    servicer: Callable[[E, str, Tokenizer], Drainable],
     add_servicer: Callable[[Any, grpc.aio.Server], None],
     service: ServiceDescriptor,
     shared_kv: bool = False,
@@ -57,16 +72,32 @@ def run(
     tokenizer = loader.load_tokenizer(args.model)
     engine = make_engine(worker)
 
+    servicers: list[Drainable] = []
+
     def register(server: grpc.aio.Server, address: str) -> list[str]:
         engine.start()
-        add_servicer(servicer(engine, address, tokenizer), server)
+        servicers.append(servicer(engine, address, tokenizer))
+        add_servicer(servicers[0], server)
         return [service.full_name]
+
+    async def drain(deadline: float) -> None:
+        await servicers[0].drain(deadline)
 
     async def stop() -> None:
         engine.stop()
 
     address = f"{args.host}:{args.port}"
-    asyncio.run(serve(name, address, register, on_stop=stop, healthy=engine.healthy))
+    asyncio.run(
+        serve(
+            name,
+            address,
+            register,
+            on_stop=stop,
+            healthy=engine.healthy,
+            drain=drain,
+            drain_s=args.drain_s,
+        )
+    )
 
 
 def info_response(

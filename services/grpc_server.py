@@ -9,6 +9,7 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -20,6 +21,7 @@ from services.errors import ServiceError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DRAIN_GRACE_S = 2.0  # after draining, for the calls still open
 HEALTH_CHECK_S = 1.0  # how often an engine service checks its engine for its gRPC health
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 CHANNEL_OPTIONS = [
@@ -94,12 +96,17 @@ async def serve(
     register: Callable[[grpc.aio.Server, str], list[str]],
     on_stop: Callable[[], Awaitable[None]] | None = None,
     healthy: Callable[[], bool] | None = None,
+    drain: Callable[[float], Awaitable[None]] | None = None,
+    drain_s: float = 0.0,
 ) -> None:
     """Serves until SIGINT/SIGTERM.
 
     `register(server, bound_address)` adds the servicers and returns their full names; the
     bound address has the real port when `address` asked for port 0. `healthy`, checked every
     HEALTH_CHECK_S, turns the gRPC health of every service to NOT_SERVING while it is false.
+    On SIGTERM the health turns NOT_SERVING, then `drain(deadline)` (a time.monotonic())
+    refuses new work and returns when the open work is done or `drain_s` has passed; the
+    server then stops, giving calls still open DRAIN_GRACE_S.
     """
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[ErrorInterceptor()])
     port = server.add_insecure_port(address)
@@ -128,7 +135,10 @@ async def serve(
     if watch is not None:
         watch.cancel()
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=2.0)
+    if drain is not None:
+        log.info("%s: draining for up to %.0f s", name, drain_s)
+        await drain(time.monotonic() + drain_s)
+    await server.stop(grace=DRAIN_GRACE_S)
     if on_stop is not None:
         await on_stop()
 

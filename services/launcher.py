@@ -28,6 +28,7 @@ STAGES = ("tokenizer", "prefill", "decode")
 # A stage process that exits this many times after start-up is given up on (and all stop).
 MAX_RESTARTS = 5
 FRONTEND_STOP_S = 300.0
+STAGE_STOP_S = 40.0  # the stages drain for up to 30 s (--drain-s)
 
 
 @dataclass(slots=True)
@@ -93,10 +94,11 @@ def wait_healthy(children: list[Child], timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def stop(children: list[Child], grace_s: float = 10.0) -> None:
+def stop(children: list[Child], grace_s: float = STAGE_STOP_S) -> None:
     """The frontend first, so that it finishes its open requests while the stages still
-    serve them, then the stages, killed if they take longer than `grace_s`. The frontend
-    bounds its own wait (its --graceful-shutdown-s); FRONTEND_STOP_S only catches a hung one."""
+    serve them, then the stages, killed if they take longer than `grace_s`. Each bounds its
+    own wait (the frontend's --graceful-shutdown-s, the stages' --drain-s); these limits only
+    catch a hung one."""
     _stop_group([c for c in children if c.is_frontend], FRONTEND_STOP_S)
     _stop_group([c for c in children if not c.is_frontend], grace_s)
 

@@ -37,7 +37,8 @@ T = TypeVar("T")
 # ask for greedy decoding.
 GREEDY = common_pb2.SamplingParams(temperature=0.0)
 # float32 everywhere, so the services compute exactly what tests/engine_reference.py does.
-ENGINE_ARGS = ("--dtype", "float32", "--threads", "1")
+# A handle a test leaves pinned holds a draining prefill at most 5 s (not the 30 s default).
+ENGINE_ARGS = ("--dtype", "float32", "--threads", "1", "--drain-s", "5")
 PREFILL_KV_TOKENS, DECODE_KV_TOKENS, MAX_BATCH = 2048, 4096, 8
 
 

@@ -15,7 +15,7 @@ from services.decode.text_stream import TextStream
 from services.engine.block_manager import blocks_needed
 from services.engine.grammar import GrammarCompiler
 from services.engine.sampling_state import MirostatState, SampledToken
-from services.errors import InvalidArgumentError, ResourceExhaustedError
+from services.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.grammar_wire import grammar_state
 from services.request_params import Stopping
 from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc
@@ -56,6 +56,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.grammars = GrammarCompiler(tokenizer, self.worker.config.vocab_size)
         # Requests with a Generate stream open, by request id, for Abort.
         self._active: dict[str, Sequence] = {}
+        self.draining = False
+
+    async def drain(self, deadline: float) -> None:
+        """Refuses new requests; returns once every open one has ended (or at `deadline`)."""
+        self.draining = True
+        await engine_service.wait_until(lambda: not self._active, deadline)
 
     def _new_sequence(self, request: decode_pb2.GenerateRequest) -> Sequence:
         config = self.worker.config
@@ -113,6 +119,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Generate(self, request, context) -> AsyncIterator[decode_pb2.GenerateResponse]:
         received_ns = time.monotonic_ns()
+        if self.draining:  # before the try: the handle is for another instance to take
+            raise UnavailableError("this decode instance is shutting down; use another")
         try:
             queued = len(self._active) - len(self.engine.scheduler.running)
             if queued >= self.engine.max_queued_requests:

@@ -129,6 +129,11 @@ class PrefillEngine:
                 "num_pinned_handles": len(self._handles),
             }
 
+    def idle(self) -> bool:
+        """No prompt queued or computing, and no handle waiting to be pulled."""
+        with self._lock:
+            return not (self._waiting or self._running or self._handles)
+
     def healthy(self) -> bool:
         with self._lock:
             has_work = bool(self._waiting or self._running)

@@ -8,7 +8,7 @@ import torch
 from services import cli, engine_service
 from services.engine.grammar import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
-from services.errors import AbortedError, InvalidArgumentError, NotFoundError
+from services.errors import AbortedError, InvalidArgumentError, NotFoundError, UnavailableError
 from services.grammar_wire import grammar_state
 from services.prefill.engine import PrefillEngine, PrefillJob
 from services.request_params import PromptCache
@@ -25,8 +25,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.address = address
         self.tokenizer = tokenizer  # token texts for logprobs
         self.grammars = GrammarCompiler(tokenizer, self.worker.config.vocab_size)
+        self.draining = False
+
+    async def drain(self, deadline: float) -> None:
+        """Refuses new prompts; returns once every prompt is done and each handle pulled or
+        released (or at `deadline`)."""
+        self.draining = True
+        await engine_service.wait_until(self.engine.idle, deadline)
 
     async def Prefill(self, request, context):
+        if self.draining:
+            raise UnavailableError("this prefill instance is shutting down; use another")
         config = self.worker.config
         if not request.token_ids:
             raise InvalidArgumentError("token_ids is empty")
