@@ -202,14 +202,16 @@ def test_shared_memory_and_grpc_transports_agree(stack, reference, tok):
     # Different salts: decode's own cache holds none of the blocks in any of the runs.
     _, shm = generate(stack, prompt, 8, isolation_key="shm")
     _, pulled = generate(stack, prompt, 8, prefill="prefill_grpc", isolation_key="grpc")
-    # A handle naming a pool decode cannot map falls back to PullKv.
-    prefilled = stack.run_prefill(prompt, isolation_key="fallback")
+    # A forged pool path in the handle changes nothing: decode maps the pool that the prefill
+    # instance which issued the handle reports, and copies the blocks it names.
+    prefilled = stack.run_prefill(prompt, isolation_key="forged")
     prefilled.kv_handle.shm_path = "/proc/self/fd/-1"
-    fallback = list(stack.decode.Generate(generate_request(prompt, prefilled, 8), timeout=120))
-    joined = [shm[1], pulled[1], fallback[1]]
-    assert [r.kv_transport for r in joined] == ["shm", "grpc", "grpc"]
+    prefilled.kv_handle.block_ids[:] = [0] * len(prefilled.kv_handle.block_ids)
+    forged = list(stack.decode.Generate(generate_request(prompt, prefilled, 8), timeout=120))
+    joined = [shm[1], pulled[1], forged[1]]
+    assert [r.kv_transport for r in joined] == ["shm", "grpc", "shm"]
     assert [r.kv_bytes for r in joined] == [kv_bytes(reference, 10)] * 3
-    assert tokens_of(shm) == tokens_of(pulled) == tokens_of(fallback) == reference.greedy(prompt, 8)
+    assert tokens_of(shm) == tokens_of(pulled) == tokens_of(forged) == reference.greedy(prompt, 8)
     for name in ("prefill", "prefill_grpc"):
         assert stack.wait_idle(name).num_pinned_handles == 0
 

@@ -11,7 +11,7 @@ from services.engine.attention import tokens_kv
 from services.engine.tokenizer import Tokenizer
 from services.rpc import decode_pb2, prefill_pb2
 from tests.engine_reference import Reference
-from tests.grpc_stack import Stack, rpc_error, tokens_of
+from tests.grpc_stack import Stack, rpc_error, tokens_of, wait_until
 
 pytest_plugins = ["tests.grpc_fixtures"]
 
@@ -65,6 +65,11 @@ def test_a_full_prefill_queue_refuses_the_next_prompt(stack, default_tokenizer):
     text = " ".join(f"Item {i} is {i * i}." for i in range(100))
     first, second = (default_tokenizer.encode(f"{tag} {text}")[:500] for tag in "AB")
     running = short.Prefill.future(prefill_pb2.PrefillRequest(request_id="a", token_ids=first))
+
+    def busy(stats) -> bool:
+        return stats.num_running + stats.num_waiting > 0
+
+    assert busy(wait_until(lambda: stack.stats("prefill_short"), busy, 30))  # "a" is in
     refused = rpc_error(short.Prefill, prefill_pb2.PrefillRequest(request_id="b", token_ids=second))
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
     assert "queued" in refused.details()

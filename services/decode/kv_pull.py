@@ -41,7 +41,9 @@ class KvPuller:
         self.blocks = engine.blocks
         self.cache = engine.worker.pool.cache
         self._stubs: dict[str, prefill_pb2_grpc.PrefillStub] = {}
-        self._shared_pools: dict[tuple[str, str], torch.Tensor | None] = {}
+        # Per prefill address, the pool it last reported (id, mapping or None): a restarted
+        # instance's new pool replaces its old one, whose mapping then goes.
+        self._shared_pools: dict[str, tuple[str, torch.Tensor | None]] = {}
         # Release calls made for requests that are going away, held until they finish.
         self._releases: set[asyncio.Task[None]] = set()
 
@@ -72,8 +74,8 @@ class KvPuller:
             if not new_blocks:
                 self.release_later(handle)
                 num_bytes, transport = 0, "none"
-            elif (source := self._shared_pool(handle)) is not None:
-                num_bytes = await self._copy_shared(handle, source, len(reused), new_blocks)
+            elif (shared := await self._shared_blocks(handle, len(reused), new_blocks)) is not None:
+                num_bytes = await self._copy_shared(handle, *shared, new_blocks)
                 transport = "shm"
             else:
                 num_bytes = await self._stream(handle, len(reused), new_blocks)
@@ -111,27 +113,47 @@ class KvPuller:
                 renewed_at = time.monotonic()
             await asyncio.sleep(_BLOCK_WAIT_S)
 
-    async def _renew(self, handle: common_pb2.KvHandle) -> None:
+    async def _renew(self, handle: common_pb2.KvHandle) -> prefill_pb2.RenewResponse:
+        """Renews the lease; the reply says where the handle's blocks are."""
         request = prefill_pb2.RenewRequest(handle_id=handle.handle_id)
         try:
             reply = await self.stub(handle.prefill_address).Renew(request, timeout=5)
         except grpc.aio.AioRpcError as exc:
             raise _lost(handle, f"renewing its lease failed: {exc.details()}") from exc
         if not reply.renewed:
-            raise _lost(handle, "the handle expired")
+            raise _lost(handle, "the handle is unknown or expired")
+        return reply
 
-    def _shared_pool(self, handle: common_pb2.KvHandle) -> torch.Tensor | None:
+    async def _shared_blocks(
+        self, handle: common_pb2.KvHandle, first: int, dst_blocks: list[int]
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        """The prefill pool to copy from and the blocks there, as the prefill instance that
+        issued the handle tells them (the handle's own fields only say whether to try), or
+        None: pull over gRPC (another host or PID namespace, a CUDA pool, no shared pool)."""
         if not handle.shm_path or self.cache.device.type != "cpu":
             return None
-        key = (handle.shm_path, handle.shm_pool_id)
-        if key not in self._shared_pools:
-            self._shared_pools[key] = shm_storage.open_readonly(*key)
-        return self._shared_pools[key]
+        location = await self._renew(handle)
+        src_blocks = list(location.block_ids)[first:]
+        if not location.shm_path or len(src_blocks) != len(dst_blocks):
+            return None
+        address = handle.prefill_address
+        known = self._shared_pools.get(address)
+        if known is None or known[0] != location.shm_pool_id:
+            pool = shm_storage.open_readonly(location.shm_path, location.shm_pool_id)
+            known = self._shared_pools[address] = (location.shm_pool_id, pool)
+        pool = known[1]
+        if pool is None or max(src_blocks, default=0) >= pool.shape[2]:
+            return None
+        return pool, src_blocks
 
     async def _copy_shared(
-        self, handle: common_pb2.KvHandle, source: torch.Tensor, first: int, dst_blocks: list[int]
+        self,
+        handle: common_pb2.KvHandle,
+        source: torch.Tensor,
+        src_blocks: list[int],
+        dst_blocks: list[int],
     ) -> int:
-        src = torch.tensor(list(handle.block_ids)[first:], dtype=torch.long)
+        src = torch.tensor(src_blocks, dtype=torch.long)
         dst = torch.tensor(dst_blocks, dtype=torch.long)
 
         def copy() -> int:

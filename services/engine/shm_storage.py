@@ -8,6 +8,7 @@ the right pool and needs nothing else.
 
 import mmap
 import os
+import stat
 import struct
 import uuid
 import warnings
@@ -47,12 +48,16 @@ def create(shape: tuple[int, ...], dtype: torch.dtype) -> SharedStorage:
 
 
 def open_readonly(path: str, pool_id: str) -> torch.Tensor | None:
-    """Maps another process's pool, or None when it cannot be reached or is not that pool."""
+    """Maps another process's pool, or None when it cannot be reached or is not that pool.
+    Only a regular file is mapped, and opening never blocks (a FIFO would block a reader)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        expected_id = uuid.UUID(hex=pool_id).bytes
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError):
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return None
@@ -61,13 +66,16 @@ def open_readonly(path: str, pool_id: str) -> torch.Tensor | None:
     if len(buffer) < _DATA_OFFSET:
         return None
     magic, raw_id, dtype_name, rank, *dims = _HEADER.unpack(buffer[: _HEADER.size])
-    if magic != _MAGIC or raw_id != uuid.UUID(hex=pool_id).bytes:
+    dtype = getattr(torch, dtype_name.rstrip(b"\0").decode(errors="replace"), None)
+    if magic != _MAGIC or raw_id != expected_id or not isinstance(dtype, torch.dtype):
         return None
-    dtype = getattr(torch, dtype_name.rstrip(b"\0").decode())
     shape = tuple(dims[:rank])
     numel = 1
     for dim in shape:
         numel *= dim
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if not 0 < rank <= 8 or min(shape) < 0 or _DATA_OFFSET + numel * itemsize > len(buffer):
+        return None
     with warnings.catch_warnings():
         # Read-only mapping: torch warns that the tensor is not writable; it is only read.
         warnings.simplefilter("ignore", UserWarning)

@@ -88,13 +88,13 @@ class PrefillEngine:
             handle.expires_at = time.monotonic() + self.lease_s
             return handle
 
-    def renew(self, handle_id: str) -> bool:
-        """Extends a handle's lease; False once it has expired (its blocks are gone)."""
+    def renew(self, handle_id: str) -> Handle | None:
+        """Extends a handle's lease; None once it has expired (its blocks are gone)."""
         with self._lock:
             handle = self._handles.get(handle_id)
             if handle is not None:
                 handle.expires_at = time.monotonic() + self.lease_s
-        return handle is not None
+        return handle
 
     def end_pull(self, handle_id: str) -> None:
         with self._lock:

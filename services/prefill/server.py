@@ -132,7 +132,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.ReleaseResponse(released=self.engine.release(request.handle_id))
 
     async def Renew(self, request, context):
-        return prefill_pb2.RenewResponse(renewed=self.engine.renew(request.handle_id))
+        handle = self.engine.renew(request.handle_id)
+        if handle is None:
+            return prefill_pb2.RenewResponse(renewed=False)
+        response = prefill_pb2.RenewResponse(renewed=True, block_ids=handle.block_ids)
+        shared = self.worker.pool.shared
+        if shared is not None:
+            response.shm_path, response.shm_pool_id = shared.path, shared.pool_id
+        return response
 
     async def Info(self, request, context):
         return engine_service.info_response(
