@@ -188,14 +188,15 @@ def transfer(addresses: dict[str, str], prefill_name: str, prompt: list[int], ru
         for i in range(runs + 1):  # the first (cold prefill) is a warm-up
             request = prefill_pb2.PrefillRequest(request_id=f"t{i}", token_ids=prompt)
             prefilled = prefill.Prefill(request, timeout=600)
-            # Without hashes decode's own cache cannot serve any block: every block moves.
-            prefilled.kv_handle.ClearField("block_hashes")
+            # A prompt cache of its own for each run: decode's cache serves no block of it
+            # (prefill's, keyed without one, serves them all), so every block moves.
             generate = decode_pb2.GenerateRequest(
                 request_id=f"t{i}",
                 kv_handle=prefilled.kv_handle,
                 prompt_token_ids=prompt,
                 first_token_id=prefilled.first_token_id,
                 stopping=common_pb2.Stopping(max_tokens=2, ignore_eos=True),
+                prompt_cache=common_pb2.PromptCache(isolation_key=f"transfer-{i}"),
             )
             joined = list(decode.Generate(generate, timeout=600))[1]
             if i:

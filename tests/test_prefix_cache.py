@@ -72,7 +72,9 @@ def generate(
     """Greedy: prefill (prefill_args: `prefill`, `isolation_key`, ...), then decode to the end."""
     ignore_eos = prefill_args.pop("ignore_eos", False)
     prefilled = stack.run_prefill(prompt, **prefill_args)
+    cache = {k: v for k, v in prefill_args.items() if k in ("isolation_key", "max_len")}
     request = generate_request(prompt, prefilled, max_tokens, ignore_eos)
+    request.prompt_cache.CopyFrom(common_pb2.PromptCache(**cache))  # as the frontend sends it
     return prefilled, list(stack.decode_stub(decode).Generate(request, timeout=120))
 
 
@@ -206,7 +208,6 @@ def test_shared_memory_and_grpc_transports_agree(stack, reference, tok):
     # instance which issued the handle reports, and copies the blocks it names.
     prefilled = stack.run_prefill(prompt, isolation_key="forged")
     prefilled.kv_handle.shm_path = "/proc/self/fd/-1"
-    prefilled.kv_handle.block_ids[:] = [0] * len(prefilled.kv_handle.block_ids)
     forged = list(stack.decode.Generate(generate_request(prompt, prefilled, 8), timeout=120))
     joined = [shm[1], pulled[1], forged[1]]
     assert [r.kv_transport for r in joined] == ["shm", "grpc", "shm"]

@@ -136,13 +136,12 @@ class Pipeline:
             prompt_ids=prompt.token_ids,
             sampling=request.choice_sampling(number),
             stopping=request.stopping(prompt.max_tokens),
+            prompt_cache=request.prompt_cache,
         )
         echoes = request.output.echo_count(len(prompt.token_ids)) > 0
         started = time.monotonic_ns()
         prefilled = await self._stages.prefill(
-            choice,
-            request.prompt_cache,
-            prompt_logprobs=timings is not None and choice.sampling.logprobs and echoes,
+            choice, prompt_logprobs=timings is not None and choice.sampling.logprobs and echoes
         )
         now = time.monotonic_ns()
         if timings is not None:

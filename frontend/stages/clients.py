@@ -28,7 +28,6 @@ from frontend.stages.wire import (
     chat_message_pb,
     logprob_from_pb,
 )
-from services.request_params import PromptCache
 from services.rpc import decode_pb2, prefill_pb2, prefill_pb2_grpc, tokenizer_pb2
 
 logger = logging.getLogger(__name__)
@@ -88,20 +87,18 @@ class StageClients:
         )
         return response.text
 
-    async def prefill(
-        self, choice: Choice, prompt_cache: PromptCache, prompt_logprobs: bool = False
-    ) -> Prefilled:
+    async def prefill(self, choice: Choice, prompt_logprobs: bool = False) -> Prefilled:
         token_ids = choice.prompt_ids
         request = prefill_pb2.PrefillRequest(
             request_id=choice.id,
             token_ids=token_ids,
             sampling=choice.sampling.to_pb(),
-            prompt_cache=prompt_cache.to_pb(),
+            prompt_cache=choice.prompt_cache.to_pb(),
             prompt_logprobs=prompt_logprobs,
         )
         router = await self._router()
         pool = await self.directory.pool("prefill")
-        hashes = router.servable_hashes(token_ids, prompt_cache)
+        hashes = router.servable_hashes(token_ids, choice.prompt_cache)
         queued: dict[Instance, int] = {}  # what this call added to instances' queues
         calls: list[tuple[Instance, grpc.aio.UnaryUnaryCall]] = []
 
@@ -154,6 +151,7 @@ class StageClients:
             stopping=choice.stopping.to_pb(),
             first_token_logprob=prefilled.first_token_logprob,
             mirostat_mu=prefilled.mirostat_mu,  # None leaves the optional field unset
+            prompt_cache=choice.prompt_cache.to_pb(),
         )
         stream = instance.stub.Generate(request)
         return DecodeStream(pool, instance, stream, choice.sampling.logprobs)

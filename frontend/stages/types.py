@@ -7,7 +7,7 @@ decode without looking inside.
 
 from dataclasses import dataclass, field
 
-from services.request_params import SamplingParams, Stopping
+from services.request_params import PromptCache, SamplingParams, Stopping
 from services.rpc import common_pb2
 
 STAGE_NAMES = ("tokenizer", "prefill", "decode")
@@ -39,6 +39,7 @@ class Choice:
     prompt_ids: list[int]
     sampling: SamplingParams
     stopping: Stopping
+    prompt_cache: PromptCache
 
 
 @dataclass(slots=True)

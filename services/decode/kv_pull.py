@@ -61,12 +61,16 @@ class KvPuller:
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
-    async def pull(self, handle: common_pb2.KvHandle, prompt_ids: list[int]) -> PulledKv:
-        """The prompt's KV in decode's pool, once the sequence can join the batch. The caller
-        must end the pull with `engine.end_pull(seq)` (failures here end it themselves)."""
+    async def pull(
+        self, handle: common_pb2.KvHandle, prompt_ids: list[int], block_hashes: list[bytes]
+    ) -> PulledKv:
+        """The prompt's KV in decode's pool, once the sequence can join the batch; its full
+        blocks are found in and offered to decode's prefix cache under `block_hashes` (the
+        request's chain, as decode computed it). The caller must end the pull with
+        `engine.end_pull(seq)` (failures here end it themselves)."""
         start = time.monotonic_ns()
         try:
-            reused, new_blocks = await self._reserve(handle, prompt_ids)
+            reused, new_blocks = await self._reserve(handle, prompt_ids, block_hashes)
         except BaseException:
             self.release_later(handle)
             raise
@@ -85,23 +89,24 @@ class KvPuller:
             self.release_later(handle)
             raise
         block_ids = reused + new_blocks
-        self._register(handle, prompt_ids, block_ids, len(reused))
+        self._register(block_hashes, prompt_ids, block_ids, len(reused))
         duration = time.monotonic_ns() - start
         return PulledKv(block_ids, len(reused), num_bytes, duration, transport)
 
-    def _register(self, handle, prompt_ids: list[int], block_ids: list[int], start: int) -> None:
+    def _register(
+        self, block_hashes: list[bytes], prompt_ids: list[int], block_ids: list[int], start: int
+    ) -> None:
         size = self.blocks.block_size
         with self.engine.lock:
-            for i in range(start, len(handle.block_hashes)):
+            for i in range(start, len(block_hashes)):
                 tokens = prompt_ids[i * size : (i + 1) * size]
-                self.blocks.register(block_ids[i], handle.block_hashes[i], tokens)
+                self.blocks.register(block_ids[i], block_hashes[i], tokens)
 
     async def _reserve(
-        self, handle: common_pb2.KvHandle, prompt_ids: list[int]
+        self, handle: common_pb2.KvHandle, prompt_ids: list[int], hashes: list[bytes]
     ) -> tuple[list[int], list[int]]:
         """Waits for a batch slot and free blocks (running sequences finish and free both),
         renewing the handle's lease every third of it."""
-        hashes = list(handle.block_hashes)
         renew_every_s = handle.lease_ms / 3000
         renewed_at = time.monotonic()
         while True:

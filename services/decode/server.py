@@ -17,8 +17,8 @@ from services.engine.grammar import GrammarCompiler
 from services.engine.sampling_state import MirostatState, SampledToken
 from services.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.grammar_wire import grammar_state
-from services.request_params import Stopping
-from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc
+from services.request_params import PromptCache, Stopping
+from services.rpc import decode_pb2, decode_pb2_grpc
 from services.wire import checked_sampling, token_logprob_pb
 
 MAX_STOP_SEQUENCES = 16
@@ -39,13 +39,6 @@ def deliver(outputs: list[tuple[Sequence, SampledToken | None, Finish | None]]) 
         seq.outputs.put_nowait((token, finish))
 
 
-def _extendable_chain(handle: common_pb2.KvHandle, block_size: int) -> list[bytes]:
-    """The prompt's hash chain when it covers every full prompt block, so that generated
-    blocks can extend it; else nothing (the request capped what may be cached)."""
-    hashes = list(handle.block_hashes)
-    return hashes if len(hashes) == handle.num_tokens // block_size else []
-
-
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, engine: DecodeEngine, address: str, tokenizer) -> None:
         self.engine = engine
@@ -63,8 +56,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.draining = True
         await engine_service.wait_until(lambda: not self._active, deadline)
 
-    def _new_sequence(self, request: decode_pb2.GenerateRequest) -> Sequence:
+    def _new_sequence(self, request: decode_pb2.GenerateRequest) -> tuple[Sequence, list[bytes]]:
+        """The request's sequence, and its prompt's block hashes as the request's prompt
+        cache gives them (decode's own prefix-cache keys; the handle's are not taken)."""
         config = self.worker.config
+        block_size = self.engine.blocks.block_size
         stopping = Stopping.from_pb(request.stopping)
         if stopping.max_tokens < 1:
             raise InvalidArgumentError("stopping.max_tokens must be at least 1")
@@ -72,13 +68,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidArgumentError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         self._check_prompt(request)
         num_prompt = len(request.prompt_token_ids)
+        prompt_cache = PromptCache.from_pb(request.prompt_cache)
+        if prompt_cache.max_len is not None and prompt_cache.max_len < 0:
+            raise InvalidArgumentError("prompt_cache.max_len must be >= 0")
+        chain = prompt_cache.block_hashes(request.prompt_token_ids, block_size)
         max_len = min(num_prompt + stopping.max_tokens, config.max_position_embeddings)
         if blocks_needed(max_len, self.engine.blocks.block_size) > self.engine.blocks.num_blocks:
             raise InvalidArgumentError(
                 f"prompt + max_tokens ({max_len} tokens) exceeds the decode KV pool "
                 f"({self.engine.blocks.num_blocks * self.engine.blocks.block_size} tokens)"
             )
-        return Sequence(
+        seq = Sequence(
             request_id=request.request_id,
             token_ids=[*request.prompt_token_ids, request.first_token_id],
             num_prompt_tokens=num_prompt,
@@ -90,11 +90,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 ignore_eos=stopping.ignore_eos,
             ),
             outputs=asyncio.Queue(),
-            block_hashes=_extendable_chain(request.kv_handle, self.engine.blocks.block_size),
+            # Generated blocks extend the prompt's chain when it covers every full prompt
+            # block (the request did not cap what may be cached).
+            block_hashes=list(chain) if len(chain) == num_prompt // block_size else [],
             mirostat=(
                 MirostatState(request.mirostat_mu) if request.HasField("mirostat_mu") else None
             ),
         )
+        return seq, chain
 
     def _check_prompt(self, request: decode_pb2.GenerateRequest) -> None:
         """Before anything is pulled: the handle must hold the prompt in decode's block size,
@@ -127,7 +130,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 raise ResourceExhaustedError(
                     f"decode has {queued} requests waiting to join its batch; retry later"
                 )
-            seq = self._new_sequence(request)
+            seq, chain = self._new_sequence(request)
             seq.grammar = await grammar_state(seq.sampling.grammar, self.grammars)
             if seq.grammar is not None and not seq.grammar.accept(request.first_token_id):
                 raise InvalidArgumentError("first_token_id is not allowed by the grammar")
@@ -137,7 +140,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._active[seq.request_id] = seq
         try:
             # aclosing: a cancelled call closes the inner generator now, not when collected.
-            responses = self._generate(seq, request, context, received_ns)
+            responses = self._generate(seq, chain, request, context, received_ns)
             async with contextlib.aclosing(responses):
                 async for response in responses:
                     yield response
@@ -146,7 +149,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 del self._active[seq.request_id]
 
     async def _generate(
-        self, seq: Sequence, request, context, received_ns: int
+        self, seq: Sequence, chain: list[bytes], request, context, received_ns: int
     ) -> AsyncIterator[decode_pb2.GenerateResponse]:
         text = TextStream(self.tokenizer, list(request.stopping.stop))
         first = request.first_token_id
@@ -163,7 +166,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         except BaseException:  # the caller went away after the first token, before the pull
             self.puller.release_later(request.kv_handle)
             raise
-        pulled = await self.puller.pull(request.kv_handle, seq.token_ids[: seq.num_prompt_tokens])
+        prompt_ids = seq.token_ids[: seq.num_prompt_tokens]
+        pulled = await self.puller.pull(request.kv_handle, prompt_ids, chain)
         seq.block_table, seq.num_cached = pulled.block_ids, seq.num_prompt_tokens
         self.engine.end_pull(seq)
         try:

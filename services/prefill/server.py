@@ -82,12 +82,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             num_blocks=len(result.block_ids),
             block_size=self.worker.pool.block_size,
             lease_ms=int(self.engine.lease_s * 1000),
-            block_hashes=job.block_hashes,
         )
         shared = self.worker.pool.shared
         if shared is not None:
-            handle.shm_path, handle.shm_pool_id = shared.path, shared.pool_id
-            handle.block_ids.extend(result.block_ids)
+            handle.shm_path = shared.path
         response = prefill_pb2.PrefillResponse(
             kv_handle=handle,
             first_token_id=result.first_token.token_id,
