@@ -176,6 +176,8 @@ def start(args: argparse.Namespace, run_dir: str) -> list[Child]:
         extra = extras[stage]
         if stage != "tokenizer":
             extra = [*_engine_threads(args, extra), *lock, *extra]
+        if stage == "decode":  # the prefill instances whose KV it may pull
+            extra = ["--prefill", ",".join(addresses["prefill"]), *extra]
         for i in range(counts[stage]):
             port = (first_ports[stage] if i == 0 else 0) or free_port(args.host)
             address = f"{args.host}:{port}"

@@ -14,9 +14,10 @@ from fastapi.testclient import TestClient
 
 from frontend.app import create_app
 from frontend.config import FrontendConfig
-from frontend.stages.instances import Instance, StagePool, parse_targets, resolve
+from frontend.stages.instances import Instance, StagePool
 from frontend.stages.routing import LeastLoadedRouter, PrefillRouter, PrefixIndex
 from services.request_params import PromptCache
+from services.targets import parse_targets, resolve
 from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, start_fake_stages
 
 BLOCK = 16

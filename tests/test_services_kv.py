@@ -174,6 +174,8 @@ BAD_GENERATE = {
     # The request's own KV is lost (decode is fine): ABORTED, which no client takes for down.
     "unknown_handle": (_set("kv_handle.handle_id", "no-such-handle"), ABORTED, False),
     "prefill_unreachable": (_set("kv_handle.prefill_address", "127.0.0.1:1"), ABORTED, False),
+    # Decode dials only the prefill instances it knows (here: on loopback).
+    "prefill_unknown": (_set("kv_handle.prefill_address", "192.0.2.1:50052"), INVALID, False),
 }
 
 

@@ -8,15 +8,15 @@ followed. A name that does not resolve has no instances until it does.
 """
 
 import asyncio
-import ipaddress
 import logging
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.targets import parse_targets, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -43,48 +43,6 @@ class Instance:
     status: str = _UNKNOWN
     # Bumped each time the instance comes back after being down: it may have restarted.
     epoch: int = 0
-
-
-def parse_targets(spec: str) -> list[tuple[str, int]]:
-    """'a:1,b:2' -> [('a', 1), ('b', 2)]; IPv6 literals in brackets ('[::1]:50051')."""
-    targets = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        host, sep, port = item.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise ValueError(f"{item!r} is not host:port")
-        targets.append((host.strip("[]"), int(port)))
-    if not targets:
-        raise ValueError(f"{spec!r} names no host:port")
-    return targets
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def resolve(targets: list[tuple[str, int]]) -> list[str]:
-    """Every address the targets name now, in order, without repeats. A name with IPv4
-    addresses gives those only (a host's `localhost` must not count twice)."""
-    loop = asyncio.get_running_loop()
-    addresses: dict[str, None] = {}
-    for host, port in targets:
-        try:
-            ipaddress.ip_address(host)
-            addresses[_join(host, port)] = None
-            continue
-        except ValueError:
-            pass
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            logger.debug("cannot resolve %s: %s", host, exc)
-            continue
-        ipv4 = [info for info in infos if info[0] == socket.AF_INET]
-        for info in ipv4 or infos:
-            addresses[_join(info[4][0], port)] = None
-    return list(addresses)
 
 
 @dataclass(eq=False)

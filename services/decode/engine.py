@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from services.decode.prefill_allowlist import PrefillAllowList
 from services.decode.scheduler import Scheduled, Scheduler
 from services.decode.sequence import Finish, Sequence
 from services.engine.block_manager import BlockManager
@@ -33,12 +34,14 @@ class DecodeEngine:
         max_step_tokens: int,
         deliver: Deliver,
         max_queued_requests: int,
+        prefill_instances: PrefillAllowList,
     ) -> None:
         """`deliver` is called on the event loop that calls `start`, once per step with that
         step's new tokens. Beyond `max_queued_requests` waiting to join the batch, decode
-        refuses new ones."""
+        refuses new ones; it pulls KV only from `prefill_instances`."""
         self.worker = worker
         self.max_queued_requests = max_queued_requests
+        self.prefill_instances = prefill_instances
         self.blocks: BlockManager = worker.pool.blocks
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_step_tokens)
         self.grammar_batch = GrammarBatch(worker.config.vocab_size, max_batch_size, worker.device)

@@ -10,6 +10,7 @@ import grpc
 from services import cli, engine_service
 from services.decode.engine import DecodeEngine
 from services.decode.kv_pull import KvPuller
+from services.decode.prefill_allowlist import PrefillAllowList
 from services.decode.sequence import Finish, Sequence, StopRules
 from services.decode.text_stream import TextStream
 from services.engine.block_manager import blocks_needed
@@ -124,6 +125,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         received_ns = time.monotonic_ns()
         if self.draining:  # before the try: the handle is for another instance to take
             raise UnavailableError("this decode instance is shutting down; use another")
+        address = request.kv_handle.prefill_address
+        if not await self.engine.prefill_instances.allows(address):  # never dialed
+            raise InvalidArgumentError(
+                f"kv_handle.prefill_address {address!r} is not a prefill instance this decode "
+                "instance knows (--prefill)"
+            )
         try:
             queued = len(self._active) - len(self.engine.scheduler.running)
             if queued >= self.engine.max_queued_requests:
@@ -229,6 +236,12 @@ def main() -> None:
     parser = cli.engine_parser("Decode service", default_port=50053, kv_cache_tokens=65536)
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences per step")
     parser.add_argument(
+        "--prefill",
+        default="",
+        help="the prefill instances (host:port,...; names re-resolved) whose KV this decode "
+        "instance pulls; empty: those on this host's loopback interface only",
+    )
+    parser.add_argument(
         "--max-queued-requests",
         type=int,
         default=0,
@@ -248,6 +261,7 @@ def main() -> None:
             args.max_step_tokens,
             deliver,
             args.max_queued_requests or 4 * args.max_batch_size,
+            PrefillAllowList(args.prefill),
         ),
         servicer=DecodeServicer,
         add_servicer=decode_pb2_grpc.add_DecodeServicer_to_server,

@@ -1,0 +1,26 @@
+"""Decode dials only the prefill instances it was told of."""
+
+import asyncio
+
+from services.decode.prefill_allowlist import PrefillAllowList
+
+
+def allowed(spec: str, *addresses: str) -> list[bool]:
+    allow_list = PrefillAllowList(spec)
+
+    async def check() -> list[bool]:
+        return [await allow_list.allows(address) for address in addresses]
+
+    return asyncio.run(check())
+
+
+def test_unconfigured_allows_loopback_only():
+    checks = allowed("", "127.0.0.1:50052", "[::1]:50052", "localhost:1", "10.0.0.7:50052")
+    assert checks == [True, True, True, False]
+
+
+def test_configured_targets_allow_what_they_name():
+    checks = allowed("localhost:50052,10.0.0.7:50052", "127.0.0.1:50052", "10.0.0.7:50052")
+    assert checks == [True, True]
+    # Another port of an allowed host, or any other host, is not an instance it knows.
+    assert allowed("10.0.0.7:50052", "10.0.0.7:50053", "127.0.0.1:50052") == [False, False]
