@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.errors import ServiceError
+from services.stage_auth import TokenCheck, stage_token
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,11 @@ async def serve(
     refuses new work and returns when the open work is done or `drain_s` has passed; the
     server then stops, giving calls still open DRAIN_GRACE_S.
     """
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[ErrorInterceptor()])
+    token = stage_token()
+    interceptors = [TokenCheck(token)] if token else []
+    server = grpc.aio.server(
+        options=CHANNEL_OPTIONS, interceptors=[*interceptors, ErrorInterceptor()]
+    )
     port = server.add_insecure_port(address)
     if port == 0:
         raise SystemExit(f"{name}: cannot bind {address}")

@@ -119,7 +119,13 @@ def _stop_group(children: list[Child], grace_s: float) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run tokenizer, prefill, decode and frontend")
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="where the HTTP API listens")
+    parser.add_argument(
+        "--stage-host",
+        default="127.0.0.1",
+        help="where the stages' gRPC listens, whatever --host is: the stages trust their "
+        "callers (unless LLMSERVE_STAGE_TOKEN is set), so keep them private",
+    )
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")
     parser.add_argument(
         "--grpc-ports",
@@ -163,7 +169,7 @@ def start(args: argparse.Namespace, run_dir: str) -> list[Child]:
     """Starts every stage; `run_dir` holds the engines' shared compute lock."""
     first_ports = dict(zip(STAGES, (int(p) for p in args.grpc_ports.split(",")), strict=True))
     counts = {"tokenizer": 1, "prefill": args.prefill, "decode": args.decode}
-    common = ["--model", args.model, "--host", args.host]
+    common = ["--model", args.model, "--host", args.stage_host]
     extras = {
         "tokenizer": [],
         "prefill": [*args.engine_args.split(), *args.prefill_args.split()],
@@ -179,8 +185,8 @@ def start(args: argparse.Namespace, run_dir: str) -> list[Child]:
         if stage == "decode":  # the prefill instances whose KV it may pull
             extra = ["--prefill", ",".join(addresses["prefill"]), *extra]
         for i in range(counts[stage]):
-            port = (first_ports[stage] if i == 0 else 0) or free_port(args.host)
-            address = f"{args.host}:{port}"
+            port = (first_ports[stage] if i == 0 else 0) or free_port(args.stage_host)
+            address = f"{args.stage_host}:{port}"
             name = stage if counts[stage] == 1 else f"{stage}-{i + 1}"
             module = f"services.{stage}"
             stage_args = [*common, "--port", str(port), *extra]

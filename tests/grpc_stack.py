@@ -84,8 +84,9 @@ class ServiceProcess:
         return code
 
 
-def start_service(name: str, *args: str) -> ServiceProcess:
-    """Starts `python -m services.<name>` on a free port; call wait_ready() before use."""
+def start_service(name: str, *args: str, env: dict[str, str] | None = None) -> ServiceProcess:
+    """Starts `python -m services.<name>` on a free port (`env` added to this process's);
+    call wait_ready() before use."""
     cmd = [sys.executable, "-m", f"services.{name}", "--port", "0", "--log-level", "WARNING"]
     process = subprocess.Popen(
         [*cmd, *args],
@@ -93,7 +94,7 @@ def start_service(name: str, *args: str) -> ServiceProcess:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     service = ServiceProcess(name, process)
     threading.Thread(target=service._drain, daemon=True).start()

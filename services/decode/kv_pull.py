@@ -21,6 +21,7 @@ from services.engine import shm_storage
 from services.errors import AbortedError
 from services.grpc_server import CHANNEL_OPTIONS
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
+from services.stage_auth import stage_channel
 
 # How often a pull waiting for a batch slot and free blocks looks again.
 _BLOCK_WAIT_S = 0.005
@@ -49,7 +50,7 @@ class KvPuller:
 
     def stub(self, address: str) -> prefill_pb2_grpc.PrefillStub:
         if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = stage_channel(address, CHANNEL_OPTIONS)
             self._stubs[address] = prefill_pb2_grpc.PrefillStub(channel)
         return self._stubs[address]
 
