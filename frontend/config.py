@@ -36,6 +36,9 @@ class FrontendConfig:
     # Requests in flight beyond which a new one is refused (429): the stages' own queues
     # refuse sooner when they are the bottleneck; this bounds the frontend's memory.
     max_requests: int = 1024
+    # A request still running this long after it arrived ends with a 504 (or an SSE error)
+    # and frees its KV: every stage call carries the deadline.
+    request_timeout_s: float = 600.0
     # With API keys: share prefix-cache entries across keys (else each key has its own).
     shared_prompt_cache: bool = False
 
@@ -85,6 +88,13 @@ def parse_args(
         "(by default each key's are its own, so cached_tokens reveals nothing across keys)",
     )
     parser.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=defaults.request_timeout_s,
+        help="a request still running this long after it arrived ends with an error (504) and "
+        "frees its KV",
+    )
+    parser.add_argument(
         "--max-requests",
         type=int,
         default=defaults.max_requests,
@@ -119,6 +129,7 @@ def parse_args(
         log_level=args.log_level,
         graceful_shutdown_s=args.graceful_shutdown_s,
         max_requests=args.max_requests,
+        request_timeout_s=args.request_timeout_s,
         shared_prompt_cache=args.shared_prompt_cache,
         api_keys=tuple(dict.fromkeys(k.strip() for k in keys if k.strip())),
     )

@@ -46,7 +46,7 @@ def build_state(config: FrontendConfig) -> AppState:
         config=config,
         directory=directory,
         stages=stages,
-        pipeline=Pipeline(stages, server_metrics),
+        pipeline=Pipeline(stages, server_metrics, config.request_timeout_s),
         server_metrics=server_metrics,
     )
 

@@ -2,6 +2,7 @@
 a full frontend answers 429 with Retry-After before any token."""
 
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -90,3 +91,18 @@ def test_a_full_frontend_answers_429(fakes: FakeStages) -> None:
     with TestClient(create_app(fake_config(fakes, max_requests=0))) as client:
         response = client.post(COMPLETIONS, json={"model": MODEL_ID, "prompt": "hi"})
     assert response.status_code == 429 and response.headers["retry-after"]
+
+
+def test_a_request_past_its_time_limit_ends_with_504_and_frees_its_kv(fakes: FakeStages) -> None:
+    fakes.decode.mode, fakes.decode.cancelled = "endless", threading.Event()
+    try:
+        with TestClient(create_app(fake_config(fakes, request_timeout_s=0.5))) as client:
+            body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 10}
+            response = client.post(COMPLETIONS, json=body)
+            assert response.status_code == 504 and _error(response)["code"] == "request_timeout"
+            # The decode call was cancelled: decode frees the request's KV.
+            assert fakes.decode.cancelled.wait(5)
+            stream = client.post(COMPLETIONS, json={**body, "stream": True})
+            assert stream.status_code == 200 and '"code":"request_timeout"' in stream.text
+    finally:
+        fakes.decode.mode = "normal"

@@ -70,9 +70,12 @@ class _Starting:
 
 
 class Pipeline:
-    def __init__(self, stages: StageClients, server_metrics: ServerMetrics) -> None:
+    def __init__(
+        self, stages: StageClients, server_metrics: ServerMetrics, request_timeout_s: float
+    ) -> None:
         self._stages = stages
         self.server_metrics = server_metrics
+        self._request_timeout_s = request_timeout_s
 
     async def start(self, request: GenerationRequest, metrics: RequestMetrics) -> Run:
         """Runs every choice up to decode's first message, so that stage failures still get
@@ -137,6 +140,7 @@ class Pipeline:
             sampling=request.choice_sampling(number),
             stopping=request.stopping(prompt.max_tokens),
             prompt_cache=request.prompt_cache,
+            deadline=metrics.arrival_ns / 1e9 + self._request_timeout_s,
         )
         echoes = request.output.echo_count(len(prompt.token_ids)) > 0
         started = time.monotonic_ns()

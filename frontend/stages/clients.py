@@ -109,7 +109,9 @@ class StageClients:
             return chosen.instance
 
         def start(stub: prefill_pb2_grpc.PrefillStub) -> grpc.aio.UnaryUnaryCall:
-            calls.append((next(reversed(queued)), stub.Prefill(request)))
+            calls.append(
+                (next(reversed(queued)), stub.Prefill(request, timeout=choice.time_left()))
+            )
             return calls[-1][1]
 
         try:
@@ -153,7 +155,7 @@ class StageClients:
             mirostat_mu=prefilled.mirostat_mu,  # None leaves the optional field unset
             prompt_cache=choice.prompt_cache.to_pb(),
         )
-        stream = instance.stub.Generate(request)
+        stream = instance.stub.Generate(request, timeout=choice.time_left())
         return DecodeStream(pool, instance, stream, choice.sampling.logprobs)
 
     def release_later(self, prefilled: Prefilled) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.stage_auth import stage_channel
 from services.targets import parse_targets, resolve
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class StagePool:
             return  # keep the last known instances: a resolver hiccup is not a removal
         for address in addresses:
             if address not in self.instances:
-                channel = grpc.aio.insecure_channel(address, options=self.channel_options)
+                channel = stage_channel(address, self.channel_options)
                 self.instances[address] = Instance(
                     address,
                     channel,

@@ -18,7 +18,7 @@ from frontend.errors import (
 logger = logging.getLogger(__name__)
 
 _BAD_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
-_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # polls
 # The stage that compiles a grammar names the field it came from first ("tools: ...").
 _GRAMMAR_PARAMS = ("response_format", "tools")
 
@@ -32,6 +32,14 @@ def stage_error(
         param = next((p for p in _GRAMMAR_PARAMS if details.startswith(f"{p}:")), None)
     if code in _BAD_INPUT:
         return invalid_request(details or f"The {stage} stage rejected the request.", param)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not quiet:
+        return ApiError(
+            504,
+            f"The request ran out of time in the {stage} stage (the server's "
+            "--request-timeout-s); its work was stopped.",
+            type=SERVER_ERROR,
+            code="request_timeout",
+        )
     if code in _DOWN:
         logger.log(
             logging.DEBUG if quiet else logging.WARNING,

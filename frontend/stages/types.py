@@ -5,6 +5,7 @@ The one protobuf message here is the KV handle, which the frontend carries from 
 decode without looking inside.
 """
 
+import time
 from dataclasses import dataclass, field
 
 from services.request_params import PromptCache, SamplingParams, Stopping
@@ -40,6 +41,11 @@ class Choice:
     sampling: SamplingParams
     stopping: Stopping
     prompt_cache: PromptCache
+    deadline: float  # time.monotonic() by which the request must be done
+
+    def time_left(self) -> float:
+        """The deadline of its stage calls, in seconds from now (at least a moment)."""
+        return max(0.001, self.deadline - time.monotonic())
 
 
 @dataclass(slots=True)

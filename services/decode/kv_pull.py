@@ -23,6 +23,8 @@ from services.grpc_server import CHANNEL_OPTIONS
 from services.rpc import common_pb2, prefill_pb2, prefill_pb2_grpc
 from services.stage_auth import stage_channel
 
+# A whole prompt's KV over gRPC: 128k tokens of this model are ~3 GB, some 30 s on loopback.
+PULL_TIMEOUT_S = 120.0
 # How often a pull waiting for a batch slot and free blocks looks again.
 _BLOCK_WAIT_S = 0.005
 
@@ -201,7 +203,8 @@ class KvPuller:
         index = torch.tensor(dst_blocks, device=self.cache.device)
         request = prefill_pb2.PullKvRequest(handle_id=handle.handle_id, first_block=first)
         try:
-            async for chunk in self.stub(handle.prefill_address).PullKv(request):
+            pull = self.stub(handle.prefill_address).PullKv(request, timeout=PULL_TIMEOUT_S)
+            async for chunk in pull:
                 dtype = getattr(torch, chunk.dtype)
                 shape = tuple(chunk.shape)
                 offset = chunk.block_offset - first
