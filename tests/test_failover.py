@@ -1,4 +1,4 @@
-"""The launcher at 1 prefill + 2 decode: killing a decode instance under load.
+"""The launcher at 1 prefill + 2 decode: killing a decode instance, then prefill, under load.
 
 Its in-flight streams end with an error that says what happened, the other instance's
 streams finish, new requests go to the survivor, and the launcher's restart of the killed
@@ -104,3 +104,46 @@ def test_killing_a_decode_instance_mid_load(stack: Stack) -> None:
         time.sleep(0.5)
     health = httpx.get(f"{stack.http_url}/health", timeout=30).json()
     assert health["instances"]["decode"] == {killed: "SERVING", survivor: "SERVING"}
+
+
+def long_completion(client: openai.OpenAI, model: str, index: int) -> str:
+    """A prompt long enough to be still in prefill; returns the finish reason or the error."""
+    try:
+        response = client.completions.create(
+            model=model,
+            prompt=f"Notes {index}: " + " ".join(f"item {i} is {i * index}." for i in range(400)),
+            max_tokens=8,
+            temperature=0,
+        )
+        return str(response.choices[0].finish_reason)
+    except openai.APIError as exc:
+        return f"error: {exc.message}"
+
+
+def test_killing_prefill_mid_load(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
+    model = served_model(stack)
+    with ThreadPoolExecutor(NUM_STREAMS) as pool:
+        requests = [pool.submit(long_completion, client, model, i) for i in range(NUM_STREAMS)]
+        time.sleep(1.0)  # queued and computing in prefill
+        os.kill(stack.pids["prefill"], signal.SIGKILL)
+        outcomes = [request.result(timeout=300) for request in requests]  # none hangs
+    failed = [o for o in outcomes if o.startswith("error")]
+    assert failed, outcomes
+    for message in failed:
+        # Lost while prefilling (no instance left), or its KV lost before decode took it.
+        assert "prefill stage is unavailable" in message or "was lost" in message, message
+
+    # The launcher restarts it; once healthy, requests are served again.
+    deadline = time.monotonic() + 180
+    while True:
+        response = httpx.post(
+            f"{stack.http_url}/v1/completions",
+            json={"model": model, "prompt": "Back again:", "max_tokens": 2},
+            timeout=120,
+        )
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503 and time.monotonic() < deadline, response.text
+        time.sleep(0.5)
+    assert any(line.startswith("restarting prefill") for line in stack.output)
