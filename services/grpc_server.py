@@ -99,6 +99,7 @@ async def serve(
     healthy: Callable[[], bool] | None = None,
     drain: Callable[[float], Awaitable[None]] | None = None,
     drain_s: float = 0.0,
+    max_requests: int | None = None,
 ) -> None:
     """Serves until SIGINT/SIGTERM.
 
@@ -107,12 +108,15 @@ async def serve(
     HEALTH_CHECK_S, turns the gRPC health of every service to NOT_SERVING while it is false.
     On SIGTERM the health turns NOT_SERVING, then `drain(deadline)` (a time.monotonic())
     refuses new work and returns when the open work is done or `drain_s` has passed; the
-    server then stops, giving calls still open DRAIN_GRACE_S.
+    server then stops, giving calls still open DRAIN_GRACE_S. Beyond `max_requests` calls in
+    flight, gRPC refuses new ones with RESOURCE_EXHAUSTED.
     """
     token = stage_token()
     interceptors = [TokenCheck(token)] if token else []
     server = grpc.aio.server(
-        options=CHANNEL_OPTIONS, interceptors=[*interceptors, ErrorInterceptor()]
+        options=CHANNEL_OPTIONS,
+        interceptors=[*interceptors, ErrorInterceptor()],
+        maximum_concurrent_rpcs=max_requests,
     )
     port = server.add_insecure_port(address)
     if port == 0:

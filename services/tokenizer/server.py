@@ -134,6 +134,13 @@ def _json_list(text: str, field: str) -> list[Any]:
 def main() -> None:
     parser = cli.base_parser("Tokenizer service", default_port=50051)
     parser.add_argument("--threads", type=int, default=2, help="tokenizing threads")
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=256,
+        help="requests in flight beyond which a new one is refused (RESOURCE_EXHAUSTED, HTTP "
+        "429): a prompt takes milliseconds, so these are seconds of work",
+    )
     args = parser.parse_args()
     cli.setup_logging(args.log_level)
     tokenizer = loader.load_tokenizer(args.model)
@@ -145,7 +152,8 @@ def main() -> None:
         return [tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name]
 
     # Tokenizing takes milliseconds: the server's grace on stopping is drain enough.
-    asyncio.run(serve("tokenizer", f"{args.host}:{args.port}", register))
+    address = f"{args.host}:{args.port}"
+    asyncio.run(serve("tokenizer", address, register, max_requests=args.max_requests))
 
 
 if __name__ == "__main__":
