@@ -35,8 +35,7 @@ def stage_error(
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and not quiet:
         return ApiError(
             504,
-            f"The request ran out of time in the {stage} stage (the server's "
-            "--request-timeout-s); its work was stopped.",
+            f"The request ran out of time in the {stage} stage; its work there was stopped.",
             type=SERVER_ERROR,
             code="request_timeout",
         )
