@@ -100,7 +100,6 @@ class StageClients:
         pool = await self.directory.pool("prefill")
         hashes = router.servable_hashes(token_ids, choice.prompt_cache)
         queued: dict[Instance, int] = {}  # what this call added to instances' queues
-        calls: list[tuple[Instance, grpc.aio.UnaryUnaryCall]] = []
 
         def route(instances: Sequence[Instance]) -> Instance:
             chosen = router.choose(instances, len(token_ids), hashes)
@@ -108,18 +107,16 @@ class StageClients:
             queued[chosen.instance] = chosen.uncached_tokens
             return chosen.instance
 
-        def start(stub: prefill_pb2_grpc.PrefillStub) -> grpc.aio.UnaryUnaryCall:
-            calls.append(
-                (next(reversed(queued)), stub.Prefill(request, timeout=choice.time_left()))
-            )
-            return calls[-1][1]
+        def call(stub: prefill_pb2_grpc.PrefillStub) -> grpc.aio.UnaryUnaryCall:
+            return stub.Prefill(request, timeout=choice.time_left())
 
         try:
-            instance, response = await self._call(pool, route, start, None)
+            instance, response = await self._call(pool, route, call, None)
         except asyncio.CancelledError:
-            # Cancelled just as prefill answered: the handle is pinned and nobody holds it.
-            if calls and calls[-1][1].done() and not calls[-1][1].cancelled():
-                self._later(self._release_answered(*calls[-1]))
+            # The answer may have been on its way (prefill done, its handle pinned for us):
+            # Abort frees whatever the request holds on the instance last tried.
+            if queued:
+                self._later(self._abort_prefill(next(reversed(queued)), choice.id))
             raise
         finally:
             for instance_queued, tokens in queued.items():
@@ -171,12 +168,12 @@ class StageClients:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _release_answered(self, instance: Instance, call: grpc.aio.UnaryUnaryCall) -> None:
+    async def _abort_prefill(self, instance: Instance, request_id: str) -> None:
+        request = prefill_pb2.AbortRequest(request_id=request_id)
         try:
-            response = await call
-        except grpc.aio.AioRpcError:
-            return  # it failed: no handle
-        await self._release(instance.address, response.kv_handle.handle_id)
+            await instance.stub.Abort(request, timeout=self._config.release_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("aborting %s on prefill failed: %s", request_id, exc.code().name)
 
     async def _release(self, address: str, handle_id: str) -> None:
         instance = (await self.directory.pool("prefill")).get(address)

@@ -68,13 +68,22 @@ class PrefillEngine:
             self._waiting.append(job)
         self._thread.wake()
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        """Frees the request's queued or running prompt and its handle if nobody is pulling
+        it; whether anything was freed."""
+        freed = False
         with self._lock:
             for queue in (self._waiting, self._running):
                 for job in list(queue):
                     if job.request_id == request_id:
                         queue.remove(job)
                         self.blocks.free(job.block_table)
+                        freed = True
+            for handle_id, handle in list(self._handles.items()):
+                if handle.request_id == request_id and not handle.pulling:
+                    self.blocks.free(self._handles.pop(handle_id).block_ids)
+                    freed = True
+        return freed
 
     def begin_pull(self, handle_id: str) -> Handle | None:
         """Marks a handle as being pulled (no second pull, no Release) until `end_pull`.
@@ -286,7 +295,9 @@ class PrefillEngine:
                 self.num_tokens += len(job.token_ids) - job.num_cached_tokens
                 handle_id = uuid.uuid4().hex
                 expires = time.monotonic() + self.lease_s
-                self._handles[handle_id] = Handle(job.block_table, len(job.token_ids), expires)
+                self._handles[handle_id] = Handle(
+                    job.request_id, job.block_table, len(job.token_ids), expires
+                )
                 result = PrefillResult(
                     handle_id=handle_id,
                     first_token=outcome,

@@ -72,6 +72,7 @@ class PrefillJob:
 
 @dataclass(slots=True)
 class Handle:
+    request_id: str
     block_ids: list[int]
     num_tokens: int
     expires_at: float  # time.monotonic()

@@ -129,6 +129,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Release(self, request, context):
         return prefill_pb2.ReleaseResponse(released=self.engine.release(request.handle_id))
 
+    async def Abort(self, request, context):
+        return prefill_pb2.AbortResponse(aborted=self.engine.abort(request.request_id))
+
     async def Renew(self, request, context):
         handle = self.engine.renew(request.handle_id)
         if handle is None:
