@@ -2,12 +2,20 @@
 
 import signal
 import threading
-import time
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.rpc import prefill_pb2
-from tests.grpc_stack import ENGINE_ARGS, Stack, rpc_error, running, start_service, tokens_of
+from tests.grpc_stack import (
+    ENGINE_ARGS,
+    Stack,
+    rpc_error,
+    running,
+    start_service,
+    tokens_of,
+    wait_until,
+)
 
 PROMPT = [1, 504, 3458, 282, 4219, 30, 2]
 
@@ -27,7 +35,14 @@ def test_sigterm_lets_decode_finish_open_streams_and_refuse_new_ones():
         reader.start()
         decode = services["decode"].process
         decode.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # handled
+        # Health turns NOT_SERVING as the drain begins (in the same turn of decode's loop).
+        with services["decode"].channel() as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = wait_until(
+                lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status,
+                lambda s: s == health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         new = stack.generate_request(PROMPT, 4, request_id="new")
         refused = rpc_error(lambda: list(stack.decode.Generate(new, timeout=30)))
         assert refused.code() == grpc.StatusCode.UNAVAILABLE, refused.details()

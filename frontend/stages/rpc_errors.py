@@ -18,7 +18,8 @@ from frontend.errors import (
 logger = logging.getLogger(__name__)
 
 _BAD_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
-_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # polls
+# A poll (quiet) that times out finds the stage down too; a request's call, out of time.
+_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # The stage that compiles a grammar names the field it came from first ("tools: ...").
 _GRAMMAR_PARAMS = ("response_format", "tools")
 
@@ -26,7 +27,8 @@ _GRAMMAR_PARAMS = ("response_format", "tools")
 def stage_error(
     stage: str, exc: grpc.aio.AioRpcError, param: str | None = None, quiet: bool = False
 ) -> ApiError:
-    """`quiet` logs a stage that is down at debug level, for polls that expect it."""
+    """`quiet`: a poll (health, Info), which logs a stage that is down at debug level and
+    takes a timeout for the stage being down rather than for the request running late."""
     code, details = exc.code(), exc.details() or ""
     if param is None:
         param = next((p for p in _GRAMMAR_PARAMS if details.startswith(f"{p}:")), None)

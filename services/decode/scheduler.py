@@ -53,6 +53,8 @@ class Scheduler:
         None: not now (no batch slot, or too few free blocks); nothing is held then."""
         if len(self.running) + len(self.waiting) + self.num_pulling >= self.max_batch_size:
             return None
+        if not self.blocks.can_allocate(num_blocks - len(block_hashes)):
+            return None  # too few free blocks even if every hashed block were cached
         reused = self.blocks.match_prefix(block_hashes, prompt_ids)
         missing = num_blocks - len(reused)
         if not self.blocks.can_allocate(missing):
