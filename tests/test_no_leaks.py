@@ -82,6 +82,8 @@ async def run_plan(
     if plan.kind in ("queued", "mid_prefill"):
         await asyncio.sleep(plan.delay_s)
         if call.cancel():
+            # As the frontend does: the answer may have been on its way, its handle pinned.
+            await prefill.Abort(prefill_pb2.AbortRequest(request_id=f"r{i}"), timeout=10)
             return "cancelled"
         # Finished first: the handle is the client's, which releases it as the frontend does.
         handle_id = (await call).kv_handle.handle_id
