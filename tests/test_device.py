@@ -33,7 +33,8 @@ def test_this_machine_flags_are_read():
 
 
 def test_a_failed_kernel_build_falls_back_to_torch_and_says_so(tmp_path):
-    """No working compiler: the engine still serves, on torch ops, and logs why."""
+    """No working compiler: the engine still serves, on torch ops in the CPU's own dtype
+    (bfloat16 with AMX, else float32), and logs why."""
     script = (
         "from services.engine.worker import Worker, WorkerOptions\n"
         "from services.engine.runner import SeqChunk\n"
@@ -47,5 +48,6 @@ def test_a_failed_kernel_build_falls_back_to_torch_and_says_so(tmp_path):
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "INFO float32 False ''" in done.stdout
+    dtype = str(device.choose_dtype(torch.device("cpu"))).removeprefix("torch.")
+    assert f"INFO {dtype} False ''" in done.stdout
     assert "the CPU kernels could not be built or loaded" in done.stderr
