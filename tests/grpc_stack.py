@@ -228,6 +228,8 @@ class Stack:
             first_token_id=prefilled.first_token_id,
             sampling=sampling,
             stopping=common_pb2.Stopping(max_tokens=max_tokens, **kwargs),
+            # Mirostat's state after prefill's token, as the frontend passes it on.
+            mirostat_mu=prefilled.mirostat_mu if prefilled.HasField("mirostat_mu") else None,
         )
 
     def generate(self, prompt: list[int], max_tokens: int, **kwargs) -> list:

@@ -122,6 +122,18 @@ COMPLETION_CASES = [
     *_invalid(completion_body, "metadata", "x", [1]),
     *_invalid(completion_body, "reasoning_effort", "extreme", -1, True),
     *_invalid(completion_body, "images", [IMAGE], "x"),
+    *_invalid(completion_body, "speculation", 3.5, {"text": "x"}, [1, "2"], [-1], [True]),
+    *_invalid(
+        completion_body,
+        "prediction",
+        5,
+        ["x"],
+        {"type": "text", "content": "x"},
+        {"type": "content"},
+        {"type": "content", "content": 5},
+        {"type": "content", "content": [{"type": "image_url", "image_url": "x"}]},
+        {"type": "content", "content": "x", "extra": 1},
+    ),
     # Documented but not implemented yet: refused unless neutral.
     (completion_body(response_format={"type": "json"}), 400, "response_format"),
     (
@@ -134,8 +146,6 @@ COMPLETION_CASES = [
         400,
         "response_format.grammar",
     ),
-    (completion_body(speculation="abc"), 400, "speculation"),
-    (completion_body(prediction={"type": "content", "content": "x"}), 400, "prediction"),
     (completion_body(best_of=2), 400, "best_of"),
     (completion_body(suffix="end"), 400, "suffix"),
     # Fields of the chat endpoint are unknown here.

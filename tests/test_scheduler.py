@@ -35,7 +35,7 @@ def test_requests_join_at_step_boundaries_and_share_one_step():
     assert [(s.seq.request_id, s.num_tokens) for s in step] == [("a", 1)]
     # Position 4 starts a new block: the step reserved it.
     assert a.block_table == [0, 1]
-    scheduler.postprocess(step, [7])
+    scheduler.postprocess(step, [[7]])
     b = pulled(blocks, make_seq("b", 3))
     scheduler.add(b)
     step = scheduler.schedule()
@@ -50,7 +50,7 @@ def test_finish_on_eos_max_tokens_and_release_blocks():
     b = pulled(blocks, make_seq("b", 4, max_tokens=2))
     scheduler.add(a)
     scheduler.add(b)
-    outputs = scheduler.postprocess(scheduler.schedule(), [EOS, 9])
+    outputs = scheduler.postprocess(scheduler.schedule(), [[EOS], [9]])
     assert [(seq.request_id, tok, fin) for seq, tok, fin in outputs] == [
         ("a", EOS, Finish.STOP),
         ("b", 9, Finish.LENGTH),
@@ -79,7 +79,7 @@ def test_full_pool_preempts_the_newest_and_recomputes_it_in_chunks():
     while scheduler.num_preemptions == 0:
         step = scheduler.schedule()
         steps.append([s.seq.request_id for s in step])
-        scheduler.postprocess(step, [7] * sum(s.samples for s in step))
+        scheduler.postprocess(step, [[7]] * sum(s.samples for s in step))
     # a and b share steps until a's 9th token needs a third block: b, the newest, yields.
     assert steps[:-1] == [["a", "b"]] * 4 and steps[-1] == ["a"]
     assert a.block_table == [0, 3, 4]  # b freed [1, 2, 4], tail first
@@ -87,7 +87,7 @@ def test_full_pool_preempts_the_newest_and_recomputes_it_in_chunks():
     assert [s.request_id for s in scheduler.waiting] == ["b"]
     # Once a finishes, b is recomputed from scratch under the 3-token budget, then samples.
     a.stop.max_tokens = a.num_generated + 1
-    scheduler.postprocess(scheduler.schedule(), [7])
+    scheduler.postprocess(scheduler.schedule(), [[7]])
     assert not scheduler.running or scheduler.running[0] is b
     chunks = []
     while True:
@@ -138,7 +138,7 @@ def run_to_completion(scheduler: Scheduler, pending: list[Sequence], max_steps: 
             pending.remove(seq)
         step = scheduler.schedule()
         assert step or not (scheduler.running or scheduler.waiting), f"jammed at {step_index}"
-        outputs = scheduler.postprocess(step, [7] * sum(s.samples for s in step))
+        outputs = scheduler.postprocess(step, [[7]] * sum(s.samples for s in step))
         done += sum(finish is not None for _, _, finish in outputs)
         if not pending and not scheduler.running and not scheduler.waiting:
             return step_index + 1

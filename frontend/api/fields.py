@@ -130,25 +130,58 @@ def _token_ids(value: list[Any]) -> list[int]:
 
 def text_content(value: Any) -> str:
     """Message content as one string; text parts are joined by newlines (as vLLM does)."""
+    return "\n".join(_text_parts(value, "content"))
+
+
+def _text_parts(value: Any, name: str) -> list[str]:
+    """A string, or the OpenAI list of text parts, as the list of its texts."""
     if isinstance(value, str):
-        return value
+        return [value]
     if not isinstance(value, list):
-        raise invalid("content must be a string or a list of text parts.")
+        raise invalid(f"{name} must be a string or a list of text parts.")
     texts = []
     for i, part in enumerate(value):
         if not isinstance(part, dict):
-            raise invalid(f"content[{i}] must be an object.")
+            raise invalid(f"{name}[{i}] must be an object.")
         kind = part.get("type")
         if kind in ("image_url", "input_image", "image"):
-            raise invalid(f"content[{i}]: this model has no vision input.")
+            raise invalid(f"{name}[{i}]: this model has no vision input.")
         if kind != "text":
             if isinstance(kind, str):
-                raise unsupported(f"content[{i}]: part type '{kind}' is not supported yet.")
-            raise invalid(f"content[{i}].type must be 'text'.")
+                raise unsupported(f"{name}[{i}]: part type '{kind}' is not supported yet.")
+            raise invalid(f"{name}[{i}].type must be 'text'.")
         if not isinstance(part.get("text"), str):
-            raise invalid(f"content[{i}].text must be a string.")
+            raise invalid(f"{name}[{i}].text must be a string.")
         unknown = sorted(set(part) - {"type", "text"})
         if unknown:
-            raise invalid(f"content[{i}] has an unknown field '{unknown[0]}'.")
+            raise invalid(f"{name}[{i}] has an unknown field '{unknown[0]}'.")
         texts.append(part["text"])
-    return "\n".join(texts)
+    return texts
+
+
+def prediction_text(value: Any) -> str | None:
+    """OpenAI's predicted output, `{"type": "content", "content": text or text parts}`, or
+    the text alone, as the text the output is expected to repeat (parts concatenated)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, dict):
+        raise invalid('prediction must be a string or {"type": "content", "content": ...}.')
+    if value.get("type") != "content":
+        raise invalid("prediction.type must be 'content'.")
+    unknown = sorted(set(value) - {"type", "content"})
+    if unknown:
+        raise invalid(f"prediction has an unknown field '{unknown[0]}'.")
+    if "content" not in value:
+        raise invalid("prediction.content is required.")
+    return "".join(_text_parts(value["content"], "prediction.content"))
+
+
+def speculation(value: Any) -> str | list[int] | None:
+    """Text or token ids the output is expected to repeat."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not all(type(x) is int for x in value):
+        raise invalid("speculation must be a string or a list of token ids.")
+    if any(not 0 <= x <= INT32_MAX for x in value):
+        raise invalid("token ids in speculation must be non-negative 32-bit integers.")
+    return value

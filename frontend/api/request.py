@@ -48,6 +48,15 @@ class PromptSource:
 
 
 @dataclass(slots=True)
+class Prediction:
+    """What the output is expected to repeat (speculative decoding), as the request gave it:
+    `prediction` (text) or `speculation` (text or token ids)."""
+
+    content: str | list[int]
+    param: str  # the field it came from, for errors
+
+
+@dataclass(slots=True)
 class GenerationRequest:
     id: str
     source: PromptSource
@@ -61,6 +70,7 @@ class GenerationRequest:
     prompt_cache: PromptCache
     output: OutputOptions
     n: int = 1
+    prediction: Prediction | None = None
 
     def choice_sampling(self, choice: int) -> SamplingParams:
         """Choice j of a prompt draws with seed + j, so a seeded n > 1 request is reproducible
@@ -133,7 +143,21 @@ def generation_request(
         ),
         output=_output_options(body),
         n=n,
+        prediction=_prediction(body),
     )
+
+
+def _prediction(body: Body) -> Prediction | None:
+    """`prediction` is OpenAI's name for what the Fireworks API calls `speculation`."""
+    if body.prediction is not None and body.speculation is not None:
+        raise invalid_request(
+            "prediction is transformed to speculation; set only one of them.", "prediction"
+        )
+    if body.prediction:
+        return Prediction(body.prediction, "prediction")
+    if body.speculation:
+        return Prediction(body.speculation, "speculation")
+    return None
 
 
 def _sampling(body: Body) -> SamplingParams:

@@ -81,6 +81,9 @@ class _GenerationRequest(_Strict):
     perf_metrics_in_response: bool | None = None
     prompt_cache_max_len: Count = None
     prompt_cache_isolation_key: str | None = None
+    # Speculative decoding: what the output is expected to repeat (one of the two).
+    speculation: str | list[int] | None = None
+    prediction: str | None = None
     user: str | None = None
     # Accepted and stored nowhere.
     metadata: dict[str, Any] | None = None
@@ -102,6 +105,16 @@ class _GenerationRequest(_Strict):
     @classmethod
     def _reasoning_effort(cls, value: Any) -> str | int | None:
         return fields.reasoning_effort(value)
+
+    @field_validator("speculation", mode="before")
+    @classmethod
+    def _speculation(cls, value: Any) -> str | list[int] | None:
+        return fields.speculation(value)
+
+    @field_validator("prediction", mode="before")
+    @classmethod
+    def _prediction(cls, value: Any) -> str | None:
+        return fields.prediction_text(value)
 
     @field_validator("images", mode="before")
     @classmethod

@@ -15,8 +15,6 @@ from frontend.errors import invalid_request
 # name -> the values that ask for nothing (None stands for JSON null).
 COMMON_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
     "prompt_cache_key": (None,),
-    "speculation": (None,),
-    "prediction": (None,),
     "reasoning_history": (None,),
     "thinking": (None,),
     "safe_tokenization": (None,),

@@ -20,6 +20,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from frontend.stages.types import SpeculationStats
+
 HEADER_PREFIX = "fireworks-"
 SAMPLING_OPTIONS_HEADER = "fireworks-sampling-options"
 MAX_HEADER_BYTES = 4096  # the sampling-options header stays under what proxies accept
@@ -74,6 +76,14 @@ class RequestMetrics:
     first_token_at_ns: int | None = None
     last_token_at_ns: int | None = None
     backend_host: str = ""
+    # Speculative decoding, over all choices: set when a prediction was given or drafts
+    # were verified.
+    speculation: SpeculationStats | None = None
+
+    def add_speculation(self, stats: SpeculationStats) -> None:
+        if self.speculation is None:
+            self.speculation = SpeculationStats()
+        self.speculation.add(stats)
 
     def first_token(self, path: PathTimings, now_ns: int) -> None:
         """A prompt's first choice got its first token; the earliest one counts."""
@@ -109,6 +119,13 @@ class RequestMetrics:
             )
         if self.last_token_at_ns is not None:
             metrics["server-processing-time"] = seconds(self.last_token_at_ns - self.arrival_ns)
+        if self.speculation is not None:
+            spec = self.speculation
+            metrics["speculation-prompt-tokens"] = str(spec.prediction_tokens)
+            matched = spec.accepted_tokens if spec.prediction_tokens else 0
+            metrics["speculation-prompt-matched-tokens"] = str(matched)
+            metrics["speculation-generated-tokens"] = str(spec.draft_tokens)
+            metrics["speculation-acceptance"] = ",".join(f"{r:.4f}" for r in spec.acceptance())
         return metrics
 
     def headers(self) -> dict[str, str]:

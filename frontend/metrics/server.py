@@ -43,6 +43,16 @@ class ServerMetrics:
             PREFIX + "generation_tokens_total", "Completion tokens generated."
         )
         self.requests = Counter(PREFIX + "requests_total", "Finished requests, by outcome.")
+        self.draft_tokens = Counter(
+            PREFIX + "speculation_draft_tokens_total",
+            "Draft tokens verified, by source (prediction, prompt_lookup) and position in "
+            "their step (1: a step's first draft).",
+        )
+        self.accepted_draft_tokens = Counter(
+            PREFIX + "speculation_accepted_tokens_total",
+            "Draft tokens accepted, by source and position; divided by the drafted ones, the "
+            "acceptance rate by position.",
+        )
 
     def observe_first_token(self, metrics: RequestMetrics) -> None:
         assert metrics.first_token_at_ns is not None and metrics.path is not None
@@ -79,6 +89,14 @@ class ServerMetrics:
             self.stage_duration.observe(metrics.kv_transfer_ns / 1e9, stage="kv-transfer")
         if completed and metrics.last_token_at_ns is not None:
             self.e2e_latency.observe((metrics.last_token_at_ns - metrics.arrival_ns) / 1e9)
+        spec = metrics.speculation
+        if spec is not None:
+            source = "prediction" if spec.prediction_tokens else "prompt_lookup"
+            for i, (drafted, accepted) in enumerate(
+                zip(spec.drafted_by_position, spec.accepted_by_position, strict=True)
+            ):
+                self.draft_tokens.inc(drafted, source=source, position=str(i + 1))
+                self.accepted_draft_tokens.inc(accepted, source=source, position=str(i + 1))
 
     def render(self, stats: list[StageStats], down: list[str], in_flight: int) -> str:
         lines: list[str] = []
@@ -94,6 +112,8 @@ class ServerMetrics:
             self.cached_prompt_tokens,
             self.generation_tokens,
             self.requests,
+            self.draft_tokens,
+            self.accepted_draft_tokens,
         ):
             lines += counter.render()
         in_flight_sample: list[tuple[Labels, float]] = [((), in_flight)]

@@ -98,6 +98,8 @@ class Generation:
         gap_ns = None if self._last_message_ns is None else now - self._last_message_ns
         self._last_message_ns = now
         self._server_metrics.observe_tokens(len(delta.token_ids), gap_ns)
+        if delta.speculation is not None:
+            self._metrics.add_speculation(delta.speculation)
         self.output.add(delta)
         return delta
 

@@ -6,14 +6,14 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from frontend.api.request import GenerationRequest
+from frontend.api.request import GenerationRequest, Prediction
 from frontend.errors import invalid_request
 from frontend.metrics.request import PathTimings, RequestMetrics
 from frontend.metrics.server import ServerMetrics
 from frontend.run.choice import ChoiceOutput, Generation
 from frontend.run.prompts import PreparedPrompt, PromptTokenizer, describe, fit_max_tokens
 from frontend.stages.clients import StageClients
-from frontend.stages.types import Choice, ModelLimits, TokenDelta
+from frontend.stages.types import Choice, ModelLimits, SpeculationStats, TokenDelta
 
 T = TypeVar("T")
 
@@ -47,6 +47,21 @@ class Run:
             "completion_tokens": num_completion,
             "total_tokens": num_prompt + num_completion,
             "prompt_tokens_details": {"cached_tokens": self.metrics.cached_prompt_tokens},
+            **self._prediction_usage(),
+        }
+
+    def _prediction_usage(self) -> dict[str, Any]:
+        """OpenAI's counts for a request with a prediction: drafts from it that the output
+        kept, and those verified and rejected."""
+        speculation = self.metrics.speculation
+        if speculation is None or not speculation.prediction_tokens:
+            return {}
+        accepted = speculation.accepted_tokens
+        return {
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": speculation.draft_tokens - accepted,
+            }
         }
 
     def close(self) -> None:
@@ -65,6 +80,7 @@ class _Starting:
 
     request: GenerationRequest
     metrics: RequestMetrics
+    prediction_ids: list[int]
     # (choice index, generation) as created, so that a failure can close them all.
     created: list[tuple[int, Generation]] = field(default_factory=list)
 
@@ -82,7 +98,11 @@ class Pipeline:
         an HTTP status. The caller owns `close()` of the returned run."""
         limits = await self._stages.directory.limits()
         check_token_ids(request, limits)
-        starting = _Starting(request, metrics)
+        prediction_ids: list[int] = []
+        if request.prediction is not None:
+            prediction_ids = await self._prediction_ids(request.prediction, limits)
+            metrics.speculation = SpeculationStats(prediction_tokens=len(prediction_ids))
+        starting = _Starting(request, metrics, prediction_ids)
         try:
             prompts = await run_all(
                 [self._start_prompt(starting, i) for i in range(request.source.num_prompts)]
@@ -100,6 +120,30 @@ class Pipeline:
                 generation.close()
             raise
         return run
+
+    async def _prediction_ids(self, prediction: Prediction, limits: ModelLimits) -> list[int]:
+        """The prediction as token ids (text without special tokens), each in the vocabulary,
+        no more than the context window holds."""
+        content, param = prediction.content, prediction.param
+        if isinstance(content, str):
+            tokenized = await self._stages.tokenize(content, add_special_tokens=False, param=param)
+            ids = tokenized.token_ids
+        else:
+            ids = content
+            bad = [t for t in ids if limits.vocab_size and t >= limits.vocab_size]
+            if bad:
+                raise invalid_request(
+                    f"{param}: token id {bad[0]} is outside the vocabulary "
+                    f"[0, {limits.vocab_size}).",
+                    param,
+                )
+        if len(ids) > limits.max_model_len:
+            raise invalid_request(
+                f"{param} is {len(ids)} tokens long; the context window holds "
+                f"{limits.max_model_len}.",
+                param,
+            )
+        return ids
 
     async def _start_prompt(self, starting: _Starting, index: int) -> PreparedPrompt:
         """Tokenizes and prefills prompt `index`, registering its choices' generations."""
@@ -141,6 +185,7 @@ class Pipeline:
             stopping=request.stopping(prompt.max_tokens),
             prompt_cache=request.prompt_cache,
             deadline=metrics.arrival_ns / 1e9 + self._request_timeout_s,
+            prediction_ids=starting.prediction_ids,
         )
         echoes = request.output.echo_count(len(prompt.token_ids)) > 0
         started = time.monotonic_ns()

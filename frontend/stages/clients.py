@@ -52,15 +52,20 @@ class StageClients:
             await asyncio.wait(self._background, timeout=self._config.release_timeout_s)
         await self.directory.close()
 
-    async def tokenize(self, prompt: str | list[int]) -> Tokenized:
+    async def tokenize(
+        self, prompt: str | list[int], add_special_tokens: bool = True, param: str = "prompt"
+    ) -> Tokenized:
+        """A prompt (or other text: `param` names its field in errors) as token ids."""
         if isinstance(prompt, str):
-            request = tokenizer_pb2.TokenizeRequest(text=prompt, add_special_tokens=True)
+            request = tokenizer_pb2.TokenizeRequest(
+                text=prompt, add_special_tokens=add_special_tokens
+            )
         else:
             request = tokenizer_pb2.TokenizeRequest(token_ids=tokenizer_pb2.TokenIds(ids=prompt))
         response = await self._unary(
             "tokenizer",
             lambda stub: stub.Tokenize(request, timeout=self._config.tokenize_timeout_s),
-            param="prompt",
+            param=param,
         )
         return _tokenized(response)
 
@@ -151,6 +156,7 @@ class StageClients:
             first_token_logprob=prefilled.first_token_logprob,
             mirostat_mu=prefilled.mirostat_mu,  # None leaves the optional field unset
             prompt_cache=choice.prompt_cache.to_pb(),
+            prediction_token_ids=choice.prediction_ids,
         )
         stream = instance.stub.Generate(request, timeout=choice.time_left())
         return DecodeStream(pool, instance, stream, choice.sampling.logprobs)

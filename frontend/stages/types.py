@@ -42,6 +42,7 @@ class Choice:
     stopping: Stopping
     prompt_cache: PromptCache
     deadline: float  # time.monotonic() by which the request must be done
+    prediction_ids: list[int] = field(default_factory=list)  # what the output may repeat
 
     def time_left(self) -> float:
         """The deadline of its stage calls, in seconds from now (at least a moment)."""
@@ -97,6 +98,35 @@ class TokenDelta:
     queue_ns: int = 0
     kv_transfer_ns: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, if asked
+    speculation: "SpeculationStats | None" = None  # the last message, if drafts were verified
+
+
+@dataclass(slots=True)
+class SpeculationStats:
+    """Draft tokens verified for a request (all its choices) and how many were accepted."""
+
+    prediction_tokens: int = 0  # tokens of the request's prediction (0: prompt lookup)
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    # Per draft position in a step: drafted and accepted counts.
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def add(self, other: "SpeculationStats") -> None:
+        self.draft_tokens += other.draft_tokens
+        self.accepted_tokens += other.accepted_tokens
+        for mine, theirs in (
+            (self.drafted_by_position, other.drafted_by_position),
+            (self.accepted_by_position, other.accepted_by_position),
+        ):
+            mine += [0] * (len(theirs) - len(mine))
+            for i, count in enumerate(theirs):
+                mine[i] += count
+
+    def acceptance(self) -> list[float]:
+        """The share of drafts accepted at each position."""
+        pairs = zip(self.accepted_by_position, self.drafted_by_position, strict=True)
+        return [accepted / drafted for accepted, drafted in pairs]
 
 
 @dataclass(slots=True)

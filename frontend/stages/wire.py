@@ -11,6 +11,7 @@ from frontend.stages.types import (
     DEFAULT_BLOCK_SIZE,
     ChatTurn,
     ModelLimits,
+    SpeculationStats,
     StageStats,
     TokenDelta,
     TokenLogprob,
@@ -59,6 +60,17 @@ def delta_from_pb(message: decode_pb2.GenerateResponse, want_logprobs: bool) -> 
         queue_ns=message.queue_ns,
         kv_transfer_ns=message.kv_transfer_ns,
         logprobs=logprobs,
+        speculation=_speculation(message.speculation) if message.HasField("speculation") else None,
+    )
+
+
+def _speculation(pb: decode_pb2.Speculation) -> SpeculationStats:
+    return SpeculationStats(
+        prediction_tokens=pb.prediction_tokens,
+        draft_tokens=pb.draft_tokens,
+        accepted_tokens=pb.accepted_tokens,
+        drafted_by_position=list(pb.drafted_by_position),
+        accepted_by_position=list(pb.accepted_by_position),
     )
 
 

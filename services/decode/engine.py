@@ -10,6 +10,9 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
+
+from services.decode.drafts import num_accepted
 from services.decode.prefill_allowlist import PrefillAllowList
 from services.decode.scheduler import Scheduled, Scheduler
 from services.decode.sequence import Finish, Sequence
@@ -35,16 +38,24 @@ class DecodeEngine:
         deliver: Deliver,
         max_queued_requests: int,
         prefill_instances: PrefillAllowList,
+        max_draft_tokens: int = 0,
+        prompt_lookup: bool = False,
     ) -> None:
         """`deliver` is called on the event loop that calls `start`, once per step with that
         step's new tokens. Beyond `max_queued_requests` waiting to join the batch, decode
-        refuses new ones; it pulls KV only from `prefill_instances`."""
+        refuses new ones; it pulls KV only from `prefill_instances`. A sequence verifies at
+        most `max_draft_tokens` drafts a step (0: no speculation); `prompt_lookup` drafts for
+        requests without a prediction."""
         self.worker = worker
         self.max_queued_requests = max_queued_requests
         self.prefill_instances = prefill_instances
+        self.max_draft_tokens = max_draft_tokens
+        self.prompt_lookup = prompt_lookup
         self.blocks: BlockManager = worker.pool.blocks
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_step_tokens)
-        self.grammar_batch = GrammarBatch(worker.config.vocab_size, max_batch_size, worker.device)
+        self.grammar_batch = GrammarBatch(
+            worker.config.vocab_size, max_batch_size * (1 + max_draft_tokens), worker.device
+        )
         self.num_steps = 0
         self.last_step_batch_size = 0
         self.max_step_batch_size = 0
@@ -131,53 +142,91 @@ class DecodeEngine:
 
     def _step(self, scheduled: list[Scheduled]) -> list:
         started_ns = time.perf_counter_ns()
-        grammar_ns = 0
         chunks = [
             SeqChunk(
-                item.seq.token_ids[item.seq.num_cached : item.seq.num_cached + item.num_tokens],
+                item.seq.token_ids[item.seq.num_cached : item.seq.num_cached + item.num_tokens]
+                + item.draft,
                 item.seq.num_cached,
                 item.seq.block_table,
+                all_logits=bool(item.draft),
             )
             for item in scheduled
         ]
         logits = self.worker.runner.forward(chunks)
-        seqs = [item.seq for item in scheduled if item.samples]
-        sampled: list[SampledToken] = []
-        if seqs:
-            rows = [i for i, item in enumerate(scheduled) if item.samples]
-            row_logits = logits[rows] if len(rows) < len(scheduled) else logits
-            grammars = [seq.grammar for seq in seqs]
-            constrained = any(grammars)
-            if constrained:
-                mask_started_ns = time.perf_counter_ns()
-                self.grammar_batch.apply(row_logits, grammars)
-                grammar_ns = time.perf_counter_ns() - mask_started_ns
-            sampled = self.worker.sampler.sample_tokens(
-                row_logits,
-                [seq.sampling for seq in seqs],
-                [len(seq.token_ids) for seq in seqs],
-                [seq.history() if seq.sampling.needs_history else _NO_HISTORY for seq in seqs],
-                [seq.mirostat for seq in seqs],
-            )
-            if constrained:
-                accept_started_ns = time.perf_counter_ns()
-                for seq, token in zip(seqs, sampled, strict=True):
-                    if seq.grammar is not None:
-                        seq.grammar.accept(token.token_id)
-                grammar_ns += time.perf_counter_ns() - accept_started_ns
-                self.num_grammar_steps += 1
-                self.grammar_time_ns += grammar_ns
+        # Logit rows: one per sequence, 1 + len(draft) for one verifying drafts.
+        rows, sampling = [], [item for item in scheduled if item.samples]
+        row = 0
+        for item in scheduled:
+            if item.samples:
+                rows += range(row, row + 1 + len(item.draft))
+            row += 1 + len(item.draft)
+        new_tokens: list[list[SampledToken]] = []
+        if sampling:
+            row_logits = logits[rows] if len(rows) < logits.shape[0] else logits
+            new_tokens = self._sample(row_logits, sampling)
         self.num_steps += 1
-        self.num_tokens += len(sampled)
+        self.num_tokens += sum(len(tokens) for tokens in new_tokens)
         self.step_time_ns += time.perf_counter_ns() - started_ns
         self.last_step_batch_size = len(scheduled)
         self.max_step_batch_size = max(self.max_step_batch_size, len(scheduled))
         with self.lock:
-            outputs = self.scheduler.postprocess(scheduled, [t.token_id for t in sampled])
-        # Every sampled sequence gets exactly one output, in order.
-        return [
-            (seq, token, finish) for (seq, _, finish), token in zip(outputs, sampled, strict=True)
-        ]
+            outputs = self.scheduler.postprocess(
+                scheduled, [[t.token_id for t in tokens] for tokens in new_tokens]
+            )
+        # Each sequence's outputs are its first new tokens, up to the one that finished it.
+        results, pos = [], 0
+        for tokens in new_tokens:
+            seq = outputs[pos][0]
+            for token in tokens:
+                if pos == len(outputs) or outputs[pos][0] is not seq:
+                    break
+                results.append((seq, token, outputs[pos][2]))
+                pos += 1
+        return results
+
+    def _sample(self, logits: torch.Tensor, items: list[Scheduled]) -> list[list[SampledToken]]:
+        """Samples every row of the sequences that sample this step; returns each one's new
+        tokens (`drafts.num_accepted`). Row j's penalties, position (seeds) and grammar state
+        follow the draft's first j tokens, so a sequence's tokens are those it would generate
+        without drafts."""
+        params, positions, histories, mirostat, states, drafts = [], [], [], [], [], []
+        for item in items:
+            seq = item.seq
+            history = seq.history() if seq.sampling.needs_history else _NO_HISTORY
+            for j in range(1 + len(item.draft)):
+                params.append(seq.sampling)
+                positions.append(len(seq.token_ids) + j)
+                if j and seq.sampling.needs_history:
+                    output = [*history.output_ids, item.draft[j - 1]]
+                    history = TokenHistory(history.prompt_ids, output)
+                histories.append(history)
+                mirostat.append(seq.mirostat)
+            states.append(seq.grammar)
+            drafts.append(item.draft)
+        constrained = any(states)
+        if constrained:
+            mask_started_ns = time.perf_counter_ns()
+            self.grammar_batch.apply(logits, states, drafts)
+            grammar_ns = time.perf_counter_ns() - mask_started_ns
+        sampled = self.worker.sampler.sample_tokens(logits, params, positions, histories, mirostat)
+        new_tokens, row = [], 0
+        for item in items:
+            rows = sampled[row : row + 1 + len(item.draft)]
+            row += len(rows)
+            accepted = num_accepted([t.token_id for t in rows], item.draft)
+            if item.seq.drafter is not None:
+                item.seq.drafter.record(len(item.draft), accepted)
+            new_tokens.append(rows[: accepted + 1])
+        if constrained:
+            accept_started_ns = time.perf_counter_ns()
+            for item, tokens in zip(items, new_tokens, strict=True):
+                if item.seq.grammar is not None:
+                    for token in tokens:
+                        item.seq.grammar.accept(token.token_id)
+            grammar_ns += time.perf_counter_ns() - accept_started_ns
+            self.num_grammar_steps += 1
+            self.grammar_time_ns += grammar_ns
+        return new_tokens
 
     def healthy(self) -> bool:
         with self.lock:

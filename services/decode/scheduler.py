@@ -2,9 +2,11 @@
 
 Sequences join and leave at step boundaries. Each step gives every running sequence its
 uncached tokens (one in steady decode; more after a preemption, recomputed in chunks
-under the token budget). When the pool runs dry, blocks are taken back from waiting
-sequences first (newest first), then by preempting the newest running one: its blocks are
-freed and it is recomputed later, from what the prefix cache still holds, never failed.
+under the token budget). A sequence in steady decode with a drafter also gets its draft
+tokens, verified in the same step; the blocks they need come only from free ones. When the
+pool runs dry, blocks are taken back from waiting sequences first (newest first), then by
+preempting the newest running one: its blocks are freed and it is recomputed later, from
+what the prefix cache still holds, never failed.
 
 A new sequence's prompt KV is pulled only once it can join the batch (`begin_pull`): the
 running, waiting and pulling sequences together stay within max_batch_size, so waiting
@@ -14,7 +16,7 @@ sequence fits the pool alone (decode refuses the rest), so the oldest always pro
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.decode.sequence import Finish, Sequence
 from services.engine.block_hash import hash_block
@@ -24,7 +26,8 @@ from services.engine.block_manager import BlockManager, blocks_needed
 @dataclass(slots=True)
 class Scheduled:
     seq: Sequence
-    num_tokens: int  # uncached tokens computed this step
+    num_tokens: int  # uncached tokens computed this step (drafts not counted)
+    draft: list[int] = field(default_factory=list)  # draft tokens verified after them
 
     @property
     def samples(self) -> bool:
@@ -90,7 +93,9 @@ class Scheduler:
                 continue
             num_tokens = min(len(seq.token_ids) - seq.num_cached, max(budget, 1))
             budget -= num_tokens
-            scheduled.append(Scheduled(seq, num_tokens))
+            draft = self._draft(seq, num_tokens, budget)
+            budget -= len(draft)
+            scheduled.append(Scheduled(seq, num_tokens, draft))
             kept.append(seq)
         self.running = kept
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
@@ -100,33 +105,69 @@ class Scheduler:
             self.waiting.popleft()
             num_tokens = min(len(seq.token_ids) - seq.num_cached, budget)
             budget -= num_tokens
+            draft = self._draft(seq, num_tokens, budget)
+            budget -= len(draft)
             seq.joined_ns = seq.joined_ns or time.monotonic_ns()
-            scheduled.append(Scheduled(seq, num_tokens))
+            scheduled.append(Scheduled(seq, num_tokens, draft))
             self.running.append(seq)
         return scheduled
 
-    def postprocess(self, scheduled: list[Scheduled], sampled: list[int]) -> list[tuple]:
-        """Applies a step's results; `sampled` has one token per entry that `samples`.
+    def postprocess(self, scheduled: list[Scheduled], sampled: list[list[int]]) -> list[tuple]:
+        """Applies a step's results. `sampled` has, per entry that `samples`, its new tokens:
+        the drafts it accepted, then one sampled token.
 
-        Returns (seq, token_id, finish) for each sequence that got a new token.
+        Returns (seq, token_id, finish) for each new token, in order; a sequence's tokens end
+        at the first that finishes it.
         """
         outputs = []
-        tokens = iter(sampled)
+        new_tokens = iter(sampled)
         for item in scheduled:
             seq = item.seq
-            samples = item.samples
-            seq.num_cached += item.num_tokens
-            self._cache_full_blocks(seq)
-            if not samples:
+            if not item.samples:
+                seq.num_cached += item.num_tokens
+                self._cache_full_blocks(seq)
                 continue
-            token_id = next(tokens)
-            seq.token_ids.append(token_id)
-            finish = seq.stop.check(token_id, seq.num_generated, len(seq.token_ids))
+            finish = None
+            for token_id in next(new_tokens):
+                seq.token_ids.append(token_id)
+                finish = seq.stop.check(token_id, seq.num_generated, len(seq.token_ids))
+                outputs.append((seq, token_id, finish))
+                if finish is not None:
+                    break
+            # KV is valid for the step's tokens and the accepted drafts: all but the last.
+            seq.num_cached = len(seq.token_ids) - 1
             if finish is not None:
                 self.running.remove(seq)
                 self._release(seq, finish)
-            outputs.append((seq, token_id, finish))
+                continue
+            self._cache_full_blocks(seq)
+            # Blocks reserved for rejected drafts go back.
+            needed = blocks_needed(len(seq.token_ids), self.blocks.block_size)
+            self.blocks.free(seq.block_table[needed:])
+            del seq.block_table[needed:]
         return outputs
+
+    def _draft(self, seq: Sequence, num_tokens: int, budget: int) -> list[int]:
+        """Drafts to verify after a steady-decode sequence's token: within the token budget,
+        max_tokens, the context window and the blocks already free (never preempting)."""
+        if seq.drafter is None or num_tokens != 1 or len(seq.token_ids) - seq.num_cached != 1:
+            return []
+        num_tokens_now = len(seq.token_ids)
+        limit = min(
+            budget,
+            seq.stop.max_tokens - seq.num_generated - 1,
+            seq.stop.max_model_len - num_tokens_now - 1,
+        )
+        if limit <= 0:
+            return []
+        draft = seq.drafter.propose(seq.token_ids, limit)
+        size = self.blocks.block_size
+        room = len(seq.block_table) * size + self.blocks.num_free_blocks * size - num_tokens_now
+        draft = draft[: max(room, 0)]
+        missing = blocks_needed(num_tokens_now + len(draft), size) - len(seq.block_table)
+        if missing > 0:
+            seq.block_table.extend(self.blocks.allocate(missing))
+        return draft
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
         """Offers each block the sequence has just filled to the prefix cache."""

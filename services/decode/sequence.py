@@ -4,6 +4,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.decode.drafts import Drafter
 from services.engine.grammar import GrammarState
 from services.engine.sampling_state import MirostatState, TokenHistory
 from services.request_params import SamplingParams
@@ -49,6 +50,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     mirostat: MirostatState | None = None
     grammar: GrammarState | None = None  # structured output: what may come next
+    drafter: Drafter | None = None  # speculative decoding: proposes draft tokens
 
     def history(self) -> TokenHistory:
         prompt_len = self.num_prompt_tokens

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services import cli, engine_service
+from services.decode.drafts import Drafter, PredictionDrafter, PromptLookupDrafter
 from services.decode.engine import DecodeEngine
 from services.decode.kv_pull import KvPuller
 from services.decode.prefill_allowlist import PrefillAllowList
@@ -38,6 +39,17 @@ def deliver(outputs: list[tuple[Sequence, SampledToken | None, Finish | None]]) 
     """Runs on the event loop once per step: hands each sequence its new token."""
     for seq, token, finish in outputs:
         seq.outputs.put_nowait((token, finish))
+
+
+def _speculation_pb(drafter: Drafter) -> decode_pb2.Speculation:
+    prediction = drafter.prediction.tokens if isinstance(drafter, PredictionDrafter) else []
+    return decode_pb2.Speculation(
+        prediction_tokens=len(prediction),
+        draft_tokens=drafter.drafted,
+        accepted_tokens=drafter.accepted,
+        drafted_by_position=drafter.drafted_at,
+        accepted_by_position=drafter.accepted_at,
+    )
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -98,7 +110,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 MirostatState(request.mirostat_mu) if request.HasField("mirostat_mu") else None
             ),
         )
+        seq.drafter = self._drafter(request, seq)
         return seq, chain
+
+    def _drafter(self, request: decode_pb2.GenerateRequest, seq: Sequence) -> Drafter | None:
+        """The request's prediction drafter, else prompt lookup if enabled. Mirostat rows get
+        none: their state changes with every token sampled, drafts included."""
+        prediction = list(request.prediction_token_ids)
+        config = self.worker.config
+        if any(not 0 <= t < config.vocab_size for t in prediction):
+            raise InvalidArgumentError(f"prediction_token_ids must be in [0, {config.vocab_size})")
+        if len(prediction) > config.max_position_embeddings:
+            raise InvalidArgumentError(
+                f"prediction_token_ids has {len(prediction)} tokens; the context window is "
+                f"{config.max_position_embeddings}"
+            )
+        max_draft = self.engine.max_draft_tokens
+        if max_draft == 0 or seq.mirostat is not None:
+            return None
+        if prediction:
+            return PredictionDrafter(prediction, seq.num_prompt_tokens, max_draft)
+        return PromptLookupDrafter(max_draft) if self.engine.prompt_lookup else None
 
     def _check_prompt(self, request: decode_pb2.GenerateRequest) -> None:
         """Before anything is pulled: the handle must hold the prompt in decode's block size,
@@ -161,7 +193,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         text = TextStream(self.tokenizer, list(request.stopping.stop))
         first = request.first_token_id
         finish = seq.stop.check(first, 1, len(seq.token_ids))
-        response, finish = self._response(seq, text, first, finish)
+        num_generated = 1
+        response, finish = self._response(seq, text, first, finish, num_generated)
         if seq.sampling.wants_logprobs:
             response.logprobs.append(request.first_token_logprob)
         if finish is not None:
@@ -185,7 +218,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     await context.abort(grpc.StatusCode.CANCELLED, "aborted by an Abort call")
                 if token is None:
                     await context.abort(grpc.StatusCode.INTERNAL, "decode step failed")
-                response, finish = self._response(seq, text, token.token_id, finish)
+                num_generated += 1
+                response, finish = self._response(seq, text, token.token_id, finish, num_generated)
                 if seq.sampling.wants_logprobs:
                     response.logprobs.append(token_logprob_pb(token, self.tokenizer))
                 if first_step:
@@ -203,20 +237,26 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 self.engine.abort(seq.request_id)
 
     def _response(
-        self, seq: Sequence, text: TextStream, token_id: int, finish: Finish | None
+        self,
+        seq: Sequence,
+        text: TextStream,
+        token_id: int,
+        finish: Finish | None,
+        num_generated: int,
     ) -> tuple[decode_pb2.GenerateResponse, Finish | None]:
+        """The response for the `num_generated`-th token (a step may deliver several)."""
         delta, stopped = text.push(token_id, is_last=finish is not None)
         if stopped:
             finish = Finish.STOP
-        return (
-            decode_pb2.GenerateResponse(
-                token_ids=[token_id],
-                text=delta,
-                finish_reason=_FINISH_PB[finish],
-                num_generated=seq.num_generated,
-            ),
-            finish,
+        response = decode_pb2.GenerateResponse(
+            token_ids=[token_id],
+            text=delta,
+            finish_reason=_FINISH_PB[finish],
+            num_generated=num_generated,
         )
+        if finish is not None and seq.drafter is not None:
+            response.speculation.CopyFrom(_speculation_pb(seq.drafter))
+        return response, finish
 
     async def Abort(self, request, context):
         seq = self._active.get(request.request_id)
@@ -249,7 +289,23 @@ def main() -> None:
         "(RESOURCE_EXHAUSTED, HTTP 429); 0: four batches' worth",
     )
     parser.add_argument(
-        "--max-step-tokens", type=int, default=2048, help="token budget of one step (recompute)"
+        "--max-step-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one step (recompute, draft tokens)",
+    )
+    parser.add_argument(
+        "--max-draft-tokens",
+        type=int,
+        default=16,
+        help="speculative decoding: most draft tokens one sequence verifies in a step "
+        "(0: never speculate, predictions are then ignored)",
+    )
+    parser.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="speculate without a prediction too: draft the continuation of the output's "
+        "last tokens where they occur earlier in the prompt or output (n-gram lookup)",
     )
     args = parser.parse_args()
     engine_service.run(
@@ -262,6 +318,8 @@ def main() -> None:
             deliver,
             args.max_queued_requests or 4 * args.max_batch_size,
             PrefillAllowList(args.prefill),
+            max_draft_tokens=args.max_draft_tokens,
+            prompt_lookup=args.prompt_lookup,
         ),
         servicer=DecodeServicer,
         add_servicer=decode_pb2_grpc.add_DecodeServicer_to_server,
