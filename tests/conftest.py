@@ -15,6 +15,9 @@ from fastapi.testclient import TestClient
 
 from frontend.app import create_app
 from services.engine.device import choose_device, choose_dtype
+from services.engine.grammar import GrammarCompiler
+from services.engine.loader import load_tokenizer
+from services.engine.tokenizer import Tokenizer
 from tests.test_frontend_fake_stages import FakeStages, fake_config, start_fake_stages
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -22,6 +25,8 @@ STARTUP_TIMEOUT_S = 240
 # What the launcher's engines compute in on this machine (--dtype auto): bfloat16 where the CPU
 # has AMX or there is a GPU, else float32.
 STACK_DTYPE = choose_dtype(choose_device())
+# The default model's vocabulary (its embedding rows).
+VOCAB_SIZE = 49152
 
 
 @dataclass
@@ -111,3 +116,15 @@ def fake_client(fakes: FakeStages) -> Iterator[TestClient]:
     """An in-process frontend over the fakes."""
     with TestClient(create_app(fake_config(fakes))) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    """The default model's tokenizer."""
+    return load_tokenizer("default")
+
+
+@pytest.fixture(scope="session")
+def compiler(tokenizer: Tokenizer) -> GrammarCompiler:
+    """A grammar compiler for the default model's vocabulary."""
+    return GrammarCompiler(tokenizer, VOCAB_SIZE)

@@ -81,3 +81,37 @@ def test_invalid_schema_is_a_400_naming_response_format(client, model):
         ask(client, model, response_format=response_format)
     assert err.value.body["param"] == "response_format"
     assert "strnig" in err.value.body["message"]
+
+
+UNBOUNDED_PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "bio": {"type": "string"},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "street": {"type": "string"}},
+            "required": ["city", "street"],
+        },
+        "hobbies": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "bio", "address", "hobbies"],
+}
+
+
+@pytest.mark.parametrize("max_tokens", [30, 60])
+def test_unbounded_strings_still_parse_when_the_budget_runs_out(client, model, max_tokens):
+    messages = [{"role": "user", "content": "A person as JSON."}]
+    reply = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=1.0,
+        n=4,
+        seed=11,
+        response_format={"type": "json_object", "schema": UNBOUNDED_PERSON},
+    )
+    assert reply.usage.completion_tokens <= 4 * max_tokens
+    for choice in reply.choices:
+        jsonschema.validate(json.loads(choice.message.content), UNBOUNDED_PERSON)
+    assert "length" in {choice.finish_reason for choice in reply.choices}

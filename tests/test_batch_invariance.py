@@ -8,7 +8,6 @@ blocks that another request's pass computed (a prefix-cache hit).
 import pytest
 import torch
 
-from services.engine import loader
 from services.engine.runner import SeqChunk
 from tests.engine_reference import default_runner
 
@@ -19,11 +18,6 @@ TARGET = (
     "lakes are fresh? Explain in two sentences, mention rocks, rain and evaporation, and end "
     "with one question the student could explore next."
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return loader.load_tokenizer("default")
 
 
 @pytest.fixture(scope="module")

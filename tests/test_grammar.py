@@ -25,12 +25,11 @@ from services.engine.grammar import (
     tokenizer_info,
 )
 from services.engine.grammar_batch import GrammarBatch
-from services.engine.loader import load_tokenizer
 from services.engine.tokenizer import Tokenizer
 from services.errors import InvalidArgumentError
 from services.request_params import Grammar
+from tests.conftest import VOCAB_SIZE
 
-VOCAB_SIZE = 49152
 MAX_TOKENS = 200
 STOP_IDS = {0, 2}  # <|endoftext|>, <|im_end|>
 
@@ -58,16 +57,6 @@ SCHEMAS = [
     _obj({"id": {"type": "string", "format": "uuid"}, "day": {"type": "string", "format": "date"}}),
     _obj({"price": {"type": "number", "exclusiveMinimum": 0, "maximum": 100}}),
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return load_tokenizer("default")
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: Tokenizer) -> GrammarCompiler:
-    return GrammarCompiler(tokenizer, VOCAB_SIZE)
 
 
 def _generate(state: GrammarState, batch: GrammarBatch, seed: int) -> list[int]:

@@ -49,11 +49,6 @@ PLAIN_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return loader.load_tokenizer("default")
-
-
-@pytest.fixture(scope="module")
 def runner():
     return default_runner(8192, BLOCK)
 

@@ -17,14 +17,13 @@ from services.engine.grammar import (
     tool_calls_spec,
 )
 from services.engine.grammar_batch import GrammarBatch
-from services.engine.loader import load_tokenizer
 from services.engine.tokenizer import Tokenizer
 from services.errors import InvalidArgumentError
 from services.grammar_wire import grammar_spec
 from services.request_params import Grammar
 from services.tool_format import format_call
+from tests.conftest import VOCAB_SIZE
 
-VOCAB_SIZE = 49152
 MAX_TOKENS = 600
 WEATHER = {
     "type": "object",
@@ -48,16 +47,6 @@ NOOP = format_call("noop", "{}")
 def source(mode: str, parallel: bool, names: tuple[str, ...] = tuple(TOOLS)) -> str:
     tools = [{"name": name, "parameters": TOOLS[name]} for name in names]
     return json.dumps({"tools": tools, "mode": mode, "parallel": parallel})
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return load_tokenizer("default")
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: Tokenizer) -> GrammarCompiler:
-    return GrammarCompiler(tokenizer, VOCAB_SIZE)
 
 
 def accepts(compiler: GrammarCompiler, tokenizer: Tokenizer, spec: str, text: str) -> bool:

@@ -19,6 +19,7 @@ from services.decode.sequence import Finish, Sequence
 from services.engine.block_manager import BlockManager
 from services.engine.engine_thread import EngineThread
 from services.engine.grammar_batch import GrammarBatch
+from services.engine.logprobs import token_logprobs
 from services.engine.runner import SeqChunk
 from services.engine.sampling_state import SampledToken, TokenHistory
 from services.engine.worker import Worker
@@ -219,14 +220,34 @@ class DecodeEngine:
             new_tokens.append(rows[: accepted + 1])
         if constrained:
             accept_started_ns = time.perf_counter_ns()
+            row = 0
             for item, tokens in zip(items, new_tokens, strict=True):
-                if item.seq.grammar is not None:
-                    for token in tokens:
-                        item.seq.grammar.accept(token.token_id)
+                if item.seq.closer is not None:
+                    self._accept_within_budget(item.seq, tokens, logits, row)
+                row += 1 + len(item.draft)
             grammar_ns += time.perf_counter_ns() - accept_started_ns
             self.num_grammar_steps += 1
             self.grammar_time_ns += grammar_ns
         return new_tokens
+
+    def _accept_within_budget(
+        self, seq: Sequence, tokens: list[SampledToken], logits: torch.Tensor, first_row: int
+    ) -> None:
+        """Accepts a constrained sequence's new tokens into its grammar. Where its closer puts
+        the document's completion in place of a sampled token, the tokens after it are dropped
+        and the sequence ends with the completion."""
+        assert seq.closer is not None
+        for j, token in enumerate(tokens):
+            token_id = seq.closer.accept(token.token_id, seq.tokens_left - j)
+            if token_id != token.token_id:
+                row = logits[first_row + j : first_row + j + 1]
+                chosen = torch.tensor([token_id], device=logits.device)
+                tokens[j:] = [
+                    SampledToken(token_id, *token_logprobs(row, [seq.sampling], chosen)[0])
+                ]
+                break
+        if seq.closer.closing is not None:
+            seq.stop.max_tokens = seq.num_generated + len(tokens) + len(seq.closer.closing)
 
     def healthy(self) -> bool:
         with self.lock:

@@ -153,11 +153,9 @@ class Scheduler:
         if seq.drafter is None or num_tokens != 1 or len(seq.token_ids) - seq.num_cached != 1:
             return []
         num_tokens_now = len(seq.token_ids)
-        limit = min(
-            budget,
-            seq.stop.max_tokens - seq.num_generated - 1,
-            seq.stop.max_model_len - num_tokens_now - 1,
-        )
+        limit = min(budget, seq.tokens_left - 1)
+        if seq.closer is not None:
+            limit = min(limit, seq.closer.free_tokens(seq.tokens_left))
         if limit <= 0:
             return []
         draft = seq.drafter.propose(seq.token_ids, limit)

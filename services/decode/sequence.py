@@ -4,6 +4,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.decode.closing import BudgetCloser
 from services.decode.drafts import Drafter
 from services.engine.grammar import GrammarState
 from services.engine.sampling_state import MirostatState, TokenHistory
@@ -50,6 +51,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     mirostat: MirostatState | None = None
     grammar: GrammarState | None = None  # structured output: what may come next
+    closer: BudgetCloser | None = None  # with a grammar: keeps it finishable in the budget
     drafter: Drafter | None = None  # speculative decoding: proposes draft tokens
 
     def history(self) -> TokenHistory:
@@ -59,3 +61,11 @@ class Sequence:
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def tokens_left(self) -> int:
+        """New tokens it may still add, the one sampled next included."""
+        return min(
+            self.stop.max_tokens - self.num_generated,
+            self.stop.max_model_len - len(self.token_ids),
+        )

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services import cli, engine_service
+from services.decode.closing import BudgetCloser
 from services.decode.drafts import Drafter, PredictionDrafter, PromptLookupDrafter
 from services.decode.engine import DecodeEngine
 from services.decode.kv_pull import KvPuller
@@ -171,8 +172,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 )
             seq, chain = self._new_sequence(request)
             seq.grammar = await grammar_state(seq.sampling.grammar, self.grammars)
-            if seq.grammar is not None and not seq.grammar.accept(request.first_token_id):
-                raise InvalidArgumentError("first_token_id is not allowed by the grammar")
+            if seq.grammar is not None:
+                if not seq.grammar.accept(request.first_token_id):
+                    raise InvalidArgumentError("first_token_id is not allowed by the grammar")
+                seq.closer = BudgetCloser(seq.grammar, self.tokenizer.encode)
         except BaseException:  # a bad request, or the caller gone: nobody will pull the KV
             self.puller.release_later(request.kv_handle)
             raise
