@@ -13,6 +13,7 @@ import uvicorn
 
 from frontend.app import create_app
 from frontend.config import parse_args
+from services import tracing
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    tracing.configure("frontend", config.otlp_traces_endpoint)
     uvicorn.run(
         create_app(config),
         host=config.host,

@@ -10,7 +10,9 @@ from frontend.auth import require_api_key
 from frontend.config import FrontendConfig
 from frontend.context import build_state
 from frontend.errors import install_error_handlers
-from frontend.routes import chat, completions, system
+from frontend.metrics.spans import TELEMETRY
+from frontend.request_id import RequestIdMiddleware
+from frontend.routes import chat, completions, responses_api, system
 
 # Fireworks serves the same API under /inference/v1 as well.
 API_PREFIXES = ("/v1", "/inference/v1")
@@ -36,13 +38,15 @@ def create_app(config: FrontendConfig) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        telemetry=TELEMETRY,
     )
     app.state.frontend = state
     # With API keys configured, the API needs one; health and metrics stay open.
     authenticated = [Depends(require_api_key)]
     for prefix in API_PREFIXES:
-        for router in (completions.router, chat.router, system.router):
+        for router in (completions.router, chat.router, responses_api.router, system.router):
             app.include_router(router, prefix=prefix, dependencies=authenticated)
     app.include_router(system.open_router)
-    install_error_handlers(app)
+    install_error_handlers(app, state.server_metrics.observe_error)
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -2,7 +2,7 @@
 
 With keys, each key's requests share prefix-cache entries only among themselves (unless the
 operator shares the cache, `--shared-prompt-cache`): otherwise `cached_tokens` would let one
-client learn whether another sent a prompt.
+client learn whether another sent a prompt. Stored responses are always the key's own.
 """
 
 import hashlib
@@ -29,8 +29,14 @@ async def require_api_key(request: Request) -> None:
     matches = [hmac.compare_digest(given, key.encode()) for key in keys]
     if not any(matches):
         raise unauthorized()
+    request.state.api_key_id = hashlib.sha256(given).hexdigest()[:32]
     if not get_state(request).config.shared_prompt_cache:
-        request.state.prompt_cache_tenant = hashlib.sha256(given).hexdigest()[:32]
+        request.state.prompt_cache_tenant = request.state.api_key_id
+
+
+def api_key_id(request: Request) -> str:
+    """Which key the request came with ("" without API keys): what it stores is its own."""
+    return getattr(request.state, "api_key_id", "")
 
 
 def prompt_cache_tenant(request: Request) -> str:

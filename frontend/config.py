@@ -41,6 +41,11 @@ class FrontendConfig:
     request_timeout_s: float = 600.0
     # With API keys: share prefix-cache entries across keys (else each key has its own).
     shared_prompt_cache: bool = False
+    # Responses API: keep up to this many responses in memory (previous_response_id, GET);
+    # 0 stores none.
+    store_responses: int = 0
+    # OTLP/gRPC collector that receives trace spans (services.tracing); None: no tracing.
+    otlp_traces_endpoint: str | None = None
 
 
 def parse_args(
@@ -88,6 +93,15 @@ def parse_args(
         "(by default each key's are its own, so cached_tokens reveals nothing across keys)",
     )
     parser.add_argument(
+        "--store-responses",
+        type=int,
+        default=defaults.store_responses,
+        metavar="N",
+        help="Responses API: keep the last N responses in memory (least recently used "
+        "forgotten first), each for its own API key, for previous_response_id and GET "
+        "/v1/responses/{id}; 0 (default) stores none",
+    )
+    parser.add_argument(
         "--request-timeout-s",
         type=float,
         default=defaults.request_timeout_s,
@@ -114,7 +128,16 @@ def parse_args(
         help=f"accepted bearer key (repeatable; also ${API_KEYS_ENV}, comma-separated); "
         "without any, requests need no key",
     )
+    parser.add_argument(
+        "--otlp-traces-endpoint",
+        metavar="URL",
+        help="export trace spans over OTLP/gRPC to this collector (e.g. http://collector:4317): "
+        "a span per request, continuing a client's W3C traceparent, and one per stage call; "
+        "off by default",
+    )
     args = parser.parse_args(argv)
+    if args.store_responses < 0:
+        parser.error("--store-responses must be 0 or more")
     env_keys = (os.environ if environ is None else environ).get(API_KEYS_ENV, "")
     keys = [*args.api_keys, *env_keys.split(",")]
     return FrontendConfig(
@@ -131,5 +154,7 @@ def parse_args(
         max_requests=args.max_requests,
         request_timeout_s=args.request_timeout_s,
         shared_prompt_cache=args.shared_prompt_cache,
+        store_responses=args.store_responses,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
         api_keys=tuple(dict.fromkeys(k.strip() for k in keys if k.strip())),
     )

@@ -9,6 +9,7 @@ from frontend.config import FrontendConfig
 from frontend.errors import model_not_found
 from frontend.metrics.request import InFlight
 from frontend.metrics.server import ServerMetrics
+from frontend.responses_store import ResponseStore
 from frontend.run.pipeline import Pipeline
 from frontend.stages.clients import StageClients
 from frontend.stages.directory import StageDirectory
@@ -24,7 +25,8 @@ class AppState:
     stages: StageClients
     pipeline: Pipeline
     server_metrics: ServerMetrics
-    in_flight: InFlight = field(default_factory=InFlight)
+    in_flight: InFlight
+    response_store: ResponseStore | None  # None: responses are not stored
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def model_name(self) -> str:
@@ -41,13 +43,16 @@ class AppState:
 def build_state(config: FrontendConfig) -> AppState:
     directory = StageDirectory(config)
     stages = StageClients(config, directory)
-    server_metrics = ServerMetrics()
+    in_flight = InFlight()
+    server_metrics = ServerMetrics(in_flight)
     return AppState(
         config=config,
         directory=directory,
         stages=stages,
         pipeline=Pipeline(stages, server_metrics, config.request_timeout_s),
         server_metrics=server_metrics,
+        in_flight=in_flight,
+        response_store=ResponseStore(config.store_responses) if config.store_responses else None,
     )
 
 

@@ -1,6 +1,7 @@
 """The one error shape, `{"error": {"message", "type", "param", "code"}}`, and what raises it."""
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -111,8 +112,9 @@ class CatchAllMiddleware:
     breaks streaming cancellation, hence a plain ASGI middleware.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_error: Callable[[ApiError], None]) -> None:
         self.app = app
+        self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,9 +133,14 @@ class CatchAllMiddleware:
             if not started:
                 await _send_error(send, ApiError(CLIENT_CLOSED_REQUEST, "Client disconnected."))
         except Exception:
-            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            request_id = scope.get("state", {}).get("request_id")
+            logger.exception(
+                "%s: unhandled error on %s %s", request_id, scope.get("method"), scope.get("path")
+            )
+            error = internal_error()
+            self.on_error(error)
             if not started:
-                await _send_error(send, internal_error())
+                await _send_error(send, error)
 
 
 async def _send_error(send: Send, error: ApiError) -> None:
@@ -148,18 +155,20 @@ async def _send_error(send: Send, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
-async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return exc.response()
-
-
 async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     # Unknown routes (404) and wrong methods (405) answer in the same shape as everything else.
     assert isinstance(exc, StarletteHTTPException)
     return ApiError(exc.status_code, str(exc.detail)).response()
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error_handler)
+def install_error_handlers(app: FastAPI, on_error: Callable[[ApiError], None]) -> None:
+    """`on_error` sees every error a request is answered with (for the metrics)."""
+
+    async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        on_error(exc)
+        return exc.response()
+
+    app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
-    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(CatchAllMiddleware, on_error=on_error)

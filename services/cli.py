@@ -3,6 +3,7 @@
 import argparse
 import logging
 
+from services import tracing
 from services.engine.loader import DEFAULT_MODEL
 from services.engine.quantization import QUANTIZATIONS
 from services.engine.worker import WorkerOptions
@@ -19,6 +20,12 @@ def base_parser(description: str, default_port: int) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port, help="0 picks a free port")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--otlp-traces-endpoint",
+        metavar="URL",
+        help="export trace spans over OTLP/gRPC to this collector (e.g. http://collector:4317); "
+        "off by default",
+    )
     return parser
 
 
@@ -80,7 +87,9 @@ def worker_options(args: argparse.Namespace, shared_kv: bool = False) -> WorkerO
     )
 
 
-def setup_logging(level: str) -> None:
+def setup(role: str, args: argparse.Namespace) -> None:
+    """Logging, and tracing when --otlp-traces-endpoint is given; `role` names the process."""
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    tracing.configure(role, args.otlp_traces_endpoint)

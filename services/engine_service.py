@@ -65,7 +65,7 @@ def run(
 ) -> None:
     """Serves `service`, answered by `servicer(engine, address, tokenizer)`, where `args`
     (from `cli.engine_parser`) say; `address` is where other processes reach this one."""
-    cli.setup_logging(args.log_level)
+    cli.setup(name, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     worker = Worker(cli.worker_options(args, shared_kv=shared_kv))

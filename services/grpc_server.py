@@ -1,7 +1,8 @@
 """Bootstrap shared by the tokenizer, prefill and decode services.
 
 Every service gets grpc.health.v1, reflection, one interceptor that maps exceptions to
-status codes, and a clean stop on SIGINT/SIGTERM (health turns NOT_SERVING first).
+status codes (and, with tracing on, one that continues the caller's trace), and a clean stop
+on SIGINT/SIGTERM (health turns NOT_SERVING first).
 """
 
 import asyncio
@@ -16,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services import tracing
 from services.errors import ServiceError
 from services.stage_auth import TokenCheck, stage_token
 
@@ -112,7 +114,9 @@ async def serve(
     flight, gRPC refuses new ones with RESOURCE_EXHAUSTED.
     """
     token = stage_token()
-    interceptors = [TokenCheck(token)] if token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [TokenCheck(token)] if token else []
+    if tracing.enabled():
+        interceptors.append(tracing.ServerSpans())
     server = grpc.aio.server(
         options=CHANNEL_OPTIONS,
         interceptors=[*interceptors, ErrorInterceptor()],

@@ -149,6 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="let prefill's and decode's CPU forward passes overlap (by default they take "
         "turns, each with all cores)",
     )
+    parser.add_argument(
+        "--otlp-traces-endpoint",
+        metavar="URL",
+        help="all four processes export trace spans over OTLP/gRPC to this collector (e.g. "
+        "http://collector:4317); off by default",
+    )
     args = parser.parse_args(argv)
     if args.prefill < 1 or args.decode < 1:
         parser.error("--prefill and --decode need at least 1")
@@ -169,7 +175,9 @@ def start(args: argparse.Namespace, run_dir: str) -> list[Child]:
     """Starts every stage; `run_dir` holds the engines' shared compute lock."""
     first_ports = dict(zip(STAGES, (int(p) for p in args.grpc_ports.split(",")), strict=True))
     counts = {"tokenizer": 1, "prefill": args.prefill, "decode": args.decode}
-    common = ["--model", args.model, "--host", args.stage_host]
+    endpoint = args.otlp_traces_endpoint
+    tracing = ["--otlp-traces-endpoint", endpoint] if endpoint else []
+    common = ["--model", args.model, "--host", args.stage_host, *tracing]
     extras = {
         "tokenizer": [],
         "prefill": [*args.engine_args.split(), *args.prefill_args.split()],
@@ -193,7 +201,7 @@ def start(args: argparse.Namespace, run_dir: str) -> list[Child]:
             children.append(Child(name, address, module, stage_args, spawn(module, stage_args)))
             addresses.setdefault(stage, []).append(address)
     http_port = args.port or free_port(args.host)
-    frontend_args = ["--host", args.host, "--port", str(http_port)]
+    frontend_args = ["--host", args.host, "--port", str(http_port), *tracing]
     for stage in STAGES:
         frontend_args += [f"--{stage}", ",".join(addresses[stage])]
     frontend_args += args.frontend_args.split()

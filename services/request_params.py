@@ -141,17 +141,21 @@ def _check(name: str, ok: bool, expected: str) -> None:
 @dataclass(slots=True)
 class Stopping:
     max_tokens: int  # completion tokens, prefill's first token included
-    stop: list[str] = field(default_factory=list)  # a match ends the text before it
+    stop: list[str] = field(default_factory=list)  # a match ends the text
     ignore_eos: bool = False
+    include_stop_str: bool = False  # the text ends with the matched stop string, else before it
 
     def to_pb(self) -> common_pb2.Stopping:
         return common_pb2.Stopping(
-            max_tokens=self.max_tokens, stop=self.stop, ignore_eos=self.ignore_eos
+            max_tokens=self.max_tokens,
+            stop=self.stop,
+            ignore_eos=self.ignore_eos,
+            include_stop_str=self.include_stop_str,
         )
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Stopping) -> "Stopping":
-        return cls(pb.max_tokens, list(pb.stop), pb.ignore_eos)
+        return cls(pb.max_tokens, list(pb.stop), pb.ignore_eos, pb.include_stop_str)
 
 
 @dataclass(slots=True)

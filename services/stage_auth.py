@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 
+from services import tracing
+
 TOKEN_ENV = "LLMSERVE_STAGE_TOKEN"
 METADATA_KEY = "x-llmserve-stage-token"
 _OPEN_METHODS = "/grpc.health.v1.Health/"
@@ -24,10 +26,17 @@ def stage_token() -> str:
 
 
 def stage_channel(address: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
-    """A channel to a stage that sends the token, when there is one, with every call."""
+    """A channel to a stage that sends the token, when there is one, with every call, and
+    the trace context when tracing is on."""
     token = stage_token()
-    interceptors = [_SendToken(token)] if token else None
-    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    interceptors: list[grpc.aio.ClientInterceptor] = []
+    if token:
+        # One per call kind: a channel files an interceptor under the first kind it
+        # implements only, so one for both would leave streams (Generate, PullKv) without.
+        interceptors += [_SendTokenUnary(token), _SendTokenStream(token)]
+    if tracing.enabled():
+        interceptors += tracing.client_interceptors()
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors or None)
 
 
 class TokenCheck(grpc.aio.ServerInterceptor):
@@ -57,7 +66,7 @@ class TokenCheck(grpc.aio.ServerInterceptor):
         )
 
 
-class _SendToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _SendToken:
     def __init__(self, token: str) -> None:
         self._token = token
 
@@ -68,8 +77,12 @@ class _SendToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class _SendTokenUnary(_SendToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _SendTokenStream(_SendToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)

@@ -217,7 +217,7 @@ class Stack:
     ) -> decode_pb2.GenerateRequest:
         """Prefills `prompt` and returns the Generate request that continues it.
 
-        kwargs: `sampling` (common_pb2.SamplingParams), `stop`, `ignore_eos`.
+        kwargs: `sampling` (common_pb2.SamplingParams), `stop`, `ignore_eos`, `include_stop_str`.
         """
         sampling = kwargs.pop("sampling", GREEDY)
         prefilled = self.run_prefill(prompt, sampling)

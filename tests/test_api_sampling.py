@@ -170,7 +170,7 @@ def test_mirostat_targets_the_surprise(complete):
     assert low_surprise < high_surprise
 
 
-def test_stop_strings_end_the_text_before_them(complete):
+def test_stop_strings_end_the_text_before_them(complete, client, model):
     plain = complete(COUNTING, max_tokens=12).choices[0]
     assert plain.text.startswith(" 6, 7, 8, 9,") and plain.finish_reason == "length"
     one = complete(COUNTING, max_tokens=12, stop=" 8").choices[0]
@@ -178,6 +178,19 @@ def test_stop_strings_end_the_text_before_them(complete):
     # With several, the earliest match in the text wins, whatever its place in the list.
     several = complete(COUNTING, max_tokens=12, stop=["9", " 7"]).choices[0]
     assert (several.text, several.finish_reason) == (" 6,", "stop")
+    # include_stop_str_in_output keeps the matched one, streamed or whole.
+    kept = complete(COUNTING, max_tokens=12, stop=["9", " 7"], include_stop_str_in_output=True)
+    assert (kept.choices[0].text, kept.choices[0].finish_reason) == (" 6, 7", "stop")
+    streamed = client.completions.create(
+        model=model,
+        prompt=COUNTING,
+        max_tokens=12,
+        temperature=0,
+        stop=[" 8"],
+        stream=True,
+        extra_body={"include_stop_str_in_output": True},
+    )
+    assert "".join(c.choices[0].text for c in streamed) == " 6, 7, 8"
 
 
 def test_ignore_eos_runs_to_max_tokens(client, model):

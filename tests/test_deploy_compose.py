@@ -1,8 +1,10 @@
 """compose.yaml against the Compose Specification's JSON schema (the copy that check-jsonschema
-ships), its service graph, and a parse of the Dockerfile it builds. No Docker needed."""
+ships), its service graph, the monitoring profile's configuration, and a parse of the Dockerfile
+it builds. No Docker needed."""
 
 import contextlib
 import io
+import json
 import pathlib
 import re
 import runpy
@@ -18,6 +20,8 @@ COMPOSE = ROOT / "compose.yaml"
 STAGE_PORTS = {"tokenizer": 50051, "prefill": 50052, "decode": 50053}
 GPU_SERVICES = {"prefill-gpu": "prefill", "decode-gpu": "decode"}
 ROLES = {**{s: s for s in STAGE_PORTS}, **GPU_SERVICES, "frontend": "frontend"}
+# The `monitoring` profile: official images, configured from deploy/.
+MONITORING = {"prometheus": "prom/prometheus", "grafana": "grafana/grafana"}
 MODULES = {
     "tokenizer": "services.tokenizer",
     "prefill": "services.prefill",
@@ -114,10 +118,15 @@ def test_interpolation_helper():
     assert interpolate("${A:-x}", {"A": ""}) == "x"
 
 
+def roles(compose: dict) -> dict[str, dict]:
+    """The llmserve services (the monitoring ones left out)."""
+    return {name: s for name, s in compose["services"].items() if name in ROLES}
+
+
 def test_services_and_roles():
     services = load()["services"]
-    assert set(services) == set(ROLES)
-    for name, service in services.items():
+    assert set(services) == set(ROLES) | set(MONITORING)
+    for name, service in roles(load()).items():
         command = service["command"]
         assert command[:3] == ["python", "-m", MODULES[ROLES[name]]], name
         assert options(command)["--host"] == "0.0.0.0", name
@@ -127,13 +136,13 @@ def test_services_and_roles():
 
 @pytest.mark.parametrize("env", ENVIRONMENTS[:2])
 def test_commands_parse(env):
-    for service in load(env)["services"].values():
+    for service in roles(load(env)).values():
         command = service["command"]
         check_command_line(command[2], command[3:])
 
 
 def test_only_the_frontend_publishes_a_port():
-    services = load({"HTTP_PORT": "9000"})["services"]
+    services = roles(load({"HTTP_PORT": "9000"}))
     published = {name: s["ports"] for name, s in services.items() if "ports" in s}
     assert published == {"frontend": ["9000:8000"]}
     assert load()["services"]["frontend"]["ports"] == ["8000:8000"]
@@ -143,11 +152,14 @@ def test_only_the_frontend_publishes_a_port():
 def test_networks():
     compose = load()
     assert compose["networks"]["internal"]["internal"] is True
-    for name, service in compose["services"].items():
+    for name, service in roles(compose).items():
         assert "internal" in service["networks"], name
         others = set(service["networks"]) - {"internal"}
         assert bool(others) == (name == "frontend"), name
         assert not any(compose["networks"][n].get("internal") for n in others)
+    # Monitoring reaches the frontend, never the stages.
+    for name in MONITORING:
+        assert compose["services"][name]["networks"] == ["edge"], name
 
 
 @pytest.mark.parametrize("name", sorted(ROLES))
@@ -193,7 +205,7 @@ def test_replicas_from_environment():
 
 
 def test_gpu_profile():
-    services = load()["services"]
+    services = roles(load())
     profiled = {name for name, s in services.items() if s.get("profiles")}
     assert profiled == set(GPU_SERVICES)
     for name in GPU_SERVICES:
@@ -215,11 +227,62 @@ def test_model_volume():
     for env, source in (({}, "models"), ({"MODEL_DIR": "/srv/models"}, "/srv/models")):
         compose = load(env)
         assert "models" in compose["volumes"]
-        for name, service in compose["services"].items():
+        for name, service in roles(compose).items():
             if name == "frontend":
                 continue
             assert f"{source}:/models:ro" in service["volumes"], name
             assert options(service["command"])["--model"] == env.get("MODEL", "default")
+
+
+def test_monitoring_profile():
+    services = load({"GRAFANA_PORT": "3300"})["services"]
+    for name, image in MONITORING.items():
+        service = services[name]
+        assert service["profiles"] == ["monitoring"], name
+        assert service["image"].split(":")[0] == image, name
+        assert service["restart"] == "unless-stopped", name
+        (port,) = service["ports"]
+        assert port.startswith("127.0.0.1:"), name  # published on this host only
+        for volume in service["volumes"]:
+            source, target, *mode = volume.split(":")
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+                assert mode == ["ro"], volume
+    assert services["grafana"]["ports"] == ["127.0.0.1:3300:3000"]
+    assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_started"}}
+
+
+def test_prometheus_scrapes_the_frontend():
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    (targets,) = [c["targets"] for c in job["static_configs"]]
+    frontend = load()["services"]["frontend"]
+    assert targets == [f"frontend:{options(frontend['command'])['--port']}"]
+    mounts = [v.split(":") for v in load()["services"]["prometheus"]["volumes"]]
+    assert ["./deploy/prometheus/prometheus.yml", "/etc/prometheus/prometheus.yml", "ro"] in mounts
+
+
+def test_grafana_provisioning():
+    provisioning = ROOT / "deploy/grafana/provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources/prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards/llmserve.yaml").read_text())[
+        "providers"
+    ]
+    mounts = {target: host for host, target, _ in (v.split(":") for v in grafana_volumes())}
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    dashboards = ROOT / mounts[provider["options"]["path"]]
+    for path in dashboards.glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            for ref in (panel["datasource"], *(t["datasource"] for t in panel["targets"])):
+                assert ref == {"type": "prometheus", "uid": source["uid"]}, panel["title"]
+
+
+def grafana_volumes() -> list[str]:
+    return [v for v in load()["services"]["grafana"]["volumes"] if v.startswith("./")]
 
 
 def test_settings_are_documented():
@@ -265,7 +328,7 @@ def test_dockerfile_build_steps():
     assert '"torch==${TORCH_VERSION}"' in runs
     assert "ARG TORCH_VERSION=2.13.0" in [f"{op} {args}" for op, args in instructions]
     assert "whl/cpu" in runs and re.search(r"whl/cu12\d", runs)
-    for name, service in load()["services"].items():
+    for name, service in roles(load()).items():
         assert service["build"]["args"]["VARIANT"] in ("cpu", "cuda"), name
 
 

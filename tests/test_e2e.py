@@ -54,16 +54,24 @@ def test_completion_stream(client, model):
     assert streamed == whole and whole
 
 
-def test_stop_string_is_excluded(client, model):
-    reply = client.chat.completions.create(
+def test_chat_text_ends_with_the_stop_string(client, model):
+    """Chat keeps the matched stop string (the chat reference), streamed or whole;
+    include_stop_str_in_output=false cuts it."""
+    kwargs = dict(
         model=model,
         messages=[{"role": "user", "content": QUESTION}],
         temperature=0,
         max_tokens=32,
         stop=["Paris"],
     )
+    reply = client.chat.completions.create(**kwargs)
     assert reply.choices[0].finish_reason == "stop"
-    assert "Paris" not in reply.choices[0].message.content
+    text = reply.choices[0].message.content
+    assert text.endswith("Paris") and text.count("Paris") == 1
+    chunks = client.chat.completions.create(**kwargs, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    cut = client.chat.completions.create(**kwargs, extra_body={"include_stop_str_in_output": False})
+    assert cut.choices[0].message.content == text.removesuffix("Paris")
 
 
 def test_seed_reproduces_sampling(client, model):

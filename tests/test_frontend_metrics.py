@@ -98,6 +98,7 @@ def test_sampling_options_header(fake_client: TestClient) -> None:
         "n": 1,
         "stop": ["x"],
         "ignore_eos": False,
+        "include_stop_str_in_output": False,
     }
     stream = fake_client.post(COMPLETIONS, json={**body, "stream": True, "max_tokens": 1000})
     assert json.loads(stream.headers["fireworks-sampling-options"])["max_tokens"] == 64 - 3
@@ -180,3 +181,33 @@ def test_prometheus_metrics(fake_client: TestClient, fakes: FakeStages) -> None:
     e2e = "llmserve_e2e_request_latency_seconds"
     buckets = [v for k, v in after.items() if k.startswith(e2e + "_bucket")]
     assert buckets == sorted(buckets) and buckets[-1] == after[e2e + "_count"]
+
+
+def test_vllm_parallel_metrics_and_errors(fake_client: TestClient, fakes: FakeStages) -> None:
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 4}
+    before = _samples(fake_client.get("/metrics").text)
+    assert fake_client.post(COMPLETIONS, json=body).status_code == 200
+    assert fake_client.post(COMPLETIONS, json={**body, "temperature": -1}).status_code == 400
+    after = _samples(fake_client.get("/metrics").text)
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    # What the fakes report: a 3-token prompt, 2 of its tokens cached.
+    assert grew("llmserve_prefix_cache_queries_total") == 3
+    assert grew("llmserve_prefix_cache_hits_total") == 2
+    for name in ("queue", "prefill", "decode"):
+        assert grew(f"llmserve_request_{name}_time_seconds_count") == 1, name
+    assert after["llmserve_request_prefill_time_seconds_sum"] > 0
+    assert grew('llmserve_request_errors_total{kind="invalid_value",status="400"}') == 1
+    decode = f'instance="{fakes.addresses["decode"]}",service="decode"'
+    assert after[f"llmserve_num_requests_running{{{decode}}}"] == 2
+    assert after[f"llmserve_num_requests_waiting{{{decode}}}"] == 1
+    assert after[f"llmserve_kv_cache_usage_perc{{{decode}}}"] == 5 / 16
+
+
+def test_openmetrics_when_asked(fake_client: TestClient) -> None:
+    accept = "application/openmetrics-text; version=1.0.0"
+    response = fake_client.get("/metrics", headers={"accept": accept})
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.endswith("# EOF\n")

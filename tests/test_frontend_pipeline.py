@@ -148,10 +148,14 @@ def test_completion_stream(fake_client: TestClient) -> None:
         "total_tokens": 9,
         "prompt_tokens_details": {"cached_tokens": 2},
     }
-    assert final["usage"] == usage
+    assert "usage" not in final  # only on the usage chunk, as OpenAI sends it
     assert final["perf_metrics"]["prompt-tokens"] == "6"
     assert "server-processing-time" in final["perf_metrics"]
     assert usage_only["choices"] == [] and usage_only["usage"] == usage
+    # Without include_usage, the finish chunk carries it (the Fireworks extension).
+    del body["stream_options"]
+    *_, final = _events(fake_client.post("/v1/completions", json=body).text)
+    assert final["choices"][0]["finish_reason"] == "length" and final["usage"] == usage
 
 
 def test_chat(fake_client: TestClient, fakes: FakeStages) -> None:
@@ -236,6 +240,11 @@ def test_health_and_models(fake_client: TestClient) -> None:
     assert response.json()["stages"] == dict.fromkeys(("tokenizer", "prefill", "decode"), "SERVING")
     models = fake_client.get("/v1/models").json()["data"]
     assert [m["id"] for m in models] == [MODEL_ID]
+    for model_id in (MODEL_ID, "accounts/fireworks/models/" + MODEL_ID):
+        assert fake_client.get(f"/v1/models/{model_id}").json() == models[0]
+    unknown = fake_client.get("/v1/models/other-model")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
     assert (
         fake_client.post("/v1/completions", json={"model": "x", "prompt": "a"}).status_code == 404
     )

@@ -178,6 +178,16 @@ def test_stop_string_cuts_text(stack, reference, tok, stop):
     assert stack.wait_idle("decode").num_used_blocks == 0
 
 
+def test_stop_string_kept_when_asked(stack, reference, tok):
+    full = tok.decode(reference.greedy(chat_ids(tok, QUESTION), 64), skip_special_tokens=True)
+    stop = "of France"
+    responses = stack.generate(
+        chat_ids(tok, QUESTION), max_tokens=64, stop=[stop], include_stop_str=True
+    )
+    assert "".join(r.text for r in responses) == full[: full.index(stop) + len(stop)]
+    assert responses[-1].finish_reason == STOP
+
+
 def test_single_token_releases_handle(stack, tok):
     responses = stack.generate(tok.encode(STORY), max_tokens=1)
     assert len(responses) == 1 and responses[0].finish_reason == LENGTH

@@ -1,11 +1,13 @@
 """With a stage token set, the stages answer only calls that carry it (health checks excepted),
 and decode sends it when it pulls from prefill."""
 
+import asyncio
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.rpc import common_pb2, decode_pb2, prefill_pb2
-from services.stage_auth import METADATA_KEY, TOKEN_ENV
+from services.stage_auth import METADATA_KEY, TOKEN_ENV, TokenCheck, stage_channel
 from tests.grpc_stack import (
     ENGINE_ARGS,
     GREEDY,
@@ -53,3 +55,34 @@ def test_stages_answer_only_calls_with_the_token():
         responses = list(stack.decode.Generate(generate, metadata=WITH_TOKEN, timeout=60))
         assert len(tokens_of(responses)) == 4
         stack.close()
+
+
+def test_stage_channels_send_the_token_on_streams_too(monkeypatch):
+    """Unary and server-streaming calls alike (Generate, PullKv) carry the token."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+
+    async def unary(request: bytes, context) -> bytes:
+        return request
+
+    async def stream(request: bytes, context):
+        yield request
+
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream),
+    }
+
+    async def calls() -> tuple[bytes, list[bytes]]:
+        server = grpc.aio.server(interceptors=[TokenCheck(TOKEN)])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with stage_channel(f"127.0.0.1:{port}", []) as channel:
+                answer = await channel.unary_unary("/t.T/Unary")(b"u")
+                streamed = [m async for m in channel.unary_stream("/t.T/Stream")(b"s")]
+        finally:
+            await server.stop(None)
+        return answer, streamed
+
+    assert asyncio.run(calls()) == (b"u", [b"s"])

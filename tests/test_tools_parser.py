@@ -77,3 +77,13 @@ def test_held_back_text_is_released_once_it_is_not_a_call() -> None:
 def test_each_call_gets_its_own_id() -> None:
     parser, _ = parse_in_pieces(NOOP * 3, 7)
     assert len({call.id for call in parser.calls}) == 3
+
+
+def test_pieces_keep_the_order_of_content_and_calls() -> None:
+    parsed = ToolCallParser().feed("Sure. " + NOOP + " Done.")
+    kinds = [
+        piece if isinstance(piece, str) else (piece.index, piece.arguments)
+        for piece in parsed.pieces
+    ]
+    assert kinds == ["Sure. ", (0, ""), (0, "{}"), " Done."]
+    assert parsed.content == "Sure.  Done."

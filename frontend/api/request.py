@@ -62,6 +62,7 @@ class GenerationRequest:
     source: PromptSource
     sampling: SamplingParams
     stop: list[str]
+    include_stop_str: bool
     ignore_eos: bool
     max_tokens: int | None  # None: default_max_tokens, capped to the room left
     default_max_tokens: int
@@ -82,7 +83,7 @@ class GenerationRequest:
 
     def stopping(self, max_tokens: int) -> Stopping:
         """What ends a choice of a prompt whose max_tokens was fitted to the context window."""
-        return Stopping(max_tokens, self.stop, self.ignore_eos)
+        return Stopping(max_tokens, self.stop, self.ignore_eos, self.include_stop_str)
 
     def sampling_options(self, max_tokens: int) -> dict[str, Any]:
         """The fireworks-sampling-options header: what the stages were actually asked for."""
@@ -98,6 +99,7 @@ class GenerationRequest:
             **sampling,
             "n": self.n,
             "stop": self.stop,
+            "include_stop_str_in_output": self.include_stop_str,
             "ignore_eos": self.ignore_eos,
         }
 
@@ -131,6 +133,11 @@ def generation_request(
         source=source,
         sampling=_sampling(body),
         stop=body.stop,
+        include_stop_str=(
+            body.stop_str_included_by_default
+            if body.include_stop_str_in_output is None
+            else body.include_stop_str_in_output
+        ),
         ignore_eos=bool(body.ignore_eos),
         max_tokens=max_tokens,
         default_max_tokens=default_max_tokens,

@@ -6,7 +6,7 @@ Strict mode: `"16"` is not an integer and `1` is not `true`, as in OpenAI's API.
 """
 
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -18,7 +18,9 @@ from frontend.api.tools import Tool, ToolUse, message_tool_calls, tool_choice_va
 UINT64_MAX = 2**64 - 1
 MAX_N = 128
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-UNSUPPORTED_ROLES = ("developer", "function")
+# OpenAI's newer name for the system role, sent by current SDKs and agent frameworks.
+SYSTEM_ROLE_ALIASES = ("developer",)
+UNSUPPORTED_ROLES = ("function",)
 # The chat reference's default for prompt_truncate_len.
 DEFAULT_PROMPT_TRUNCATE_LEN = 1500
 
@@ -67,6 +69,8 @@ class _GenerationRequest(_Strict):
     logit_bias: dict[int, float] | None = None
     n: NumChoices = None
     stop: list[str] = Field(default_factory=list)
+    # Whether the text ends with a matched stop string; the default is the endpoint's.
+    include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
     echo: bool | None = None
     echo_last: Count = None
@@ -126,6 +130,8 @@ class _GenerationRequest(_Strict):
 
 
 class CompletionRequest(_GenerationRequest):
+    # "The returned text will not contain the stop sequence."
+    stop_str_included_by_default: ClassVar[bool] = False
     prompt: list[Prompt]
     # The legacy integer form counts alternatives; validated by `_logprobs`.
     logprobs: bool | int | None = None  # type: ignore[assignment]
@@ -153,6 +159,8 @@ class ChatMessage(_Strict):
     @field_validator("role", mode="before")
     @classmethod
     def _known_role(cls, value: Any) -> str:
+        if value in SYSTEM_ROLE_ALIASES:
+            return "system"
         if value in UNSUPPORTED_ROLES:
             raise unsupported(f"role '{value}' is not supported yet.")
         if value not in CHAT_ROLES:
@@ -189,6 +197,8 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_GenerationRequest):
+    # "The returned text will contain the stop sequence."
+    stop_str_included_by_default: ClassVar[bool] = True
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None

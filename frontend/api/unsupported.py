@@ -44,6 +44,30 @@ MESSAGE_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
     "function_call": (None,),
 }
 
+# POST /v1/responses.
+RESPONSES_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
+    "background": (None, False),
+    "conversation": (None,),
+    "context_management": (None, []),
+    "include": (None, []),
+    "max_tool_calls": (None,),
+    "prompt": (None,),
+    "prompt_cache_key": (None,),
+    "prompt_cache_retention": (None,),
+    "safety_identifier": (None,),
+    "service_tier": (None, "auto", "default"),
+    "stream_options": (None, {"include_obfuscation": False}),
+    "top_logprobs": (None, 0),
+    "truncation": (None, "disabled"),
+}
+RESPONSES_REASONING_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
+    "summary": (None,),
+    "generate_summary": (None,),
+}
+RESPONSES_TEXT_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
+    "verbosity": (None,),
+}
+
 
 def is_neutral(value: Any, neutrals: tuple[Any, ...]) -> bool:
     # Type-aware: in Python `False == 0` and `1 == True`, but `logprobs: 0` is not `false`.

@@ -1,1 +1,1 @@
-"""Per-request perf metrics and the server's Prometheus metrics."""
+"""Per-request perf metrics, the server's Prometheus metrics, and trace spans."""

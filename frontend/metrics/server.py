@@ -1,11 +1,28 @@
-"""What GET /metrics exports: this frontend's request histograms and token counters, and the
-stages' load, read from their Info at scrape time."""
+"""What GET /metrics exports: this frontend's request histograms and counters, and the stages'
+load, read from their Info at scrape time (frontend.metrics.stage_load).
 
-from frontend.metrics.prometheus import Counter, Histogram, Labels, gauge
-from frontend.metrics.request import RequestMetrics
-from frontend.stages.types import STAGE_NAMES, StageStats
+Each app has its own CollectorRegistry, so that several apps can live in one process (tests).
+Where vLLM exports the same quantity, the name parallels its own under our prefix
+(`llmserve_num_requests_running` for `vllm:num_requests_running`).
+"""
 
-PREFIX = "llmserve_"
+import functools
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import choose_encoder
+
+from frontend.errors import ApiError
+from frontend.metrics.request import InFlight, RequestMetrics
+from frontend.metrics.stage_load import StageCollector
+from frontend.stages.types import StageStats
+
+NAMESPACE = "llmserve"
 # The Fireworks stage names, as label values of the stage histogram.
 STAGES = (
     "tokenizer-queue",
@@ -18,41 +35,116 @@ STAGES = (
     "generation-queue",
     "kv-transfer",
 )
+# Seconds, from sub-millisecond stage queues to multi-minute generations.
+DURATION_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+# No `*_created` series: they would double what Prometheus stores, and nothing reads them.
+disable_created_metrics()
+
+
+def error_kind(error: ApiError) -> str:
+    """The error body's `code`, or its `type` for errors without one."""
+    return error.code or error.type
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
-        self.stage_duration = Histogram(
-            PREFIX + "stage_duration_seconds",
+    def __init__(self, in_flight: InFlight) -> None:
+        self.registry = CollectorRegistry()
+        self.stages = StageCollector()
+        self.registry.register(self.stages)
+        histogram = functools.partial(
+            Histogram, namespace=NAMESPACE, buckets=DURATION_BUCKETS, registry=self.registry
+        )
+        counter = functools.partial(Counter, namespace=NAMESPACE, registry=self.registry)
+        self.stage_duration = histogram(
+            "stage_duration_seconds",
             "Per-request time in each stage (Fireworks names), by stage.",
+            ["stage"],
         )
-        self.time_to_first_token = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Request arrival to its first token."
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Request arrival to its first token."
         )
-        self.inter_token_latency = Histogram(
-            PREFIX + "inter_token_latency_seconds", "Time between consecutive tokens of a choice."
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Time between consecutive tokens of a choice."
         )
-        self.e2e_latency = Histogram(
-            PREFIX + "e2e_request_latency_seconds", "Request arrival to its last token."
+        self.e2e_latency = histogram(
+            "e2e_request_latency_seconds", "Request arrival to its last token."
         )
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens_total", "Prompt tokens prefilled.")
-        self.cached_prompt_tokens = Counter(
-            PREFIX + "cached_prompt_tokens_total", "Prompt tokens served from the prefix cache."
+        self.request_queue_time = histogram(
+            "request_queue_time_seconds",
+            "Time the request's prompt waited in prefill before its first chunk ran "
+            "(prefill-queue-duration).",
         )
-        self.generation_tokens = Counter(
-            PREFIX + "generation_tokens_total", "Completion tokens generated."
+        self.request_prefill_time = histogram(
+            "request_prefill_time_seconds",
+            "Prefill compute of the request's prompt, all chunks (prefill-duration).",
         )
-        self.requests = Counter(PREFIX + "requests_total", "Finished requests, by outcome.")
-        self.draft_tokens = Counter(
-            PREFIX + "speculation_draft_tokens_total",
+        self.request_decode_time = histogram(
+            "request_decode_time_seconds", "First token to last token of a completed request."
+        )
+        self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens prefilled.")
+        self.cached_prompt_tokens = counter(
+            "cached_prompt_tokens_total", "Prompt tokens served from the prefix cache."
+        )
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries_total",
+            "Prompt tokens looked up in prefill's prefix cache, every choice's prefill call.",
+        )
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits_total",
+            "Prompt tokens found in prefill's prefix cache; over the queries, the hit rate.",
+        )
+        self.generation_tokens = counter("generation_tokens_total", "Completion tokens generated.")
+        self.requests = counter("requests_total", "Finished requests, by outcome.", ["outcome"])
+        self.errors = counter(
+            "request_errors_total",
+            "Requests answered with an error (or ended by an SSE error event), by HTTP status "
+            "and kind (the error's code, else its type).",
+            ["status", "kind"],
+        )
+        self.draft_tokens = counter(
+            "speculation_draft_tokens_total",
             "Draft tokens verified, by source (prediction, prompt_lookup) and position in "
             "their step (1: a step's first draft).",
+            ["position", "source"],
         )
-        self.accepted_draft_tokens = Counter(
-            PREFIX + "speculation_accepted_tokens_total",
+        self.accepted_draft_tokens = counter(
+            "speculation_accepted_tokens_total",
             "Draft tokens accepted, by source and position; divided by the drafted ones, the "
             "acceptance rate by position.",
+            ["position", "source"],
         )
+        in_flight_gauge = Gauge(
+            "requests_in_flight",
+            "Requests being served.",
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        in_flight_gauge.set_function(lambda: in_flight.count)
+
+    def observe_prefill(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """One prefill call (any choice) and what of its prompt the prefix cache served."""
+        self.prefix_cache_queries.inc(num_prompt_tokens)
+        self.prefix_cache_hits.inc(num_cached_tokens)
 
     def observe_first_token(self, metrics: RequestMetrics) -> None:
         assert metrics.first_token_at_ns is not None and metrics.path is not None
@@ -67,7 +159,9 @@ class ServerMetrics:
             metrics.frontend_ns(),
         )
         for stage, ns in zip(STAGES, spans, strict=False):
-            self.stage_duration.observe(ns / 1e9, stage=stage)
+            self.stage_duration.labels(stage).observe(ns / 1e9)
+        self.request_queue_time.observe(path.prefill_queue_ns / 1e9)
+        self.request_prefill_time.observe(path.prefill_ns / 1e9)
         ttft_ns = metrics.first_token_at_ns - metrics.arrival_ns
         self.time_to_first_token.observe(ttft_ns / 1e9)
         self.prompt_tokens.inc(metrics.prompt_tokens)
@@ -83,103 +177,33 @@ class ServerMetrics:
 
     def observe_end(self, metrics: RequestMetrics, completed: bool) -> None:
         """Once per started request, however it ended."""
-        self.requests.inc(outcome="completed" if completed else "aborted")
+        self.requests.labels("completed" if completed else "aborted").inc()
         if metrics.generation_queue_ns:
-            self.stage_duration.observe(metrics.generation_queue_ns / 1e9, stage="generation-queue")
-            self.stage_duration.observe(metrics.kv_transfer_ns / 1e9, stage="kv-transfer")
-        if completed and metrics.last_token_at_ns is not None:
-            self.e2e_latency.observe((metrics.last_token_at_ns - metrics.arrival_ns) / 1e9)
+            self.stage_duration.labels("generation-queue").observe(
+                metrics.generation_queue_ns / 1e9
+            )
+            self.stage_duration.labels("kv-transfer").observe(metrics.kv_transfer_ns / 1e9)
+        last, first = metrics.last_token_at_ns, metrics.first_token_at_ns
+        if completed and last is not None and first is not None:
+            self.e2e_latency.observe((last - metrics.arrival_ns) / 1e9)
+            self.request_decode_time.observe((last - first) / 1e9)
         spec = metrics.speculation
         if spec is not None:
             source = "prediction" if spec.prediction_tokens else "prompt_lookup"
             for i, (drafted, accepted) in enumerate(
                 zip(spec.drafted_by_position, spec.accepted_by_position, strict=True)
             ):
-                self.draft_tokens.inc(drafted, source=source, position=str(i + 1))
-                self.accepted_draft_tokens.inc(accepted, source=source, position=str(i + 1))
+                self.draft_tokens.labels(str(i + 1), source).inc(drafted)
+                self.accepted_draft_tokens.labels(str(i + 1), source).inc(accepted)
 
-    def render(self, stats: list[StageStats], down: list[str], in_flight: int) -> str:
-        lines: list[str] = []
-        for metric in (
-            self.stage_duration,
-            self.time_to_first_token,
-            self.inter_token_latency,
-            self.e2e_latency,
-        ):
-            lines += metric.render()
-        for counter in (
-            self.prompt_tokens,
-            self.cached_prompt_tokens,
-            self.generation_tokens,
-            self.requests,
-            self.draft_tokens,
-            self.accepted_draft_tokens,
-        ):
-            lines += counter.render()
-        in_flight_sample: list[tuple[Labels, float]] = [((), in_flight)]
-        lines += gauge(PREFIX + "requests_in_flight", "Requests being served.", in_flight_sample)
-        lines += _stage_lines(stats, down)
-        return "\n".join(lines) + "\n"
+    def observe_error(self, error: ApiError) -> None:
+        self.errors.labels(str(error.status), error_kind(error)).inc()
 
-
-def _stage_lines(stats: list[StageStats], down: list[str]) -> list[str]:
-    up = [((("stage", s),), 0.0 if s in down else 1.0) for s in STAGE_NAMES]
-    lines = gauge(PREFIX + "stage_up", "Whether the stage answered Info on this scrape.", up)
-    # The tokenizer holds no KV and runs no batch: only prefill and decode have load.
-    loaded = [s for s in stats if s.service in ("prefill", "decode")]
-
-    def samples(field: str) -> list[tuple[Labels, float]]:
-        return [
-            ((("instance", s.instance), ("service", s.service)), float(getattr(s, field)))
-            for s in loaded
-        ]
-
-    for name, field, kind, help_text in _STAGE_GAUGES:
-        lines += gauge(PREFIX + name, help_text, samples(field), kind)
-    return lines
-
-
-_STAGE_GAUGES = (
-    (
-        "prefix_cache_queried_blocks_total",
-        "prefix_cache_queried_blocks",
-        "counter",
-        "Blocks looked up in the prefix cache.",
-    ),
-    (
-        "prefix_cache_hit_blocks_total",
-        "prefix_cache_hit_blocks",
-        "counter",
-        "Blocks found in the prefix cache.",
-    ),
-    (
-        "instance_requests_total",
-        "num_requests",
-        "counter",
-        "Requests served (prefill: prompts prefilled; decode: sequences admitted).",
-    ),
-    (
-        "instance_tokens_total",
-        "num_tokens",
-        "counter",
-        "Tokens produced (prefill: uncached prompt tokens computed; decode: tokens sampled).",
-    ),
-    ("steps_total", "num_steps", "counter", "Batched forward passes run."),
-    ("step_seconds_total", "step_seconds", "counter", "Time spent in steps."),
-    (
-        "grammar_steps_total",
-        "num_grammar_steps",
-        "counter",
-        "Decode steps with at least one grammar-constrained sequence.",
-    ),
-    (
-        "grammar_seconds_total",
-        "grammar_seconds",
-        "counter",
-        "Decode step time spent filling and applying grammar masks and advancing grammars.",
-    ),
-    ("kv_blocks_used", "num_used_blocks", "gauge", "KV blocks in use."),
-    ("kv_blocks_free", "num_free_blocks", "gauge", "KV blocks free (cached ones included)."),
-    ("running_requests", "num_running", "gauge", "Sequences running."),
-    ("waiting_requests", "num_waiting", "gauge", "Sequences waiting."),
-)
+    def exposition(
+        self, stats: list[StageStats], down: list[str], accept: str | None
+    ) -> tuple[bytes, str]:
+        """Every metric, with the stages' load as just polled, encoded as the scraper's Accept
+        header asks (Prometheus text by default, or OpenMetrics); and its content type."""
+        self.stages.update(stats, down)
+        encode, content_type = choose_encoder(accept or "")
+        return encode(self.registry), content_type

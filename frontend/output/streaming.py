@@ -34,7 +34,9 @@ async def sse_events(
     event, since the 200 status line has already gone out.
 
     Each choice opens with its own chunks and ends with its own finish_reason chunk; the last
-    of those carries the usage over all choices (and perf_metrics when asked)."""
+    of those carries perf_metrics when asked, and the usage over all choices unless
+    include_usage puts it on an extra chunk of its own, as OpenAI does (only there: clients
+    that add up usage across chunks would count it twice)."""
     announce = _Announcer(shape)
     try:
         for generation in run.generations:
@@ -50,7 +52,8 @@ async def sse_events(
                 remaining -= 1
                 extra: dict[str, Any] = {}
                 if remaining == 0:
-                    extra["usage"] = run.usage()
+                    if not include_usage:
+                        extra["usage"] = run.usage()
                     if perf_metrics_in_response:
                         extra["perf_metrics"] = run.metrics.as_dict()
                 for closing in shape.closing_chunks(generation.output):
@@ -59,10 +62,13 @@ async def sse_events(
                 if remaining == 0 and include_usage:
                     yield sse(shape.usage_chunk(run.usage()))
     except ApiError as exc:
+        run.server_metrics.observe_error(exc)
         yield sse(exc.body())
     except Exception:
         logger.exception("stream failed")
-        yield sse(internal_error().body())
+        error = internal_error()
+        run.server_metrics.observe_error(error)
+        yield sse(error.body())
     finally:
         run.close()
     yield DONE

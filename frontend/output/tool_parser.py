@@ -44,16 +44,26 @@ class CallDelta:
 @dataclass(slots=True)
 class Parsed:
     """One feed's output: content text, then call deltas in order (a call's argument text
-    from one feed in one delta)."""
+    from one feed in one delta); `pieces` has both in the order they came in the text."""
 
     content: str = ""
     calls: list[CallDelta] = field(default_factory=list)
+    pieces: list[str | CallDelta] = field(default_factory=list)
+
+    def add_content(self, text: str) -> None:
+        if text:
+            self.content += text
+            self.pieces.append(text)
+
+    def add_call(self, call: CallDelta) -> None:
+        self.calls.append(call)
+        self.pieces.append(call)
 
     def add_arguments(self, index: int, text: str) -> None:
         last = self.calls[-1] if self.calls else None
         if last is None or last.index != index or last.id is not None:
             last = CallDelta(index)
-            self.calls.append(last)
+            self.add_call(last)
         last.arguments += text
 
 
@@ -80,9 +90,9 @@ class ToolCallParser:
         """Flushes what was held back: an unfinished block header is content after all."""
         parsed = Parsed()
         if self._state == _TEXT:
-            parsed.content = self._pending
+            parsed.add_content(self._pending)
         elif self._state == _HEADER:
-            parsed.content = CALL_OPEN + self._pending
+            parsed.add_content(CALL_OPEN + self._pending)
         # Unfinished arguments were streamed already; an unfinished trailer shows nothing.
         self._pending = ""
         self._state = _TEXT
@@ -102,12 +112,12 @@ class ToolCallParser:
     def _text(self, parsed: Parsed) -> bool:
         start = self._pending.find(CALL_OPEN)
         if start >= 0:
-            parsed.content += self._pending[:start]
+            parsed.add_content(self._pending[:start])
             self._pending = self._pending[start + len(CALL_OPEN) :]
             self._state = _HEADER
             return True
         held = _partial_suffix(self._pending, CALL_OPEN)
-        parsed.content += self._pending[: len(self._pending) - held]
+        parsed.add_content(self._pending[: len(self._pending) - held])
         self._pending = self._pending[len(self._pending) - held :]
         return False
 
@@ -126,13 +136,13 @@ class ToolCallParser:
             return self._not_a_call(parsed)
         call = ToolCall(new_call_id(), name)
         self.calls.append(call)
-        parsed.calls.append(CallDelta(len(self.calls) - 1, call.id, call.name))
+        parsed.add_call(CallDelta(len(self.calls) - 1, call.id, call.name))
         self._pending = rest[len(ARGUMENTS_OPEN) :]
         self._state = _ARGUMENTS
         return True
 
     def _not_a_call(self, parsed: Parsed) -> bool:
-        parsed.content += CALL_OPEN
+        parsed.add_content(CALL_OPEN)
         self._state = _TEXT
         return True
 

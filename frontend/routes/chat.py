@@ -11,7 +11,8 @@ from frontend.api.schemas import DEFAULT_PROMPT_TRUNCATE_LEN, ChatMessage
 from frontend.auth import prompt_cache_tenant
 from frontend.context import get_state
 from frontend.output.responses import ChatShape
-from frontend.routes.respond import new_request_id, respond, shape_for
+from frontend.request_id import request_ids
+from frontend.routes.respond import respond, shape_for
 from frontend.stages.types import ChatTurn
 
 router = APIRouter()
@@ -26,16 +27,16 @@ async def create_chat_completion(request: Request) -> Response:
     arrival_ns = time.monotonic_ns()
     state = get_state(request)
     body = parse_chat_request(await read_json_object(request))
-    request_id = new_request_id("chatcmpl")
+    ids = request_ids("chatcmpl", request)
     turns = [chat_turn(message) for message in body.messages]
     truncate_len = body.prompt_truncate_len or DEFAULT_PROMPT_TRUNCATE_LEN
     source = PromptSource(
         messages=turns, truncate_len=truncate_len, tools_json=body.tool_use.tools_json
     )
     tenant = prompt_cache_tenant(request)
-    generation = generation_request(body, request_id, source, CHAT_DEFAULT_MAX_TOKENS, tenant)
+    generation = generation_request(body, ids.stage, source, CHAT_DEFAULT_MAX_TOKENS, tenant)
     await state.check_model(body.model)
-    shape = shape_for(ChatShape, generation, body.model)
+    shape = shape_for(ChatShape, generation, body.model, ids.response)
     return await respond(request, state, generation, shape, arrival_ns)
 
 

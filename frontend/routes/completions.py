@@ -9,7 +9,8 @@ from frontend.api.request import PromptSource, generation_request
 from frontend.auth import prompt_cache_tenant
 from frontend.context import get_state
 from frontend.output.responses import CompletionShape
-from frontend.routes.respond import new_request_id, respond, shape_for
+from frontend.request_id import request_ids
+from frontend.routes.respond import respond, shape_for
 
 router = APIRouter()
 
@@ -22,10 +23,10 @@ async def create_completion(request: Request) -> Response:
     arrival_ns = time.monotonic_ns()
     state = get_state(request)
     body = parse_completion_request(await read_json_object(request))
-    request_id = new_request_id("cmpl")
+    ids = request_ids("cmpl", request)
     source = PromptSource(prompts=body.prompt)
     tenant = prompt_cache_tenant(request)
-    generation = generation_request(body, request_id, source, COMPLETION_DEFAULT_MAX_TOKENS, tenant)
+    generation = generation_request(body, ids.stage, source, COMPLETION_DEFAULT_MAX_TOKENS, tenant)
     await state.check_model(body.model)
-    shape = shape_for(CompletionShape, generation, body.model)
+    shape = shape_for(CompletionShape, generation, body.model, ids.response)
     return await respond(request, state, generation, shape, arrival_ns)

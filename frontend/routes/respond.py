@@ -1,12 +1,13 @@
 """Runs one validated generation request and answers it as JSON or as an SSE stream.
 
-Shared by /completions and /chat/completions, which differ only in parsing and shape.
+Shared by /completions and /chat/completions, which differ only in parsing and shape, and by
+/responses, which answers with its own events and body.
 """
 
 import asyncio
+import logging
 import time
-import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -19,19 +20,22 @@ from frontend.errors import overloaded
 from frontend.metrics.request import RequestMetrics, sampling_options_header
 from frontend.output.responses import ResponseShape
 from frontend.output.streaming import SSEResponse, sse_events
+from frontend.run.pipeline import Run
 
 T = TypeVar("T")
 
+logger = logging.getLogger(__name__)
 
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+# What a run is answered with: its SSE events, or its JSON body once every choice has ended.
+RunEvents = Callable[[Run], AsyncGenerator[str, None]]
+RunBody = Callable[[Run], dict[str, Any]]
 
 
 def shape_for(
-    shape_class: type[ResponseShape], request: GenerationRequest, model: str
+    shape_class: type[ResponseShape], request: GenerationRequest, model: str, response_id: str
 ) -> ResponseShape:
     want_logprobs = request.sampling.logprobs
-    return shape_class(request.id, int(time.time()), model, request.output, want_logprobs)
+    return shape_class(response_id, int(time.time()), model, request.output, want_logprobs)
 
 
 async def respond(
@@ -41,6 +45,35 @@ async def respond(
     shape: ResponseShape,
     arrival_ns: int,
 ) -> Response:
+    """Answers in the shape of /completions or /chat/completions."""
+    output = request.output
+
+    def events(run: Run) -> AsyncGenerator[str, None]:
+        return sse_events(
+            run,
+            shape,
+            include_usage=output.include_usage,
+            perf_metrics_in_response=output.perf_metrics_in_response,
+        )
+
+    def body(run: Run) -> dict[str, Any]:
+        body = shape.body(run.choices, run.usage())
+        if output.perf_metrics_in_response:
+            body["perf_metrics"] = run.metrics.as_dict()
+        return body
+
+    return await answer(http_request, state, request, arrival_ns, events, body)
+
+
+async def answer(
+    http_request: Request,
+    state: AppState,
+    request: GenerationRequest,
+    arrival_ns: int,
+    events: RunEvents,
+    body: RunBody,
+) -> Response:
+    """Runs the request; streams `events(run)`, or answers `body(run)` once it has ended."""
     limit = state.config.max_requests
     if state.in_flight.count >= limit:
         raise overloaded(
@@ -58,23 +91,30 @@ async def respond(
         def on_close() -> None:
             run.close()
             state.in_flight.leave()
+            _log_finished(request, run.usage(), metrics)
 
-        events = sse_events(
-            run,
-            shape,
-            include_usage=request.output.include_usage,
-            perf_metrics_in_response=request.output.perf_metrics_in_response,
-        )
-        return SSEResponse(events, on_close, headers)
+        return SSEResponse(events(run), on_close, headers)
     try:
         await until_disconnect(http_request, state.pipeline.collect(run))
     finally:
         run.close()
         state.in_flight.leave()
-    body = shape.body(run.choices, run.usage())
-    if request.output.perf_metrics_in_response:
-        body["perf_metrics"] = metrics.as_dict()
-    return JSONResponse(body, headers={**metrics.headers(), **headers})
+        _log_finished(request, run.usage(), metrics)
+    return JSONResponse(body(run), headers={**metrics.headers(), **headers})
+
+
+def _log_finished(
+    request: GenerationRequest, usage: dict[str, Any], metrics: RequestMetrics
+) -> None:
+    seconds = (time.monotonic_ns() - metrics.arrival_ns) / 1e9
+    logger.info(
+        "%s: %d prompt (%d cached) + %d completion tokens in %.3f s",
+        request.id,
+        usage["prompt_tokens"],
+        usage["prompt_tokens_details"]["cached_tokens"],
+        usage["completion_tokens"],
+        seconds,
+    )
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:

@@ -3,9 +3,8 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from frontend.context import get_state
+from frontend.context import AppState, get_state
 from frontend.errors import SERVER_ERROR, ApiError
-from frontend.metrics.prometheus import CONTENT_TYPE
 
 router = APIRouter()
 open_router = APIRouter()  # never behind an API key
@@ -16,14 +15,25 @@ SERVING = "SERVING"
 
 @router.get("/models")
 async def list_models(request: Request) -> JSONResponse:
+    model = await _model_object(get_state(request))
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
+    """The served model under its own id or the Fireworks-prefixed one; 404 for any other."""
     state = get_state(request)
-    model = {
+    await state.check_model(model_id)
+    return JSONResponse(await _model_object(state))
+
+
+async def _model_object(state: AppState) -> dict[str, object]:
+    return {
         "id": await state.model_name(),
         "object": "model",
         "created": state.created,
         "owned_by": OWNED_BY,
     }
-    return JSONResponse({"object": "list", "data": [model]})
 
 
 @open_router.get("/health")
@@ -50,8 +60,9 @@ async def metrics(request: Request) -> Response:
     """Prometheus text: this frontend's request metrics and the stages' load, polled now."""
     state = get_state(request)
     stats, down = await state.directory.stats()
-    text = state.server_metrics.render(stats, down, state.in_flight.count)
-    return Response(text, media_type=CONTENT_TYPE)
+    accept = request.headers.get("accept")
+    body, content_type = state.server_metrics.exposition(stats, down, accept)
+    return Response(body, media_type=content_type)
 
 
 def _down_status(statuses: dict[str, str]) -> str:

@@ -10,6 +10,7 @@ from frontend.api.request import GenerationRequest, Prediction
 from frontend.errors import invalid_request
 from frontend.metrics.request import PathTimings, RequestMetrics
 from frontend.metrics.server import ServerMetrics
+from frontend.metrics.spans import add_perf_metrics
 from frontend.run.choice import ChoiceOutput, Generation
 from frontend.run.prompts import PreparedPrompt, PromptTokenizer, describe, fit_max_tokens
 from frontend.stages.clients import StageClients
@@ -72,6 +73,7 @@ class Run:
         for generation in self.generations:
             generation.close()
         self.server_metrics.observe_end(self.metrics, self.finished)
+        add_perf_metrics(self.metrics)
 
 
 @dataclass(slots=True)
@@ -193,6 +195,7 @@ class Pipeline:
             choice, prompt_logprobs=timings is not None and choice.sampling.logprobs and echoes
         )
         now = time.monotonic_ns()
+        self.server_metrics.observe_prefill(len(choice.prompt_ids), prefilled.num_cached_tokens)
         if timings is not None:
             timings.add_prefill_call(now - started, prefilled.queue_ns, prefilled.compute_ns)
             metrics.first_token(timings, now)

@@ -135,7 +135,8 @@ class DecodeEngine:
         try:
             outputs = self._step(scheduled)
         except Exception:  # noqa: BLE001 - fail these requests, keep serving others
-            log.exception("decode step failed")
+            failed = ", ".join(item.seq.request_id for item in scheduled)
+            log.exception("decode step failed; failing %s", failed)
             outputs = self._fail(scheduled)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, outputs)

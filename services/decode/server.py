@@ -193,7 +193,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def _generate(
         self, seq: Sequence, chain: list[bytes], request, context, received_ns: int
     ) -> AsyncIterator[decode_pb2.GenerateResponse]:
-        text = TextStream(self.tokenizer, list(request.stopping.stop))
+        stopping = request.stopping
+        text = TextStream(self.tokenizer, list(stopping.stop), stopping.include_stop_str)
         first = request.first_token_id
         finish = seq.stop.check(first, 1, len(seq.token_ids))
         num_generated = 1

@@ -5,15 +5,17 @@ from services.engine.tokenizer import Tokenizer
 
 
 class TextStream:
-    """Turns tokens into text deltas that never contain a stop string or its start.
+    """Turns tokens into text deltas that end at the first stop string, cut or (with
+    `include_stop_str`) kept, and never contain what follows it.
 
     Text that could still become a stop string is held back until it cannot, so a client
     never sees a partial stop sequence that is later cut.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], include_stop_str: bool) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self._stop = [s for s in stop if s]
+        self._include_stop_str = include_stop_str
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._text = ""
         self._emitted = 0
@@ -26,9 +28,12 @@ class TextStream:
             self._text += self._detokenizer.flush()
         if self._stop:
             start = max(0, searched_upto - self._hold)
-            hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
+            hits = [(self._text.find(s, start), s) for s in self._stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
-                return self._emit(min(hits)), True
+                # The earliest match; at one position, the first listed.
+                index, stop = min(hits, key=lambda hit: hit[0])
+                return self._emit(index + len(stop) if self._include_stop_str else index), True
         end = len(self._text) if is_last else max(self._emitted, len(self._text) - self._hold)
         return self._emit(end), False
 

@@ -167,7 +167,9 @@ class PrefillEngine:
         try:
             self._run(batch)
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-            log.exception("prefill step failed")
+            log.exception(
+                "prefill step failed; failing %s", ", ".join(j.request_id for j, _ in batch)
+            )
             for job, _ in batch:
                 self._finish(job, exc)
         return True

@@ -142,7 +142,7 @@ def main() -> None:
         "429): a prompt takes milliseconds, so these are seconds of work",
     )
     args = parser.parse_args()
-    cli.setup_logging(args.log_level)
+    cli.setup("tokenizer", args)
     tokenizer = loader.load_tokenizer(args.model)
     config = loader.load_config(args.model)
 
