@@ -12,6 +12,7 @@ import pytest
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from services.decode.text_stream import TextStream
 from services.engine import gguf_loader
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.loader import DEFAULT_MODEL, default_gguf_path, load_tokenizer
@@ -217,3 +218,40 @@ def test_detokenizer_fallback_for_sentencepiece(skip: bool) -> None:
     deltas = _stream(tok, ids, skip)
     assert all("\ufffd" not in delta for delta in deltas)
     assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
+
+
+def _metaspace_words() -> Tokenizer:
+    """A Llama-2-style tokenizer.json in miniature: Metaspace pre-tokenizer and decoder (a space
+    becomes '▁' and the decoder strips the first piece's), whole words as pieces."""
+    words = ["<unk>", "<s>", "</s>", "▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "."]
+    backend = BackendTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.add_special_tokens([AddedToken("<s>"), AddedToken("</s>")])
+    return Tokenizer(backend, bos_token_id=1, eos_token_ids=[2], chat_template=None)
+
+
+@pytest.mark.parametrize("num_prompt_tokens", [1, 4, 5])
+def test_metaspace_keeps_the_first_generated_space(num_prompt_tokens: int) -> None:
+    tok = _metaspace_words()
+    ids = [1, *tok.encode("The capital of France is Paris.")]
+    prompt_ids, output_ids = ids[: num_prompt_tokens + 1], ids[num_prompt_tokens + 1 :] + [2]
+    detok = IncrementalDetokenizer(tok, prompt_ids=prompt_ids)
+    deltas = [detok.push([token_id]) for token_id in output_ids] + [detok.flush()]
+    full, prompt = (tok.decode(i, skip_special_tokens=True) for i in (ids, prompt_ids))
+    assert "".join(deltas) == full[len(prompt) :]
+    assert deltas[0].startswith(" ")  # not "capital..." or "isParis."
+    # Decode streams it the same way, stop strings held back and cut as before.
+    stream = TextStream(tok, ["Paris"], include_stop_str=False, prompt_ids=prompt_ids)
+    text, stopped = "", False
+    for token_id in output_ids:
+        delta, stopped = stream.push(token_id, is_last=False)
+        text += delta
+        if stopped:
+            break
+    assert stopped and text == full[len(prompt) :].split("Paris")[0]

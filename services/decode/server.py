@@ -194,7 +194,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self, seq: Sequence, chain: list[bytes], request, context, received_ns: int
     ) -> AsyncIterator[decode_pb2.GenerateResponse]:
         stopping = request.stopping
-        text = TextStream(self.tokenizer, list(stopping.stop), stopping.include_stop_str)
+        text = TextStream(
+            self.tokenizer, list(stopping.stop), stopping.include_stop_str, request.prompt_token_ids
+        )
         first = request.first_token_id
         finish = seq.stop.check(first, 1, len(seq.token_ids))
         num_generated = 1

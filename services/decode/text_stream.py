@@ -1,5 +1,7 @@
 """Per-request text: incremental detokenization and stop strings."""
 
+from collections.abc import Sequence
+
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.tokenizer import Tokenizer
 
@@ -12,8 +14,15 @@ class TextStream:
     never sees a partial stop sequence that is later cut.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], include_stop_str: bool) -> None:
-        self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: list[str],
+        include_stop_str: bool,
+        prompt_ids: Sequence[int] = (),
+    ) -> None:
+        # The prompt's ids let a sentencepiece-style decoder keep the first token's space.
+        self._detokenizer = IncrementalDetokenizer(tokenizer, True, prompt_ids)
         self._stop = [s for s in stop if s]
         self._include_stop_str = include_stop_str
         self._hold = max((len(s) for s in self._stop), default=1) - 1

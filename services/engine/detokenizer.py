@@ -4,7 +4,9 @@ Byte-level vocabularies (GPT-2 style, including every GGUF "gpt2" model) decode 
 each piece's bytes, so we map new pieces to bytes and feed an incremental UTF-8 decoder: O(new
 tokens) per step, and a character split across tokens is held back until its last byte arrives.
 Other vocabularies (sentencepiece-style decoders strip or add spaces depending on neighbours)
-re-decode a short window of recent ids and emit the difference.
+re-decode a short window of recent ids and emit the difference. That window starts with the
+prompt's last ids, as vLLM's does: a Metaspace decoder drops the leading space of the first
+piece it decodes, so without the prompt before it "▁is" would come out as "is", not " is".
 """
 
 from __future__ import annotations
@@ -15,13 +17,23 @@ from collections.abc import Sequence
 from services.engine.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
+# Prompt ids that open the re-decode window: enough for a decoder's view of what precedes the
+# first generated piece (one whole piece; a few byte-fallback pieces of one character).
+PROMPT_CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
     """One per generated sequence. Invariant: the concatenation of every push() and the final
-    flush() equals tokenizer.decode(all ids, skip_special_tokens)."""
+    flush() is what the generated ids add to the prompt's text: decode(context + generated)
+    minus decode(context), where the context is the prompt's last PROMPT_CONTEXT_TOKENS ids
+    (for byte-level vocabularies, decode(generated) itself)."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        skip_special_tokens: bool = True,
+        prompt_ids: Sequence[int] = (),
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._byte_level = tokenizer.is_byte_level
@@ -30,11 +42,12 @@ class IncrementalDetokenizer:
             # errors="replace" matches the backend's lossy UTF-8 for truly invalid bytes, and the
             # incremental decoder holds an incomplete trailing sequence instead of replacing it.
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        # Fallback state: ids so far; [prefix_offset, read_offset) is the context window already
-        # emitted, ids from read_offset on are not yet emitted.
-        self._ids: list[int] = []
+        # Fallback state: ids so far, the prompt's last ones first; [prefix_offset, read_offset)
+        # is the context window already emitted (or the prompt's), ids from read_offset on are
+        # not yet emitted.
+        self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(self._ids)
 
     def push(self, token_ids: Sequence[int]) -> str:
         """Text that became final with these ids (possibly empty)."""
