@@ -141,7 +141,7 @@ def report(workload: str, summary: dict[str, dict[str, Any]], baseline: str) -> 
         print(
             f"{workload:10s} {name:9s} {row['seconds']:7.2f} s  {row['tokens_per_s']:7.1f} tok/s  "
             f"{base / row['seconds']:5.2f}x  tokens {row['completion_tokens']:5d}  "
-            f"drafted {row['drafted']:5d}  accepted {row['matched'] or '-':>5}  "
+            f"drafted {row['drafted']:5d}  prediction matched {row['matched']:5d}  "
             f"acceptance by position {','.join(rates) or '-'}",
             flush=True,
         )
@@ -167,7 +167,7 @@ def quote(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     summary = {}
     for label, launcher_args in (
         ("lookup-off", ()),
-        ("lookup-on", ("--decode-args", "--prompt-lookup")),
+        ("lookup-on", ("--decode-args=--prompt-lookup",)),
     ):
         with launched_stack(args.model, args.port, *launcher_args) as url:
             model = served_model(url)
