@@ -29,17 +29,13 @@ from collections.abc import Iterator
 import grpc
 import httpx
 
+from bench.stats import percentile
 from services.grpc_server import CHANNEL_OPTIONS
 from services.rpc import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SEED = 1234
 TOPICS = ["tides", "volcanoes", "bees", "glaciers", "comets", "deserts", "coral", "owls"]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 def read_until(process: subprocess.Popen, marker: str, found: dict[str, str]) -> str:
