@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
-from bench.serving import launched_stack, percentile, run_level, served_model, story_prompts
+from bench.load import run_level
+from bench.serving import launched_stack, served_model, story_prompts
+from bench.stats import percentile
 
 LEVELS = (1.0, 2.0, 10.0)
 
@@ -132,8 +134,8 @@ async def measure(url: str, args: argparse.Namespace) -> list[Level]:
     model = served_model(url)
     await run_level(url, model, 2, ["Hello!", "Hi there!"], 8)  # warm-up
     prompts = story_prompts(args.concurrency * 4)
-    results, elapsed = await run_level(url, model, args.concurrency, prompts, args.max_tokens)
-    capacity = len(results) / elapsed
+    run = await run_level(url, model, args.concurrency, prompts, args.max_tokens)
+    capacity = len(run.results) / run.elapsed_s
     print(f"capacity: {capacity:.2f} req/s (closed loop, c={args.concurrency})", flush=True)
     levels = []
     for load in LEVELS:

@@ -1,20 +1,23 @@
 """Serving benchmark: streaming chat requests against OpenAI-style servers, ours and a peer.
 
-    python bench/serving.py --launch                  # starts our stack on free ports
-    python bench/serving.py --launch --peer-url http://127.0.0.1:8100   # llama-server beside it
+    python -m bench.serving --launch                  # starts our stack on free ports
+    python -m bench.serving --launch --peer-url http://127.0.0.1:8100   # llama-server beside it
+    python -m bench.serving --launch --rate 2 4 8     # open loop: Poisson arrivals per second
 
 Workloads, each run on every server in turn (interleaved, same requests):
-  - closed-loop chat streams at each --concurrency level: output tok/s, TTFT and ITL p50/p99;
+  - closed-loop chat streams at each --concurrency level, and open-loop ones at each --rate
+    (Poisson arrivals, requests per second; fixed seed): output tok/s, TTFT and ITL p50/p99,
+    and the number of failed requests (a failure is counted, never fatal);
   - a long prompt (--long-words words): TTFT cold (a prompt no cache has seen), then the same
     prompt again (prefix cache, KV handoff included).
 A warm-up round is run and discarded. Prints progress and one line per result, and writes
-bench/results/serving.json and serving.png (output tok/s and ITL p50 against concurrency).
+bench/results/serving.json and serving.png (output tok/s and ITL p50 against concurrency and
+against the offered rate).
 """
 
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import pathlib
 import random
@@ -22,10 +25,15 @@ import secrets
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass
 
 import httpx
+
+if not __package__:  # run as `python bench/serving.py`: make `bench` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench.load import Run, run_level, run_rate  # noqa: E402
+from bench.stats import percentile  # noqa: E402
 
 TOPICS = [
     "a lighthouse keeper",
@@ -53,19 +61,13 @@ WORDS = (
 
 
 @dataclass(slots=True)
-class RequestResult:
-    ttft_s: float
-    itl_s: list[float]
-    num_tokens: int
-    latency_s: float
-
-
-@dataclass(slots=True)
 class Summary:
     server: str  # "ours" or "peer"
     workload: str  # "chat" or "long-cold" / "long-again"
-    concurrency: int
-    num_requests: int
+    concurrency: int  # closed loop; 0 for an open loop
+    rate_per_s: float | None  # open loop: offered requests per second
+    num_requests: int  # completed
+    num_failed: int
     requests_per_s: float
     output_tokens_per_s: float
     ttft_p50_ms: float
@@ -74,107 +76,29 @@ class Summary:
     itl_p99_ms: float
 
     def line(self) -> str:
+        load = f"r={self.rate_per_s:<4g}" if self.rate_per_s else f"c={self.concurrency:<4}"
+        failed = f"  {self.num_failed} failed" if self.num_failed else ""
         return (
-            f"{self.server:>4} {self.workload:<10} c={self.concurrency:<3} "
+            f"{self.server:>4} {self.workload:<10} {load} "
             f"{self.output_tokens_per_s:7.1f} tok/s  TTFT p50/p99 {self.ttft_p50_ms:6.0f}/"
             f"{self.ttft_p99_ms:6.0f} ms  ITL p50/p99 {self.itl_p50_ms:5.1f}/"
-            f"{self.itl_p99_ms:5.1f} ms"
+            f"{self.itl_p99_ms:5.1f} ms{failed}"
         )
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
-
-async def one_request(client: httpx.AsyncClient, model: str, content: str, max_tokens: int, extra):
-    """`extra` adds or overrides body fields (e.g. a response_format) for every request."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        # Every request generates max_tokens (Fireworks' and llama.cpp's extension).
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        **(extra or {}),
-    }
-    start = time.perf_counter()
-    arrivals: list[float] = []
-    num_tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                num_tokens = chunk["usage"]["completion_tokens"]
-            # A token is a chunk with generated text; a role-only opening chunk is not.
-            if any(_carries_text(c.get("delta", {})) for c in chunk.get("choices", [])):
-                arrivals.append(time.perf_counter())
-    end = time.perf_counter()
-    if not arrivals:
-        raise RuntimeError("no tokens streamed")
-    itl = [b - a for a, b in itertools.pairwise(arrivals)]
-    return RequestResult(arrivals[0] - start, itl, num_tokens or len(arrivals), end - start)
-
-
-def _carries_text(delta: dict) -> bool:
-    content = delta.get("content")
-    return bool(content) or (content is not None and "role" not in delta)
-
-
-def _client(url: str, concurrency: int) -> httpx.AsyncClient:
-    # A fresh connection per request: some servers close a streamed keep-alive connection.
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
-    return httpx.AsyncClient(base_url=url, timeout=600, limits=limits)
-
-
-async def run_level(
-    url: str,
-    model: str,
-    concurrency: int,
-    prompts: list[str],
-    max_tokens: int,
-    extra: dict | None = None,
-    label: str = "",
-) -> tuple[list[RequestResult], float]:
-    """Closed loop: `concurrency` clients send `prompts` in turn; returns results and seconds."""
-    async with _client(url, concurrency) as client:
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        for prompt in prompts:
-            queue.put_nowait(prompt)
-        results: list[RequestResult] = []
-
-        async def worker() -> None:
-            while not queue.empty():
-                prompt = queue.get_nowait()
-                results.append(await one_request(client, model, prompt, max_tokens, extra))
-                if label and sys.stdout.isatty():
-                    print(f"\r  {label}: {len(results)}/{len(prompts)}", end="", flush=True)
-
-        if label and not sys.stdout.isatty():
-            print(f"  running {label} ({len(prompts)} requests)", flush=True)
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    if label and sys.stdout.isatty():
-        print("\r" + " " * 60 + "\r", end="", flush=True)
-    return results, elapsed
-
-
-def summarize(server, workload, concurrency, results, elapsed) -> Summary:
+def summarize(
+    server: str, workload: str, concurrency: int, run: Run, rate_per_s: float | None = None
+) -> Summary:
+    results, elapsed = run.results, run.elapsed_s
     itl = [gap for r in results for gap in r.itl_s]
     ttft = [r.ttft_s for r in results]
     return Summary(
         server=server,
         workload=workload,
         concurrency=concurrency,
+        rate_per_s=rate_per_s,
         num_requests=len(results),
+        num_failed=len(run.errors),
         requests_per_s=len(results) / elapsed,
         output_tokens_per_s=sum(r.num_tokens for r in results) / elapsed,
         ttft_p50_ms=percentile(ttft, 50) * 1e3,
@@ -228,25 +152,32 @@ async def measure(servers: dict[str, str], args: argparse.Namespace) -> list[Sum
         await run_level(url, models[name], 2, ["Hello!", "Hi there!"], 8)
     summaries: list[Summary] = []
 
-    def report(summary: Summary) -> None:
+    def report(summary: Summary, run: Run) -> None:
         print(summary.line(), flush=True)
+        for error in sorted(set(run.errors))[:3]:
+            print(f"       failed: {error}", flush=True)
         summaries.append(summary)
 
     for concurrency in args.concurrency:
-        count = max(args.requests, concurrency)
-        prompts = story_prompts(count)
+        prompts = story_prompts(max(args.requests, concurrency))
         for name, url in servers.items():
             label = f"{name} chat c={concurrency}"
-            results, elapsed = await run_level(
+            run = await run_level(
                 url, models[name], concurrency, prompts, args.max_tokens, label=label
             )
-            report(summarize(name, "chat", concurrency, results, elapsed))
+            report(summarize(name, "chat", concurrency, run), run)
+    for rate in args.rate:
+        prompts = story_prompts(args.requests)
+        for name, url in servers.items():
+            label = f"{name} chat r={rate:g}/s"
+            run = await run_rate(url, models[name], rate, prompts, args.max_tokens, label=label)
+            report(summarize(name, "chat", 0, run, rate_per_s=rate), run)
     for name, url in servers.items():
         prompt = long_prompt(args.long_words)
         for workload in ("long-cold", "long-again"):
             label = f"{name} {workload} ({args.long_words} words)"
-            results, elapsed = await run_level(url, models[name], 1, [prompt], 4, label=label)
-            report(summarize(name, workload, 1, results, elapsed))
+            run = await run_level(url, models[name], 1, [prompt], 4, label=label)
+            report(summarize(name, workload, 1, run), run)
     return summaries
 
 
@@ -256,20 +187,27 @@ def plot(summaries: list[Summary], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, (throughput, latency) = pyplot.subplots(1, 2, figsize=(10, 4))
-    for server in sorted({s.server for s in summaries}):
-        chat = sorted(
-            (s for s in summaries if s.server == server and s.workload == "chat"),
-            key=lambda s: s.concurrency,
-        )
-        levels = [s.concurrency for s in chat]
-        throughput.plot(levels, [s.output_tokens_per_s for s in chat], "o-", label=server)
-        latency.plot(levels, [s.itl_p50_ms for s in chat], "o-", label=server)
-    throughput.set(xlabel="concurrent streams", ylabel="output tokens/s", xscale="log")
-    latency.set(xlabel="concurrent streams", ylabel="inter-token latency p50 (ms)", xscale="log")
-    for axes in (throughput, latency):
-        axes.grid(True, alpha=0.3)
-        axes.legend()
+    chat = [s for s in summaries if s.workload == "chat"]
+    loops = {
+        "concurrent streams": [s for s in chat if not s.rate_per_s],
+        "offered requests/s": [s for s in chat if s.rate_per_s],
+    }
+    loops = {xlabel: runs for xlabel, runs in loops.items() if runs}
+    figure, rows = pyplot.subplots(len(loops), 2, figsize=(10, 4 * len(loops)), squeeze=False)
+    for (xlabel, runs), (throughput, latency) in zip(loops.items(), rows, strict=True):
+        for server in sorted({s.server for s in runs}):
+            points = sorted(
+                ((s.rate_per_s or s.concurrency, s) for s in runs if s.server == server),
+                key=lambda point: point[0],
+            )
+            xs = [x for x, _ in points]
+            throughput.plot(xs, [s.output_tokens_per_s for _, s in points], "o-", label=server)
+            latency.plot(xs, [s.itl_p50_ms for _, s in points], "o-", label=server)
+        throughput.set(xlabel=xlabel, ylabel="output tokens/s", xscale="log")
+        latency.set(xlabel=xlabel, ylabel="inter-token latency p50 (ms)", xscale="log")
+        for axes in (throughput, latency):
+            axes.grid(True, alpha=0.3)
+            axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -280,12 +218,19 @@ def main() -> None:
     parser.add_argument("--launch", action="store_true", help="start our stack for the run")
     parser.add_argument("--model", default="default", help="model for --launch")
     parser.add_argument("--peer-url", help="another OpenAI-compatible server to measure")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", help="closed-loop levels (default 1 16, no --rate)"
+    )
+    parser.add_argument(
+        "--rate", type=float, nargs="+", default=[], help="open-loop levels, requests per second"
+    )
     parser.add_argument("--requests", type=int, default=16, help="requests per level (>= c)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--long-words", type=int, default=1750, help="words of the long prompt")
     parser.add_argument("--out", default="bench/results/serving.json")
     args = parser.parse_args()
+    if args.concurrency is None:
+        args.concurrency = [] if args.rate else [1, 16]
 
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(launched_stack(args.model, 0)) if args.launch else args.url

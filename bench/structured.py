@@ -27,7 +27,8 @@ from typing import Any
 
 import httpx
 
-from bench.serving import launched_stack, run_level, served_model, story_prompts, summarize
+from bench.load import run_level
+from bench.serving import launched_stack, served_model, story_prompts, summarize
 
 
 def text(min_length: int, max_length: int) -> dict[str, Any]:
@@ -127,7 +128,7 @@ async def measure(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             order = list(MODES) if repeat % 2 == 0 else list(reversed(MODES))
             for mode in order:
                 before = decode_counters(url)
-                results, elapsed = await run_level(
+                run = await run_level(
                     url,
                     model,
                     concurrency,
@@ -135,7 +136,7 @@ async def measure(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     args.max_tokens,
                     MODES[mode],
                 )
-                summary = summarize("ours", mode, concurrency, results, elapsed)
+                summary = summarize("ours", mode, concurrency, run)
                 costs = step_costs(before, decode_counters(url))
                 tokens_per_request = summary.output_tokens_per_s / summary.requests_per_s
                 print(
