@@ -21,9 +21,6 @@ ARGUMENTS_OPEN = '", "arguments": '
 # After the arguments: closes the call's JSON object, then the block.
 CALL_END = "}" + CALL_CLOSE
 
-RESPONSE_OPEN = "<tool_response>"
-RESPONSE_CLOSE = "</tool_response>"
-
 # OpenAI's limits on a function name; names go into the grammar's literals unescaped, so the
 # pattern must never admit a quote or a backslash.
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
@@ -57,6 +54,8 @@ def system_section(tools: list[dict[str, Any]]) -> str:
     return SYSTEM_SECTION.format(tools=listed)
 
 
-def format_response(content: str) -> str:
-    """One tool result as the model reads it."""
-    return f"{RESPONSE_OPEN}\n{content}\n{RESPONSE_CLOSE}"
+def format_response(content: str, name: str | None = None) -> str:
+    """One tool result as the model reads it in a user turn, when its chat template has no turn
+    for results: plain text, since a model tends to echo markup that opens the turn it answers;
+    `name` is the function's, where the result's call is known."""
+    return f"Result of {name or 'the function call'}:\n{content}"

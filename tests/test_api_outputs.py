@@ -152,8 +152,8 @@ def test_chat_message_forms(post):
     ]
     tool_prompt, _ = render(with_tool)
     assert tool_prompt.startswith(prompt.removesuffix("<|im_start|>assistant\n"))
-    # SmolLM2's template has no tool role: results are a user turn, in the default format.
-    assert "<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>" in tool_prompt
+    # SmolLM2's template writes roles as given: a result is a turn of role "tool".
+    assert "<|im_start|>tool\n4<|im_end|>\n" in tool_prompt
 
 
 def test_prompt_truncate_len_evicts_the_earliest_turns(post):

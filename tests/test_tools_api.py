@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from services.tool_format import format_call, format_response
+from services.tool_format import format_call
 
 
 def function(name: str, description: str, properties: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +163,8 @@ def test_tool_result_renders_into_the_next_prompt(client, model) -> None:
     )
     prompt = reply.choices[0].model_extra["raw_output"]["prompt_fragments"][0]
     assert format_call("get_weather", call.function.arguments) in prompt
-    assert format_response("22 degrees and sunny") in prompt
+    # SmolLM2's ChatML template writes roles as given: the result is a "tool" turn.
+    assert "<|im_start|>tool\n22 degrees and sunny<|im_end|>\n<|im_start|>assistant\n" in prompt
     assert reply.usage.prompt_tokens > first.usage.prompt_tokens
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
 

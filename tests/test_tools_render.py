@@ -32,6 +32,18 @@ CHAT = [
     {"role": "tool", "content": "22 C", "tool_call_id": "call_1"},
     {"role": "tool", "content": "25 C", "tool_call_id": "call_2"},
 ]
+# A template with fixed turns for the roles it knows, and none for tool results.
+FIXED_ROLES_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.role == 'user' %}U: {% elif m.role == 'assistant' %}A: {% else %}S: {% endif %}"
+    "{{ m.content }}\n{% endfor %}"
+)
+# One that refuses roles it does not know.
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m.role) }}{% endif %}"
+    "<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+)
 # A template with a place for everything, in the style of Hermes-format models.
 TOOL_TEMPLATE = (
     "{% if tools %}TOOLS:{{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
@@ -52,15 +64,34 @@ def smollm() -> Tokenizer:
     return load_tokenizer("default")
 
 
-def test_default_format_without_template_support(smollm: Tokenizer) -> None:
+def test_default_format_where_the_template_has_no_tool_support(smollm: Tokenizer) -> None:
     prompt = smollm.render_chat(CHAT, tools=[WEATHER])
     section = system_section([WEATHER])
     assert prompt.startswith(f"<|im_start|>system\n{section}<|im_end|>\n<|im_start|>user\n")
     call = format_call("get_weather", '{"city": "Paris"}')
     assert f"<|im_start|>assistant\n{call}<|im_end|>\n" in prompt
-    results = format_response("22 C") + "\n" + format_response("25 C")
-    assert f"<|im_start|>user\n{results}<|im_end|>\n<|im_start|>assistant\n" in prompt
-    assert "<|im_start|>tool" not in prompt
+    # SmolLM2's ChatML writes any role as given: results are its own "tool" turns, as
+    # transformers renders them with this template.
+    results = "<|im_start|>tool\n22 C<|im_end|>\n<|im_start|>tool\n25 C<|im_end|>\n"
+    assert prompt.endswith(f"{call}<|im_end|>\n{results}<|im_start|>assistant\n")
+    assert "Result of" not in prompt
+
+
+@pytest.mark.parametrize("template", [FIXED_ROLES_TEMPLATE, STRICT_TEMPLATE])
+def test_results_without_a_turn_of_their_own_join_a_user_turn(template: str) -> None:
+    prompt = tiny(template).render_chat(CHAT, add_generation_prompt=False, tools=[WEATHER])
+    # Plain text named by the call's function (call_2 is unknown), no tags to echo.
+    results = format_response("22 C", "get_weather") + "\n" + format_response("25 C")
+    assert results == "Result of get_weather:\n22 C\nResult of the function call:\n25 C"
+    assert prompt.endswith(("U: " if "U:" in template else "<|user|>") + results + "\n")
+    assert "<" not in results
+
+
+def test_tool_result_with_null_content_renders_empty(smollm: Tokenizer) -> None:
+    chat = [*CHAT[:2], {"role": "tool", "content": None, "tool_call_id": "call_1"}]
+    assert smollm.render_chat(chat).endswith(
+        "<|im_start|>tool\n<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_tools_section_joins_the_system_prompt(smollm: Tokenizer) -> None:

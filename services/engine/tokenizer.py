@@ -141,9 +141,15 @@ class Tokenizer:
         self.is_byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         template_source = chat_template or DEFAULT_CHAT_TEMPLATE
         self._template = compile_chat_template(template_source)
-        self._tool_support = template_tool_support(self._template.environment, template_source)
         self._template_tokens = template_tokens or self._default_template_tokens()
+        self._tool_support = template_tool_support(
+            self._template, template_source, self._base_context()
+        )
         self._piece_bytes: list[bytes] | None = None
+
+    def _base_context(self) -> dict[str, Any]:
+        """What the template renders with besides the messages, before a request's own."""
+        return {"tools": None, "documents": None, **self._template_tokens}
 
     def _default_template_tokens(self) -> dict[str, str]:
         tokens: dict[str, str] = {}
@@ -201,7 +207,7 @@ class Tokenizer:
         """`tools` are OpenAI function tools. They, and the messages' tool calls and results,
         go through the template where it has a place for them, else the default format."""
         messages = apply_tools(messages, tools, self._tool_support)
-        context: dict[str, Any] = {"tools": None, "documents": None, **self._template_tokens}
+        context = self._base_context()
         if tools and self._tool_support.tools:
             context["tools"] = tools
         context.update(template_kwargs)
