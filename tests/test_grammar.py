@@ -329,3 +329,39 @@ def test_cuda_apply_matches_cpu(compiler: GrammarCompiler) -> None:
     expected = GrammarBatch(VOCAB_SIZE, 4, "cpu").apply(logits.clone(), rows)
     on_gpu = GrammarBatch(VOCAB_SIZE, 4, "cuda").apply(logits.cuda(), rows)
     assert torch.equal(on_gpu.cpu(), expected)
+
+
+def test_equal_grammars_build_their_spec_once(
+    compiler: GrammarCompiler, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[dict] = []
+
+    def counting_spec(schema: dict, strict: bool = True) -> GrammarSpec:
+        built.append(schema)
+        return json_schema_spec(schema, strict)
+
+    monkeypatch.setattr(grammar_wire, "json_schema_spec", counting_spec)
+    grammar_wire.grammar_spec.cache_clear()
+    source = json.dumps(SCHEMAS[0])
+    # Each request's grammar arrives as its own proto, so its own strings.
+    requests = [Grammar("json_schema", (source + " ")[:-1], strict=True) for _ in range(3)]
+
+    async def serve(grammars: list[Grammar]) -> list[GrammarState | None]:
+        return [await grammar_wire.grammar_state(g, compiler) for g in grammars]
+
+    states = asyncio.run(serve(requests))
+    assert len(built) == 1
+    assert grammar_wire.grammar_spec(requests[0]) == json_schema_spec(SCHEMAS[0], strict=True)
+    for state in states:  # each request still gets its own state, at the start of the schema
+        assert state is not None
+        assert all(state.accept(t) for t in tokenizer.encode('{"name": "ab", "age": 7}'))
+        assert state.accept(tokenizer.eos_token_ids[0]) and state.is_terminated()
+    # Another strictness is another spec; a bad grammar is not remembered and fails each time.
+    asyncio.run(serve([Grammar("json_schema", source, strict=False)]))
+    assert len(built) == 2
+    bad = Grammar("json_schema", '{"type": "strnig"}', strict=True)
+    for _ in range(2):
+        with pytest.raises(InvalidArgumentError, match="strnig"):
+            grammar_wire.grammar_spec(bad)
+    assert len(built) == 4
+    assert grammar_wire.grammar_spec.cache_info().maxsize == grammar_wire.SPEC_CACHE_SIZE
