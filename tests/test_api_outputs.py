@@ -100,6 +100,30 @@ def test_echo_prepends_the_prompt(post):
     assert last_two["choices"][0]["logprobs"]["tokens"][:2] == [" France", " is"]
 
 
+def test_max_tokens_0_scores_the_prompt(post, client, model):
+    """The legacy scoring call (lm-eval's loglikelihood): the prompt echoed with its logprobs,
+    the same as when a token is generated after it, and no token."""
+    scored = completion(post, CAPITAL, max_tokens=0, echo=True, logprobs=1)
+    choice, usage = scored["choices"][0], scored["usage"]
+    assert choice["text"] == CAPITAL and choice["finish_reason"] == "length"
+    assert usage["completion_tokens"] == 0
+    num_prompt = usage["prompt_tokens"]
+    lps = choice["logprobs"]
+    generated = completion(post, CAPITAL, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    reference = generated["choices"][0]["logprobs"]
+    assert lps["tokens"] == reference["tokens"][:num_prompt]
+    assert lps["token_logprobs"][0] is None
+    assert lps["token_logprobs"][1:] == pytest.approx(
+        reference["token_logprobs"][1:num_prompt], abs=1e-4
+    )
+    stream = client.completions.create(
+        model=model, prompt=CAPITAL, max_tokens=0, echo=True, logprobs=1, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == CAPITAL
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_return_token_ids_match_usage(post):
     body = completion(post, CAPITAL, max_tokens=5, temperature=0, return_token_ids=True)
     choice, usage = body["choices"][0], body["usage"]

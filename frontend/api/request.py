@@ -113,14 +113,7 @@ def generation_request(
 ) -> GenerationRequest:
     """The body's fields with the API's defaults filled in. A `prompt_cache_tenant` (an API
     key's) salts the prompt cache ahead of the request's own isolation key."""
-    max_tokens = body.max_tokens
-    if body.max_completion_tokens is not None:
-        if max_tokens is not None:
-            raise invalid_request(
-                "max_completion_tokens is an alias of max_tokens; set only one of them.",
-                "max_completion_tokens",
-            )
-        max_tokens = body.max_completion_tokens
+    max_tokens = _max_tokens(body)
     n = body.n or 1
     if source.num_prompts * n > MAX_N:
         raise invalid_request(
@@ -152,6 +145,27 @@ def generation_request(
         n=n,
         prediction=_prediction(body),
     )
+
+
+def _max_tokens(body: Body) -> int | None:
+    """max_tokens or its alias. 0 scores the prompt without generating (the legacy scoring
+    call: echo with logprobs), so it needs the echo."""
+    param, max_tokens = "max_tokens", body.max_tokens
+    if body.max_completion_tokens is not None:
+        if max_tokens is not None:
+            raise invalid_request(
+                "max_completion_tokens is an alias of max_tokens; set only one of them.",
+                "max_completion_tokens",
+            )
+        param, max_tokens = "max_completion_tokens", body.max_completion_tokens
+    if max_tokens == 0 and not (body.echo or body.echo_last):
+        raise invalid_request(
+            f"Invalid '{param}': it must be at least 1; 0 (nothing generated) is only "
+            "accepted with echo or echo_last, to score the prompt.",
+            param,
+            "invalid_value",
+        )
+    return max_tokens
 
 
 def _prediction(body: Body) -> Prediction | None:

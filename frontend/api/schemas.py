@@ -53,8 +53,9 @@ class _GenerationRequest(_Strict):
     """The fields and validators both endpoints share; subclasses add the prompt or messages."""
 
     model: str
-    max_tokens: MaxTokens = None
-    max_completion_tokens: MaxTokens = None
+    # 0 only with echo: the prompt scored, nothing generated (checked by `generation_request`).
+    max_tokens: Count = None
+    max_completion_tokens: Count = None
     temperature: Temperature = None
     top_p: Probability = None
     top_k: TopK = None

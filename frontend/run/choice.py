@@ -82,6 +82,8 @@ class Generation:
         """The next decode message; None after the one that carried the finish reason."""
         if self.finished:
             return None
+        if not self._choice.stopping.max_tokens:
+            return self._scored()
         delta = await self._read()
         now = time.monotonic_ns()
         if delta is None:
@@ -100,6 +102,14 @@ class Generation:
         self._server_metrics.observe_tokens(len(delta.token_ids), gap_ns)
         if delta.speculation is not None:
             self._metrics.add_speculation(delta.speculation)
+        self.output.add(delta)
+        return delta
+
+    def _scored(self) -> TokenDelta:
+        """max_tokens 0 (echo only): the prompt has been scored by its prefill, so its KV is
+        freed and decode never asked; the choice ends with no token, cut by its length."""
+        self.close()
+        delta = TokenDelta([], "", "length", num_generated=0)
         self.output.add(delta)
         return delta
 
