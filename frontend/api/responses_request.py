@@ -18,6 +18,7 @@ from frontend.api.schemas import ChatCompletionRequest, MaxTokens, Probability, 
 from frontend.api.tools import DEFAULT_PARAMETERS, TOOL_CHOICES, FunctionDefinition
 from frontend.api.unsupported import (
     RESPONSES_REASONING_UNSUPPORTED,
+    RESPONSES_STREAM_OPTIONS_UNSUPPORTED,
     RESPONSES_TEXT_UNSUPPORTED,
     RESPONSES_UNSUPPORTED,
     drop_neutral_fields,
@@ -93,6 +94,12 @@ class FunctionTool(FunctionDefinition):
         return {"type": "function", "function": function}
 
 
+class ResponsesStreamOptions(_Strict):
+    # Accepted as the chat endpoints accept it: the last event (response.completed) always
+    # carries the usage.
+    include_usage: bool | None = None
+
+
 class ResponsesRequest(_Strict):
     model: str
     input: str | list[InputItem]
@@ -104,6 +111,7 @@ class ResponsesRequest(_Strict):
     reasoning: Reasoning | None = None
     store: bool | None = None
     stream: bool | None = None
+    stream_options: ResponsesStreamOptions | None = None
     temperature: Temperature = None
     text: TextConfig | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -200,7 +208,11 @@ class ResponsesRequest(_Strict):
 
 def parse_responses_request(data: dict[str, Any]) -> ResponsesRequest:
     data = drop_neutral_fields(data, RESPONSES_UNSUPPORTED)
-    nested = (("reasoning", RESPONSES_REASONING_UNSUPPORTED), ("text", RESPONSES_TEXT_UNSUPPORTED))
+    nested = (
+        ("reasoning", RESPONSES_REASONING_UNSUPPORTED),
+        ("text", RESPONSES_TEXT_UNSUPPORTED),
+        ("stream_options", RESPONSES_STREAM_OPTIONS_UNSUPPORTED),
+    )
     for name, table in nested:
         if isinstance(data.get(name), dict):
             data[name] = drop_neutral_fields(data[name], table, f"{name}.")

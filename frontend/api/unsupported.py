@@ -56,7 +56,6 @@ RESPONSES_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
     "prompt_cache_retention": (None,),
     "safety_identifier": (None,),
     "service_tier": (None, "auto", "default"),
-    "stream_options": (None, {"include_obfuscation": False}),
     "top_logprobs": (None, 0),
     "truncation": (None, "disabled"),
 }
@@ -66,6 +65,12 @@ RESPONSES_REASONING_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
 }
 RESPONSES_TEXT_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
     "verbosity": (None,),
+}
+RESPONSES_STREAM_OPTIONS_UNSUPPORTED: Mapping[str, tuple[Any, ...]] = {
+    # Random padding on deltas, against length side channels; these deltas have none.
+    "include_obfuscation": (None, False),
+    # The chat endpoints' usage on every chunk; Responses events carry it in the last one.
+    "continuous_usage_stats": (None, False),
 }
 
 
