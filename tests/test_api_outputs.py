@@ -218,6 +218,25 @@ def test_stream_include_usage_adds_a_usage_chunk(client, model):
     assert "".join(c.choices[0].text for c in chunks[:-1]) == " Paris.\n\n"
 
 
+def test_continuous_usage_stats_on_every_chunk(client, model):
+    """As GuideLLM and vLLM's benchmark client ask for it."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    stream = client.chat.completions.create(
+        model=model,
+        messages=user(QUESTION),
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options=options,  # type: ignore[typeddict-unknown-key]
+    )
+    *chunks, usage_only = list(stream)
+    assert all(c.usage is not None for c in chunks)
+    completion_tokens = [c.usage.completion_tokens for c in chunks]
+    assert completion_tokens == sorted(completion_tokens)
+    assert usage_only.choices == [] and usage_only.usage.completion_tokens == completion_tokens[-1]
+    assert chunks[-1].usage.total_tokens == usage_only.usage.total_tokens
+
+
 def test_perf_metrics_in_body_and_headers(post, client, model):
     fields = dict(prompt=CAPITAL, max_tokens=2, temperature=0.7, top_p=0.9, seed=1)
     status, body, headers = post("completions", **fields, perf_metrics_in_response=True)

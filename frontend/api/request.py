@@ -72,6 +72,8 @@ class GenerationRequest:
     output: OutputOptions
     n: int = 1
     prediction: Prediction | None = None
+    # Streaming: every chunk carries the usage so far (stream_options.continuous_usage_stats).
+    continuous_usage_stats: bool = False
 
     def choice_sampling(self, choice: int) -> SamplingParams:
         """Choice j of a prompt draws with seed + j, so a seeded n > 1 request is reproducible
@@ -144,6 +146,9 @@ def generation_request(
         output=_output_options(body),
         n=n,
         prediction=_prediction(body),
+        continuous_usage_stats=bool(
+            body.stream_options and body.stream_options.continuous_usage_stats
+        ),
     )
 
 

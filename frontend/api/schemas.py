@@ -31,6 +31,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
+    # vLLM's extension (sent by GuideLLM and vLLM's benchmark client): usage on every chunk.
+    continuous_usage_stats: bool | None = None
 
 
 MaxTokens = Annotated[int | None, Field(ge=1, le=INT32_MAX)]

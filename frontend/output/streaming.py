@@ -28,7 +28,12 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 async def sse_events(
-    run: Run, shape: ResponseShape, *, include_usage: bool, perf_metrics_in_response: bool
+    run: Run,
+    shape: ResponseShape,
+    *,
+    include_usage: bool,
+    continuous_usage_stats: bool,
+    perf_metrics_in_response: bool,
 ) -> AsyncGenerator[str, None]:
     """Chunks from decode's first messages to [DONE]; a failure mid-stream becomes an error
     event, since the 200 status line has already gone out.
@@ -36,17 +41,18 @@ async def sse_events(
     Each choice opens with its own chunks and ends with its own finish_reason chunk; the last
     of those carries perf_metrics when asked, and the usage over all choices unless
     include_usage puts it on an extra chunk of its own, as OpenAI does (only there: clients
-    that add up usage across chunks would count it twice)."""
-    announce = _Announcer(shape)
+    that add up usage across chunks would count it twice). continuous_usage_stats adds the
+    counts so far to every other chunk, as vLLM does."""
+    annotate = _Annotator(shape, run, continuous_usage_stats)
     try:
         for generation in run.generations:
             for opening in shape.opening_chunks(generation.output):
-                yield sse(announce(generation, opening))
+                yield sse(annotate(generation, opening))
         remaining = len(run.generations)
         async with contextlib.aclosing(_merged(run)) as deltas:
             async for generation, delta in deltas:
                 for chunk in shape.delta_chunks(generation.output, delta):
-                    yield sse(announce(generation, chunk))
+                    yield sse(annotate(generation, chunk))
                 if delta.finish_reason is None:
                     continue
                 remaining -= 1
@@ -57,8 +63,8 @@ async def sse_events(
                     if perf_metrics_in_response:
                         extra["perf_metrics"] = run.metrics.as_dict()
                 for closing in shape.closing_chunks(generation.output):
-                    yield sse(announce(generation, closing))
-                yield sse(announce(generation, shape.finish_chunk(generation.output, **extra)))
+                    yield sse(annotate(generation, closing))
+                yield sse(annotate(generation, shape.finish_chunk(generation.output, **extra)))
                 if remaining == 0 and include_usage:
                     yield sse(shape.usage_chunk(run.usage()))
     except ApiError as exc:
@@ -74,18 +80,24 @@ async def sse_events(
     yield DONE
 
 
-class _Announcer:
-    """With return_token_ids, a choice's first chunk carries its prompt's token ids."""
+class _Annotator:
+    """What a request adds to its choices' chunks: with return_token_ids, a choice's first
+    chunk carries its prompt's token ids; with continuous_usage_stats, every chunk the token
+    counts so far (the finish chunk keeps the full usage it may carry)."""
 
-    def __init__(self, shape: ResponseShape) -> None:
-        self._enabled = shape.options.return_token_ids
+    def __init__(self, shape: ResponseShape, run: Run, continuous_usage_stats: bool) -> None:
+        self._run = run
+        self._announce = shape.options.return_token_ids
+        self._continuous_usage = continuous_usage_stats
         self._announced: set[int] = set()
 
     def __call__(self, generation: Generation, chunk: dict[str, Any]) -> dict[str, Any]:
         index = generation.output.index
-        if self._enabled and index not in self._announced:
+        if self._announce and index not in self._announced:
             self._announced.add(index)
             chunk["choices"][0]["prompt_token_ids"] = generation.output.prompt.token_ids
+        if self._continuous_usage:
+            chunk.setdefault("usage", self._run.token_counts())
         return chunk
 
 

@@ -53,6 +53,7 @@ async def respond(
             run,
             shape,
             include_usage=output.include_usage,
+            continuous_usage_stats=request.continuous_usage_stats,
             perf_metrics_in_response=output.perf_metrics_in_response,
         )
 

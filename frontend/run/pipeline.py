@@ -39,14 +39,19 @@ class Run:
     def finished(self) -> bool:
         return all(g.finished for g in self.generations)
 
-    def usage(self) -> dict[str, Any]:
-        """Prompt tokens count once per prompt, however many choices share it."""
+    def token_counts(self) -> dict[str, int]:
+        """Tokens so far. Prompt tokens count once per prompt, however many choices share it."""
         num_prompt = sum(len(p.token_ids) for p in self.prompts)
         num_completion = sum(g.output.num_generated for g in self.generations)
         return {
             "prompt_tokens": num_prompt,
             "completion_tokens": num_completion,
             "total_tokens": num_prompt + num_completion,
+        }
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            **self.token_counts(),
             "prompt_tokens_details": {"cached_tokens": self.metrics.cached_prompt_tokens},
             **self._prediction_usage(),
         }
