@@ -4,7 +4,8 @@
 
 One tokenizer, N prefill and M decode processes, and the frontend over all of them. A stage
 process that exits after start-up is started again on its port (the frontend routes around
-it meanwhile and takes it back once it is healthy); the frontend exiting stops everything.
+it meanwhile and takes it back once it is healthy), after a delay that doubles with each
+crash in a row; the frontend exiting stops everything.
 Ctrl-C or SIGTERM stops all of them, the frontend first so that it finishes its open requests;
 children also get SIGTERM if the launcher dies.
 """
@@ -12,23 +13,60 @@ children also get SIGTERM if the launcher dies.
 import argparse
 import ctypes
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from services.engine.loader import DEFAULT_MODEL
 from services.healthcheck import grpc_healthy, http_all_serving
 
 _PR_SET_PDEATHSIG = 1
 STAGES = ("tokenizer", "prefill", "decode")
-# A stage process that exits this many times after start-up is given up on (and all stop).
+# A stage process that exits this many times in a row after start-up is given up on (and all
+# stop). In a row: a run that stays healthy HEALTHY_RUN_S forgets the crashes before it.
 MAX_RESTARTS = 5
+HEALTHY_RUN_S = 60.0
+# The n-th restart in a row waits RESTART_BACKOFF_S * 2**(n-1), at most MAX_RESTART_BACKOFF_S: a
+# crash loop (a port still taken, a full disk) neither spins nor ends the stack at once.
+RESTART_BACKOFF_S = 1.0
+MAX_RESTART_BACKOFF_S = 30.0
+SUPERVISE_INTERVAL_S = 0.5
 FRONTEND_STOP_S = 300.0
 STAGE_STOP_S = 40.0  # the stages drain for up to 30 s (--drain-s)
+
+
+@dataclass(slots=True)
+class RestartPolicy:
+    """When a stage process that exited starts again. Times are time.monotonic() seconds."""
+
+    backoff_s: float = RESTART_BACKOFF_S
+    max_backoff_s: float = MAX_RESTART_BACKOFF_S
+    healthy_run_s: float = HEALTHY_RUN_S
+    max_restarts: int = MAX_RESTARTS
+    crashes: int = 0  # exits in a row, each followed by a restart
+    healthy_since: float | None = None
+
+    def ready(self, now: float) -> None:
+        self.healthy_since = now
+
+    def running(self, now: float) -> None:
+        """A live process that has been healthy for healthy_run_s has its crashes forgotten."""
+        if self.healthy_since is not None and now - self.healthy_since >= self.healthy_run_s:
+            self.crashes = 0
+
+    def exited(self) -> float | None:
+        """Seconds to wait before restarting, or None to give up."""
+        self.healthy_since = None
+        if self.crashes >= self.max_restarts:
+            return None
+        self.crashes += 1
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (self.crashes - 1))
 
 
 @dataclass(slots=True)
@@ -38,8 +76,9 @@ class Child:
     module: str
     args: list[str]
     process: subprocess.Popen
-    restarts: int = 0
     ready: bool = False
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    restart_at: float | None = None  # a restart is due then (the process exited)
 
     @property
     def is_frontend(self) -> bool:
@@ -51,12 +90,13 @@ class Child:
         return (http_all_serving if self.is_frontend else grpc_healthy)(self.address)
 
     def restart(self) -> None:
-        self.restarts += 1
         self.ready = False
+        self.restart_at = None
         self.process = spawn(self.module, self.args)
 
-    def report_ready(self) -> None:
+    def report_ready(self, now: float) -> None:
         self.ready = True
+        self.policy.ready(now)
         print(f"ready: {self.name} on {self.address} (pid {self.process.pid})", flush=True)
 
 
@@ -86,7 +126,7 @@ def wait_healthy(children: list[Child], timeout_s: float) -> None:
             if child.process.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
             if child.healthy():
-                child.report_ready()
+                child.report_ready(time.monotonic())
                 pending.remove(child)
         if time.monotonic() > deadline:
             names = ", ".join(c.name for c in pending)
@@ -161,6 +201,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def extra_args(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each process's extra arguments, split as a shell would (quoted paths keep spaces)."""
+    engine = shlex.split(args.engine_args)
+    return {
+        "tokenizer": [],
+        "prefill": [*engine, *shlex.split(args.prefill_args)],
+        "decode": [*engine, *shlex.split(args.decode_args)],
+        "frontend": shlex.split(args.frontend_args),
+    }
+
+
 def _engine_threads(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """Without the compute lock, several engine processes share the host's cores: unless
     told otherwise, each gets an equal share of torch threads rather than all of them (which
@@ -178,11 +229,7 @@ def start(args: argparse.Namespace, run_dir: str) -> list[Child]:
     endpoint = args.otlp_traces_endpoint
     tracing = ["--otlp-traces-endpoint", endpoint] if endpoint else []
     common = ["--model", args.model, "--host", args.stage_host, *tracing]
-    extras = {
-        "tokenizer": [],
-        "prefill": [*args.engine_args.split(), *args.prefill_args.split()],
-        "decode": [*args.engine_args.split(), *args.decode_args.split()],
-    }
+    extras = extra_args(args)
     children: list[Child] = []
     addresses: dict[str, list[str]] = {}
     lock = ["--compute-lock", os.path.join(run_dir, "compute.lock")] if args.compute_lock else []
@@ -204,7 +251,7 @@ def start(args: argparse.Namespace, run_dir: str) -> list[Child]:
     frontend_args = ["--host", args.host, "--port", str(http_port), *tracing]
     for stage in STAGES:
         frontend_args += [f"--{stage}", ",".join(addresses[stage])]
-    frontend_args += args.frontend_args.split()
+    frontend_args += extras["frontend"]
     frontend = spawn("frontend", frontend_args)
     children.append(
         Child("frontend", f"{args.host}:{http_port}", "frontend", frontend_args, frontend)
@@ -212,22 +259,41 @@ def start(args: argparse.Namespace, run_dir: str) -> list[Child]:
     return children
 
 
-def supervise(children: list[Child]) -> str:
+def supervise(
+    children: list[Child],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
     """Restarts stage processes that exit and reports them ready again; returns why it
     stopped (the frontend exited, or a process kept failing)."""
     while True:
         for child in children:
-            code = child.process.poll()
-            if code is not None:
-                if child.is_frontend:
-                    return f"frontend exited with code {code}"
-                if child.restarts >= MAX_RESTARTS:
-                    return f"{child.name} exited with code {code} after {child.restarts} restarts"
-                print(f"restarting {child.name}: it exited with code {code}", flush=True)
-                child.restart()
-            elif not child.ready and child.healthy():
-                child.report_ready()
-        time.sleep(0.5)
+            stopped = supervise_child(child, clock())
+            if stopped is not None:
+                return stopped
+        sleep(SUPERVISE_INTERVAL_S)
+
+
+def supervise_child(child: Child, now: float) -> str | None:
+    """One look at one process: restarts it when due, or says why everything must stop."""
+    code = child.process.poll()
+    if code is None:
+        child.policy.running(now)
+        if not child.ready and child.healthy():
+            child.report_ready(now)
+        return None
+    if child.is_frontend:
+        return f"frontend exited with code {code}"
+    if child.restart_at is None:  # it has just exited
+        delay = child.policy.exited()
+        if delay is None:
+            crashes = child.policy.crashes
+            return f"{child.name} exited with code {code} after {crashes} restarts in a row"
+        print(f"restarting {child.name} in {delay:g} s: it exited with code {code}", flush=True)
+        child.restart_at = now + delay
+    if now >= child.restart_at:
+        child.restart()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
