@@ -39,6 +39,13 @@ class FrontendConfig:
     # A request still running this long after it arrived ends with a 504 (or an SSE error)
     # and frees its KV: every stage call carries the deadline.
     request_timeout_s: float = 600.0
+    # A stream still without its first token this long after it started sends its status line
+    # and headers: by then a stage that refuses it has said so (429, 503, 400), so such
+    # refusals still get their own status; later failures become an SSE error event.
+    sse_headers_after_s: float = 0.5
+    # Until its first event, a stream sends an SSE comment this often, so that clients and
+    # proxies with idle timeouts keep a queued request open.
+    sse_keepalive_s: float = 5.0
     # With API keys: share prefix-cache entries across keys (else each key has its own).
     shared_prompt_cache: bool = False
     # Responses API: keep up to this many responses in memory (previous_response_id, GET);

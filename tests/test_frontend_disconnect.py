@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from starlette.types import ASGIApp
 
 from frontend.app import create_app
-from frontend.config import FrontendConfig
 from frontend.context import AppState
-from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, start_fake_stages
+from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, fake_config, start_fake_stages
 
 WAIT_S = 5.0
 
@@ -42,22 +42,15 @@ def _scope(path: str) -> dict[str, Any]:
     }
 
 
-async def _call_and_leave(
-    fakes: FakeStages, path: str, body: dict[str, Any], leave: asyncio.Event | None
-) -> tuple[list[dict[str, Any]], AppState, bool]:
-    """Sends `body`, then disconnects when `leave` is set (or once a body chunk arrives).
-
-    Returns the ASGI messages sent, the app state, and whether decode saw its call cancelled.
-    """
-    config = FrontendConfig(
-        tokenizer_address=fakes.addresses["tokenizer"],
-        prefill_address=fakes.addresses["prefill"],
-        decode_address=fakes.addresses["decode"],
-    )
-    app = create_app(config)
-    state: AppState = app.state.frontend
-    got_body = asyncio.Event()
-    leave = leave or got_body
+async def asgi_call(
+    app: ASGIApp,
+    path: str,
+    body: dict[str, Any],
+    leave: asyncio.Event,
+    got_body: asyncio.Event | None = None,
+) -> list[dict[str, Any]]:
+    """POSTs `body` to `app`, disconnecting when `leave` is set; returns the ASGI messages
+    sent. `got_body` is set when the first non-empty body chunk goes out."""
     messages: list[dict[str, Any]] = []
     sent_request = False
 
@@ -71,10 +64,24 @@ async def _call_and_leave(
 
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
-        if message["type"] == "http.response.body" and message.get("body"):
+        if got_body is not None and message["type"] == "http.response.body" and message.get("body"):
             got_body.set()
 
     await asyncio.wait_for(app(_scope(path), receive, send), WAIT_S)
+    return messages
+
+
+async def _call_and_leave(
+    fakes: FakeStages, path: str, body: dict[str, Any], leave: asyncio.Event | None
+) -> tuple[list[dict[str, Any]], AppState, bool]:
+    """Sends `body`, then disconnects when `leave` is set (or once a body chunk arrives).
+
+    Returns the ASGI messages sent, the app state, and whether decode saw its call cancelled.
+    """
+    app = create_app(fake_config(fakes))
+    state: AppState = app.state.frontend
+    got_body = asyncio.Event()
+    messages = await asgi_call(app, path, body, leave or got_body, got_body)
     # Checked before closing the channels, which would cancel the call anyway.
     cancelled = await asyncio.to_thread(fakes.decode.cancelled.wait, WAIT_S)
     await state.stages.close()  # waits for the Release it may have sent

@@ -1,6 +1,7 @@
 """Per-request metrics (headers, perf_metrics, the TTFT breakdown), the sampling-options header
 and GET /metrics, against the fake stages."""
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -9,7 +10,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_frontend_fake_stages import MODEL_ID, FakeStages
+from frontend.app import create_app
+from frontend.context import AppState
+from frontend.metrics.server import KNOWN_ERRORS, OUTCOMES, STAGES
+from tests.test_frontend_disconnect import asgi_call
+from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, fake_config
 
 COMPLETIONS = "/v1/completions"
 # The terms that tile arrival -> first token (see frontend.metrics.request).
@@ -211,3 +216,63 @@ def test_openmetrics_when_asked(fake_client: TestClient) -> None:
     response = fake_client.get("/metrics", headers={"accept": accept})
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
+
+
+def test_every_known_series_exists_from_the_start(fakes: FakeStages) -> None:
+    with TestClient(create_app(fake_config(fakes))) as client:
+        samples = _samples(client.get("/metrics").text)
+    for outcome in OUTCOMES:
+        assert samples[f'llmserve_requests_total{{outcome="{outcome}"}}'] == 0
+    for stage in STAGES:
+        assert samples[f'llmserve_stage_duration_seconds_count{{stage="{stage}"}}'] == 0
+    for status, kind in KNOWN_ERRORS:
+        assert samples[f'llmserve_request_errors_total{{kind="{kind}",status="{status}"}}'] == 0
+    assert samples["llmserve_generation_tokens_total"] == 0
+
+
+def test_requests_total_counts_requests_that_fail_before_generating(
+    fake_client: TestClient, fakes: FakeStages
+) -> None:
+    before = _samples(fake_client.get("/metrics").text)
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}
+    assert fake_client.post(COMPLETIONS, json={**body, "temperature": -1}).status_code == 400
+    assert fake_client.post(COMPLETIONS, json={**body, "model": "other"}).status_code == 404
+    chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "n": 0}
+    assert fake_client.post("/v1/chat/completions", json=chat).status_code == 400
+    responses = {"model": MODEL_ID, "input": "hi", "max_output_tokens": 2, "stream": True}
+    fakes.prefill.full = True
+    try:
+        assert fake_client.post(COMPLETIONS, json=body).status_code == 429
+        assert fake_client.post("/v1/responses", json=responses).status_code == 429
+    finally:
+        fakes.prefill.full = False
+    assert fake_client.post("/v1/responses", json=responses).status_code == 200
+    after = _samples(fake_client.get("/metrics").text)
+
+    def grew(outcome: str) -> float:
+        name = f'llmserve_requests_total{{outcome="{outcome}"}}'
+        return after[name] - before.get(name, 0.0)
+
+    assert (grew("error"), grew("completed"), grew("aborted")) == (5, 1, 0)
+
+
+def test_a_client_gone_while_queued_is_an_aborted_request(fakes: FakeStages) -> None:
+    fakes.prefill.delay_s = 0.5
+
+    async def leave_while_queued() -> tuple[list[dict[str, Any]], AppState]:
+        app = create_app(fake_config(fakes))
+        leave = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.1, leave.set)
+        body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}
+        try:
+            return await asgi_call(app, COMPLETIONS, body, leave), app.state.frontend
+        finally:
+            await app.state.frontend.stages.close()
+
+    try:
+        messages, state = asyncio.run(leave_while_queued())
+    finally:
+        fakes.prefill.delay_s = 0.0
+    assert messages[0]["status"] == 499
+    aborted = {"outcome": "aborted"}
+    assert state.server_metrics.registry.get_sample_value("llmserve_requests_total", aborted) == 1

@@ -57,6 +57,21 @@ DURATION_BUCKETS = (
     300.0,
 )
 
+# How a generation request (completions, chat, responses) ended: answered in full, its client
+# gone first, or answered with an error (a status, or an SSE error event).
+OUTCOMES = ("completed", "aborted", "error")
+# The errors every deployment sees sooner or later, exported at 0 from the start so that
+# rates over them exist before the first one.
+KNOWN_ERRORS = (
+    ("400", "invalid_value"),
+    ("400", "context_length_exceeded"),
+    ("429", "overloaded"),
+    ("500", "internal_error"),
+    ("503", "stage_unavailable"),
+    ("504", "request_timeout"),
+)
+DRAFT_SOURCES = ("prediction", "prompt_lookup")
+
 # No `*_created` series: they would double what Prometheus stores, and nothing reads them.
 disable_created_metrics()
 
@@ -114,7 +129,12 @@ class ServerMetrics:
             "Prompt tokens found in prefill's prefix cache; over the queries, the hit rate.",
         )
         self.generation_tokens = counter("generation_tokens_total", "Completion tokens generated.")
-        self.requests = counter("requests_total", "Finished requests, by outcome.", ["outcome"])
+        self.requests = counter(
+            "requests_total",
+            "Generation requests, by outcome: completed, aborted (the client left, queued or "
+            "mid-stream) or error (answered with an error, or ended by an SSE error event).",
+            ["outcome"],
+        )
         self.errors = counter(
             "request_errors_total",
             "Requests answered with an error (or ended by an SSE error event), by HTTP status "
@@ -133,6 +153,7 @@ class ServerMetrics:
             "acceptance rate by position.",
             ["position", "source"],
         )
+        self._start_at_zero()
         in_flight_gauge = Gauge(
             "requests_in_flight",
             "Requests being served.",
@@ -140,6 +161,23 @@ class ServerMetrics:
             registry=self.registry,
         )
         in_flight_gauge.set_function(lambda: in_flight.count)
+
+    def _start_at_zero(self) -> None:
+        """Every labelled series with known label values exists from the start: a series
+        that appears only when first counted breaks rate() and sums over it until then."""
+        for stage in STAGES:
+            self.stage_duration.labels(stage)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for status, kind in KNOWN_ERRORS:
+            self.errors.labels(status, kind)
+        for source in DRAFT_SOURCES:
+            self.draft_tokens.labels("1", source)
+            self.accepted_draft_tokens.labels("1", source)
+
+    def observe_outcome(self, outcome: str) -> None:
+        """Once per generation request, however it ended (one of OUTCOMES)."""
+        self.requests.labels(outcome).inc()
 
     def observe_prefill(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
         """One prefill call (any choice) and what of its prompt the prefix cache served."""
@@ -176,8 +214,7 @@ class ServerMetrics:
                 self.inter_token_latency.observe(per_token)
 
     def observe_end(self, metrics: RequestMetrics, completed: bool) -> None:
-        """Once per started request, however it ended."""
-        self.requests.labels("completed" if completed else "aborted").inc()
+        """Once per started request, however it ended (its outcome is counted apart)."""
         if metrics.generation_queue_ns:
             self.stage_duration.labels("generation-queue").observe(
                 metrics.generation_queue_ns / 1e9

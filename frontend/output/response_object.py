@@ -2,17 +2,14 @@
 events (`response.created` ... `response.completed`, each with its sequence_number)."""
 
 import itertools
-import logging
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from frontend.errors import ApiError, internal_error
+from frontend.errors import ApiError
 from frontend.output.response_items import Event, Item, OutputItems
 from frontend.output.streaming import sse
 from frontend.run.pipeline import Run
-
-logger = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
 
@@ -25,6 +22,7 @@ class ResponseWriter:
     echo: JsonObject  # the request's parameters, as the response repeats them
     tool_calls: bool  # the reply may hold tool calls
     on_finished: Callable[[JsonObject], None]  # called with the finished response
+    _numbers: Iterator[int] = field(default_factory=itertools.count, init=False)
 
     def body(self, run: Run) -> JsonObject:
         """The finished response of a run whose choice has been read to its end."""
@@ -38,35 +36,33 @@ class ResponseWriter:
 
     async def events(self, run: Run) -> AsyncGenerator[str, None]:
         """Every event from `response.created` to `response.completed` (or `.incomplete`); a
-        failure mid-stream becomes an `error` event, since the 200 status line has gone out."""
-        numbers = itertools.count()
-
-        def sse_event(event: Event) -> str:
-            return f"event: {event['type']}\n{sse({**event, 'sequence_number': next(numbers)})}"
-
+        failure is raised (the caller ends the stream with `error_events`)."""
         try:
             started = self._object("in_progress", [], None)
-            yield sse_event({"type": "response.created", "response": started})
-            yield sse_event({"type": "response.in_progress", "response": started})
+            yield self._sse({"type": "response.created", "response": started})
+            yield self._sse({"type": "response.in_progress", "response": started})
             generation, items = run.generations[0], OutputItems(self.tool_calls)
             delta = run.firsts[0]
             while delta is not None:
                 for event in items.feed(delta.text):
-                    yield sse_event(event)
+                    yield self._sse(event)
                 delta = await generation.next()
             status = _status(generation.output.finish_reason)
             for event in items.finish(status):
-                yield sse_event(event)
+                yield self._sse(event)
             response = self._finished(status, items.items, run)
-            yield sse_event({"type": f"response.{status}", "response": response})
-        except Exception as exc:
-            if not isinstance(exc, ApiError):
-                logger.exception("%s: stream failed", self.id)
-            error = exc if isinstance(exc, ApiError) else internal_error()
-            shown = {"code": error.code, "message": error.message, "param": error.param}
-            yield sse_event({"type": "error", **shown})
+            yield self._sse({"type": f"response.{status}", "response": response})
         finally:
             run.close()
+
+    def error_events(self, error: ApiError) -> str:
+        """The `error` event that ends a stream failing after its status line has gone out."""
+        shown = {"code": error.code, "message": error.message, "param": error.param}
+        return self._sse({"type": "error", **shown})
+
+    def _sse(self, event: Event) -> str:
+        numbered = {**event, "sequence_number": next(self._numbers)}
+        return f"event: {event['type']}\n{sse(numbered)}"
 
     def _finished(self, status: str, output: list[Item], run: Run) -> JsonObject:
         response = self._object(status, output, _usage(run.usage()))

@@ -1,24 +1,16 @@
-"""Server-sent events: the chunk sequence of one generation, and a response that notices when
-the client leaves."""
+"""Server-sent events: the chunk sequence of one generation."""
 
 import asyncio
 import contextlib
 import json
-import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Any
 
-import anyio
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
-
-from frontend.errors import ApiError, internal_error
+from frontend.errors import ApiError
 from frontend.output.responses import ResponseShape
 from frontend.run.choice import Generation
 from frontend.run.pipeline import Run
 from frontend.stages.types import TokenDelta
-
-logger = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
 
@@ -35,8 +27,8 @@ async def sse_events(
     continuous_usage_stats: bool,
     perf_metrics_in_response: bool,
 ) -> AsyncGenerator[str, None]:
-    """Chunks from decode's first messages to [DONE]; a failure mid-stream becomes an error
-    event, since the 200 status line has already gone out.
+    """Chunks from decode's first messages to [DONE]; a failure is raised (the caller turns it
+    into an error event).
 
     Each choice opens with its own chunks and ends with its own finish_reason chunk; the last
     of those carries perf_metrics when asked, and the usage over all choices unless
@@ -67,17 +59,14 @@ async def sse_events(
                 yield sse(annotate(generation, shape.finish_chunk(generation.output, **extra)))
                 if remaining == 0 and include_usage:
                     yield sse(shape.usage_chunk(run.usage()))
-    except ApiError as exc:
-        run.server_metrics.observe_error(exc)
-        yield sse(exc.body())
-    except Exception:
-        logger.exception("stream failed")
-        error = internal_error()
-        run.server_metrics.observe_error(error)
-        yield sse(error.body())
     finally:
         run.close()
     yield DONE
+
+
+def error_events(error: ApiError) -> str:
+    """How a stream of chunks ends when it fails after its status line has gone out."""
+    return sse(error.body()) + DONE
 
 
 class _Annotator:
@@ -126,42 +115,3 @@ async def _merged(run: Run) -> AsyncGenerator[tuple[Generation, TokenDelta], Non
     finally:
         for read in reads:
             read.cancel()
-
-
-class SSEResponse(StreamingResponse):
-    """Streams events while listening for the client's disconnect, whatever the ASGI version.
-
-    Starlette only listens on ASGI < 2.4 and otherwise notices a gone client when a send
-    fails, which may be many tokens later; a gone client must abort decode at once.
-    `on_close` runs exactly once, however the stream ends.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(
-        self,
-        events: AsyncGenerator[str, None],
-        on_close: Callable[[], None],
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        no_buffering = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(events, headers={**no_buffering, **(headers or {})})
-        self._events = events
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as task_group:
-
-                async def stream_then_stop() -> None:
-                    with contextlib.suppress(OSError):
-                        await self.stream_response(send)
-                    task_group.cancel_scope.cancel()
-
-                task_group.start_soon(stream_then_stop)
-                await self.listen_for_disconnect(receive)
-                task_group.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._events.aclose()
-            self._on_close()

@@ -12,7 +12,7 @@ from frontend.auth import prompt_cache_tenant
 from frontend.context import get_state
 from frontend.output.responses import ChatShape
 from frontend.request_id import request_ids
-from frontend.routes.respond import respond, shape_for
+from frontend.routes.respond import counted, respond, shape_for
 from frontend.stages.types import ChatTurn
 
 router = APIRouter()
@@ -23,6 +23,7 @@ CHAT_DEFAULT_MAX_TOKENS = 2048
 
 
 @router.post("/chat/completions")
+@counted
 async def create_chat_completion(request: Request) -> Response:
     arrival_ns = time.monotonic_ns()
     state = get_state(request)

@@ -10,7 +10,7 @@ from frontend.auth import prompt_cache_tenant
 from frontend.context import get_state
 from frontend.output.responses import CompletionShape
 from frontend.request_id import request_ids
-from frontend.routes.respond import respond, shape_for
+from frontend.routes.respond import counted, respond, shape_for
 
 router = APIRouter()
 
@@ -19,6 +19,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 @router.post("/completions")
+@counted
 async def create_completion(request: Request) -> Response:
     arrival_ns = time.monotonic_ns()
     state = get_state(request)

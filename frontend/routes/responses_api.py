@@ -21,7 +21,7 @@ from frontend.output.response_object import ResponseWriter
 from frontend.request_id import request_ids
 from frontend.responses_store import StoredResponse
 from frontend.routes.chat import CHAT_DEFAULT_MAX_TOKENS, chat_turn
-from frontend.routes.respond import answer
+from frontend.routes.respond import answer, counted
 
 router = APIRouter()
 
@@ -39,6 +39,7 @@ _HOW_TO_STORE = (
 
 
 @router.post("/responses")
+@counted
 async def create_response(request: Request) -> Response:
     arrival_ns = time.monotonic_ns()
     state = get_state(request)
@@ -64,7 +65,9 @@ async def create_response(request: Request) -> Response:
             generation.output.tool_calls,
             _keeper(state, owner, conversation) if store else lambda response: None,
         )
-        return await answer(request, state, generation, arrival_ns, writer.events, writer.body)
+        return await answer(
+            request, state, generation, arrival_ns, writer.events, writer.error_events, writer.body
+        )
 
 
 @router.get("/responses/{response_id}")

@@ -88,6 +88,9 @@ class _Starting:
     request: GenerationRequest
     metrics: RequestMetrics
     prediction_ids: list[int]
+    # The first prompt's max_tokens once fitted, for a caller that answers before the run
+    # has started (the sampling-options header of a stream).
+    fitted_max_tokens: asyncio.Future[int] | None
     # (choice index, generation) as created, so that a failure can close them all.
     created: list[tuple[int, Generation]] = field(default_factory=list)
 
@@ -100,16 +103,22 @@ class Pipeline:
         self.server_metrics = server_metrics
         self._request_timeout_s = request_timeout_s
 
-    async def start(self, request: GenerationRequest, metrics: RequestMetrics) -> Run:
+    async def start(
+        self,
+        request: GenerationRequest,
+        metrics: RequestMetrics,
+        fitted_max_tokens: asyncio.Future[int] | None = None,
+    ) -> Run:
         """Runs every choice up to decode's first message, so that stage failures still get
-        an HTTP status. The caller owns `close()` of the returned run."""
+        an HTTP status; sets `fitted_max_tokens` to the first prompt's on the way. The caller owns
+        `close()` of the returned run (`abandon` when the start may still be under way)."""
         limits = await self._stages.directory.limits()
         check_token_ids(request, limits)
         prediction_ids: list[int] = []
         if request.prediction is not None:
             prediction_ids = await self._prediction_ids(request.prediction, limits)
             metrics.speculation = SpeculationStats(prediction_tokens=len(prediction_ids))
-        starting = _Starting(request, metrics, prediction_ids)
+        starting = _Starting(request, metrics, prediction_ids, fitted_max_tokens)
         try:
             prompts = await run_all(
                 [self._start_prompt(starting, i) for i in range(request.source.num_prompts)]
@@ -163,6 +172,9 @@ class Pipeline:
         limits = await self._stages.directory.limits()
         max_tokens = fit_max_tokens(len(token_ids), request, limits.max_model_len)
         prompt = PreparedPrompt(index, token_ids, tokenized.text, max_tokens)
+        fitted = starting.fitted_max_tokens
+        if index == 0 and fitted is not None and not fitted.done():
+            fitted.set_result(max_tokens)
         starting.metrics.prompt_tokens += len(token_ids)
         await self._prefill(starting, prompt, 0, timings)
         starting.metrics.cached_prompt_tokens += prompt.num_cached_tokens
@@ -214,6 +226,15 @@ class Pipeline:
     async def collect(self, run: Run) -> None:
         """Reads every choice to its end."""
         await run_all([_drain(g) for g in run.generations if not g.finished])
+
+
+def abandon(starting: asyncio.Future[Run]) -> None:
+    """Cancels a `Pipeline.start` still under way (it closes what it created), or closes the
+    run it has produced; retrieves its failure, if any, so that none is logged as unhandled."""
+    if not starting.done():
+        starting.cancel()
+    elif not starting.cancelled() and starting.exception() is None:
+        starting.result().close()
 
 
 async def _drain(generation: Generation) -> None:
