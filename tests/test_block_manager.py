@@ -92,12 +92,14 @@ def test_shared_block_is_freed_only_by_its_last_holder():
     assert manager.num_free_blocks == 4
 
 
-def test_freed_blocks_are_reused_tail_first_after_the_untouched_ones():
+def test_freed_blocks_are_reused_before_the_untouched_ones():
     manager = BlockManager(num_blocks=6, block_size=16)
     seq = manager.allocate(3)  # [0, 1, 2]
     manager.free(seq)
-    # Never-used blocks 3..5 come first; then the freed sequence's tail before its head.
-    assert manager.allocate(6) == [3, 4, 5, 2, 1, 0]
+    # The blocks already written come back first (a CPU pool's untouched pages cost nothing).
+    assert manager.allocate(6) == [0, 1, 2, 3, 4, 5]
+    manager.free([4, 5])
+    assert manager.allocate(1) == [4]  # freed tail first: the head is on top
 
 
 def test_double_free_is_caught():
@@ -201,7 +203,7 @@ def test_duplicate_registration_keeps_the_first_block():
     manager.free([first, second])
     # Only the registered block is cached; the duplicate went back to the free list.
     assert states(manager) == (0, 1, 4)
-    assert list(manager._free) == [2, 3, second]
+    assert list(manager._free) == [3, 2, second]  # a stack: second is reused next
     assert match(manager, [1, 2]) == [first]
 
 
@@ -212,7 +214,7 @@ def test_reset_prefix_cache_drops_only_unreferenced_hashes():
     assert manager.reset_prefix_cache() == 2
     assert states(manager) == (1, 0, 7)
     assert match(manager, tokens) == [0]
-    assert manager.allocate(7) == [3, 4, 5, 6, 7, 2, 1]
+    assert manager.allocate(7) == [1, 2, 3, 4, 5, 6, 7]  # the dropped blocks first
 
 
 PATTERNS = [(1, 2), (3, 4), (5, 6)]  # block contents; few, so prefixes repeat and hit

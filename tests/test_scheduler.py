@@ -82,7 +82,7 @@ def test_full_pool_preempts_the_newest_and_recomputes_it_in_chunks():
         scheduler.postprocess(step, [[7]] * sum(s.samples for s in step))
     # a and b share steps until a's 9th token needs a third block: b, the newest, yields.
     assert steps[:-1] == [["a", "b"]] * 4 and steps[-1] == ["a"]
-    assert a.block_table == [0, 3, 4]  # b freed [1, 2, 4], tail first
+    assert a.block_table == [0, 3, 1]  # b freed [1, 2, 4] tail first: 1 is reused first
     assert b.block_table == [] and b.num_cached == 0
     assert [s.request_id for s in scheduler.waiting] == ["b"]
     # Once a finishes, b is recomputed from scratch under the 3-token budget, then samples.

@@ -42,8 +42,10 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.num_queries = 0  # blocks asked for by match_prefix
         self.num_hits = 0  # blocks match_prefix returned
-        # FIFO: untouched blocks lowest id first, then freed blocks in release order.
-        self._free: deque[int] = deque(range(num_blocks))
+        # A stack, the most recently freed block on top, then untouched blocks lowest id
+        # first: work reuses the blocks it has written, and a CPU pool's pages take memory
+        # only once written (services/engine/shm_storage.py).
+        self._free: deque[int] = deque(range(num_blocks - 1, -1, -1))
         # Cached ref-0 blocks, least recently freed first: the eviction order.
         self._evictable: OrderedDict[int, None] = OrderedDict()
         # Invariant: _by_hash[h] == b  <=>  _entries[b].block_hash == h.
@@ -76,7 +78,7 @@ class BlockManager:
         block_ids = []
         for _ in range(num_blocks):
             if self._free:
-                block_id = self._free.popleft()
+                block_id = self._free.pop()
             else:
                 block_id, _ = self._evictable.popitem(last=False)
                 self._forget(block_id)

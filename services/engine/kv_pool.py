@@ -32,14 +32,16 @@ class KVPool:
         shape = cache_shape(
             config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim
         )
+        # Zeroed: masked-out slots must hold finite values, or NaN leaks through attention.
+        # On the CPU the mappings read as zeros and take memory as blocks are first written.
         self.shared: shm_storage.SharedStorage | None = None
-        if shared_memory and device.type == "cpu":
+        if device.type != "cpu":
+            self.cache = torch.zeros(shape, dtype=dtype, device=device)
+        elif shared_memory:
             self.shared = shm_storage.create(shape, dtype)
             self.cache = self.shared.tensor
         else:
-            self.cache = torch.empty(shape, dtype=dtype, device=device)
-        # Zeroed: masked-out slots must hold finite values, or NaN leaks through attention.
-        self.cache.zero_()
+            self.cache = shm_storage.anonymous(shape, dtype)
 
     @property
     def num_blocks(self) -> int:

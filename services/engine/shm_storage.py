@@ -1,6 +1,7 @@
-"""KV pool storage in an anonymous shared-memory file, mappable by other processes on the host.
+"""KV pool storage in memory mappings whose pages are zero until written: a private one, or an
+anonymous shared-memory file that other processes on the host can map.
 
-The pool is a memfd: it has no name in /dev/shm, so nothing leaks when the process dies.
+The shared pool is a memfd: it has no name in /dev/shm, so nothing leaks when the process dies.
 Another process on the same host (and PID namespace) maps it through /proc/<pid>/fd/<fd>.
 A header describes the tensor (pool id, dtype, shape) so that a reader checks it mapped
 the right pool and needs nothing else.
@@ -29,11 +30,18 @@ class SharedStorage:
     tensor: torch.Tensor
 
 
+def anonymous(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A private anonymous mapping: its pages read as zeros and take memory only once written,
+    so a pool costs what it holds, not its capacity."""
+    buffer = mmap.mmap(-1, max(1, _numel(shape)) * _itemsize(dtype))
+    return torch.frombuffer(buffer, dtype=dtype, count=_numel(shape)).view(shape)
+
+
 def create(shape: tuple[int, ...], dtype: torch.dtype) -> SharedStorage:
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    """Like `anonymous` (zeros, memory taken as pages are written), but mappable by other
+    processes of the host."""
+    numel = _numel(shape)
+    itemsize = _itemsize(dtype)
     fd = os.memfd_create("kv-pool")
     size = _DATA_OFFSET + numel * itemsize
     os.ftruncate(fd, size)
@@ -70,14 +78,22 @@ def open_readonly(path: str, pool_id: str) -> torch.Tensor | None:
     if magic != _MAGIC or raw_id != expected_id or not isinstance(dtype, torch.dtype):
         return None
     shape = tuple(dims[:rank])
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if not 0 < rank <= 8 or min(shape) < 0 or _DATA_OFFSET + numel * itemsize > len(buffer):
+    numel = _numel(shape)
+    if not 0 < rank <= 8 or min(shape) < 0 or _DATA_OFFSET + numel * _itemsize(dtype) > len(buffer):
         return None
     with warnings.catch_warnings():
         # Read-only mapping: torch warns that the tensor is not writable; it is only read.
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.frombuffer(buffer, dtype=dtype, offset=_DATA_OFFSET, count=numel)
     return tensor.view(shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
