@@ -29,8 +29,26 @@ def base_parser(description: str, default_port: int) -> argparse.ArgumentParser:
     return parser
 
 
+def byte_size(text: str) -> int:
+    """ "2G", "512MiB", "1.5GB", "1073741824": bytes (K, M, G, T are powers of 1024)."""
+    number = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if number and number[-1] in _BYTE_UNITS:
+        scale, number = _BYTE_UNITS[number[-1]], number[:-1]
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return int(value)
+
+
+_BYTE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
 def engine_parser(
-    description: str, default_port: int, kv_cache_tokens: int
+    description: str, default_port: int, kv_cache_share: float, max_kv_cache_tokens: int
 ) -> argparse.ArgumentParser:
     parser = base_parser(description, default_port)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -46,14 +64,23 @@ def engine_parser(
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
-        "--kv-cache-tokens", type=int, help=f"KV pool size in tokens (default {kv_cache_tokens})"
+        "--kv-cache-tokens",
+        type=int,
+        help=f"KV pool size in tokens (default: {kv_cache_share * 100:.1f}%% of the device's "
+        f"memory, the host's RAM or its container's limit, at most {max_kv_cache_tokens} "
+        "tokens)",
+    )
+    size.add_argument(
+        "--kv-cache-memory", type=byte_size, metavar="BYTES", help="KV pool size in bytes (4G)"
     )
     size.add_argument(
         "--kv-cache-memory-fraction",
         type=float,
         help="KV pool size as a share of the free device (or host) memory at start",
     )
-    parser.set_defaults(default_kv_cache_tokens=kv_cache_tokens)
+    parser.set_defaults(
+        default_kv_cache_share=kv_cache_share, max_default_kv_cache_tokens=max_kv_cache_tokens
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
         "--drain-s",
@@ -71,13 +98,13 @@ def engine_parser(
 
 
 def worker_options(args: argparse.Namespace, shared_kv: bool = False) -> WorkerOptions:
-    tokens = args.kv_cache_tokens
-    if tokens is None and args.kv_cache_memory_fraction is None:
-        tokens = args.default_kv_cache_tokens
     return WorkerOptions(
         model=args.model,
-        kv_cache_tokens=tokens,
+        kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_memory=args.kv_cache_memory,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        default_kv_cache_share=args.default_kv_cache_share,
+        max_default_kv_cache_tokens=args.max_default_kv_cache_tokens,
         block_size=args.block_size,
         device=args.device,
         dtype=args.dtype,

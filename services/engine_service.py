@@ -17,7 +17,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from services import cli
 from services.engine import loader
 from services.engine.tokenizer import Tokenizer
-from services.engine.worker import Worker
+from services.engine.worker import PoolSizeError, Worker
 from services.grpc_server import serve
 from services.rpc import common_pb2
 from services.wire import model_info
@@ -68,7 +68,10 @@ def run(
     cli.setup(name, args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    worker = Worker(cli.worker_options(args, shared_kv=shared_kv))
+    try:
+        worker = Worker(cli.worker_options(args, shared_kv=shared_kv))
+    except PoolSizeError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
     tokenizer = loader.load_tokenizer(args.model)
     engine = make_engine(worker)
 
@@ -114,5 +117,7 @@ def info_response(
             max_model_len=worker.config.max_position_embeddings,
             **limits,
         ),
-        stats=common_pb2.Stats(**engine.stats()),
+        stats=common_pb2.Stats(
+            **engine.stats(), kv_cache_bytes=worker.kv_cache_bytes, weight_bytes=worker.weight_bytes
+        ),
     )

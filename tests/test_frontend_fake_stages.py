@@ -42,7 +42,14 @@ FAKE_STATS = {
         prefix_cache_queried_blocks=40,
         prefix_cache_hit_blocks=30,
     ),
-    "decode": common_pb2.Stats(num_running=2, num_waiting=1, num_used_blocks=5, num_free_blocks=11),
+    "decode": common_pb2.Stats(
+        num_running=2,
+        num_waiting=1,
+        num_used_blocks=5,
+        num_free_blocks=11,
+        kv_cache_bytes=16 * 737280,
+        weight_bytes=123456,
+    ),
 }
 
 

@@ -75,6 +75,13 @@ _FAMILIES: tuple[tuple[str, Family, str, Callable[[StageStats], float]], ...] = 
         "Share of the KV pool's blocks in use, 0 to 1 (vLLM's kv_cache_usage_perc).",
         kv_cache_usage,
     ),
+    (
+        "kv_cache_bytes",
+        _GAUGE,
+        "Bytes of the KV pool (its capacity; CPU pages take memory once first written).",
+        attrgetter("kv_cache_bytes"),
+    ),
+    ("weight_bytes", _GAUGE, "Bytes of the model's weights as held.", attrgetter("weight_bytes")),
     ("running_requests", _GAUGE, "Sequences running.", attrgetter("num_running")),
     ("waiting_requests", _GAUGE, "Sequences waiting.", attrgetter("num_waiting")),
     (

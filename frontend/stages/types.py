@@ -155,3 +155,5 @@ class StageStats:
     grammar_seconds: float
     num_requests: int
     num_tokens: int
+    kv_cache_bytes: int
+    weight_bytes: int

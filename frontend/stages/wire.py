@@ -111,6 +111,8 @@ def stats_from_info(stage: str, info: common_pb2.InfoResponse, address: str) -> 
         grammar_seconds=stats.grammar_time_ns / 1e9,
         num_requests=stats.num_requests,
         num_tokens=stats.num_tokens,
+        kv_cache_bytes=stats.kv_cache_bytes,
+        weight_bytes=stats.weight_bytes,
     )
 
 

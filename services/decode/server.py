@@ -279,7 +279,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 def main() -> None:
-    parser = cli.engine_parser("Decode service", default_port=50053, kv_cache_tokens=65536)
+    parser = cli.engine_parser(
+        "Decode service", default_port=50053, kv_cache_share=0.25, max_kv_cache_tokens=65536
+    )
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences per step")
     parser.add_argument(
         "--prefill",

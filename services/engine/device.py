@@ -1,5 +1,6 @@
 """Chooses the device and compute dtype an engine runs in."""
 
+import os
 import pathlib
 
 import torch
@@ -41,6 +42,26 @@ def choose_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+# cgroup v2, then v1: the memory limit of the container the process runs in.
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def memory_limit_bytes(device: torch.device) -> int:
+    """What the device holds: the GPU's memory, or the host's RAM bounded by the cgroup's
+    memory limit (a container's)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in _CGROUP_LIMITS:
+        try:
+            text = pathlib.Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max": no limit
+            limit = min(limit, int(text))
+    return limit
 
 
 def free_memory_bytes(device: torch.device) -> int:

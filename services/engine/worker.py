@@ -12,7 +12,12 @@ from services.engine.attention import in_place
 from services.engine.block_linear import BlockLinear
 from services.engine.compute_lock import ComputeLock
 from services.engine.config import EngineInfo, ModelConfig
-from services.engine.device import choose_device, choose_dtype, free_memory_bytes
+from services.engine.device import (
+    choose_device,
+    choose_dtype,
+    free_memory_bytes,
+    memory_limit_bytes,
+)
 from services.engine.kv_pool import KVPool, kv_bytes_per_token
 from services.engine.model import LlamaModel, build_model
 from services.engine.quantization import (
@@ -30,8 +35,14 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class WorkerOptions:
     model: str
-    kv_cache_tokens: int | None = None  # KV pool size in tokens ...
-    kv_cache_memory_fraction: float | None = None  # ... or as a share of free memory
+    # The KV pool's size: in tokens, in bytes, or as a share of the free memory; with none
+    # of them, `default_kv_cache_share` of the device's memory, at most
+    # `max_default_kv_cache_tokens`.
+    kv_cache_tokens: int | None = None
+    kv_cache_memory: int | None = None
+    kv_cache_memory_fraction: float | None = None
+    default_kv_cache_share: float = 0.25
+    max_default_kv_cache_tokens: int = 65536
     block_size: int = 16
     device: str = "auto"
     dtype: str = "auto"
@@ -40,13 +51,51 @@ class WorkerOptions:
     compute_lock: str | None = None  # a file shared with the host's other engines
 
 
+class PoolSizeError(ValueError):
+    """The KV pool asked for cannot be had: a start-up error."""
+
+
 def kv_pool_tokens(options: WorkerOptions, bytes_per_token: int, device: torch.device) -> int:
+    """The pool's size in tokens, checked against the memory it would need. A CPU pool takes
+    memory as its blocks are first written, so it must fit in what is available, not more."""
     if options.kv_cache_tokens is not None:
-        return options.kv_cache_tokens
-    fraction = options.kv_cache_memory_fraction
-    if fraction is None or not 0 < fraction <= 1:
-        raise ValueError("give --kv-cache-tokens, or --kv-cache-memory-fraction in (0, 1]")
-    return int(free_memory_bytes(device) * fraction) // bytes_per_token
+        tokens = options.kv_cache_tokens
+    elif options.kv_cache_memory is not None:
+        tokens = options.kv_cache_memory // bytes_per_token
+    elif options.kv_cache_memory_fraction is not None:
+        fraction = options.kv_cache_memory_fraction
+        if not 0 < fraction <= 1:
+            raise PoolSizeError(f"--kv-cache-memory-fraction {fraction} is not in (0, 1]")
+        tokens = int(free_memory_bytes(device) * fraction) // bytes_per_token
+    else:
+        budget = int(memory_limit_bytes(device) * options.default_kv_cache_share)
+        tokens = min(options.max_default_kv_cache_tokens, budget // bytes_per_token)
+    if tokens < options.block_size:
+        raise PoolSizeError(
+            f"a KV pool of {tokens} tokens holds no block of {options.block_size} tokens "
+            f"({bytes_per_token} bytes a token)"
+        )
+    available = free_memory_bytes(device)
+    if tokens * bytes_per_token > available:
+        raise PoolSizeError(
+            f"a KV pool of {tokens} tokens needs {_gib(tokens * bytes_per_token)} "
+            f"({bytes_per_token} bytes a token) but {device} has {_gib(available)} available; "
+            "give a smaller --kv-cache-tokens or --kv-cache-memory"
+        )
+    return tokens
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB"
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once (tied weights)."""
+    storages = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 class Worker:
@@ -76,6 +125,8 @@ class Worker:
         self.pool = KVPool(
             self.config, num_tokens, options.block_size, self.dtype, self.device, options.shared_kv
         )
+        self.kv_cache_bytes = self.pool.cache.numel() * self.pool.cache.element_size()
+        self.weight_bytes = tensor_bytes(self.model)
         lock = ComputeLock(options.compute_lock) if options.compute_lock else None
         if lock is not None and self.device.type == "cpu":
             log.info("forward passes take turns with this host's other engines (%s)", lock.path)
@@ -83,14 +134,18 @@ class Worker:
         self.sampler = Sampler(self.device)
         self.info = self._describe()  # fixed from here on; every Info RPC reports it
         log.info(
-            "loaded %s (%s, quantization %s, %s) with %d KV blocks of %d tokens in %.1fs",
+            "loaded %s (%s, quantization %s, %s) in %.1fs: weights %.0f MiB; KV pool %d tokens "
+            "(%d blocks of %d), %.0f MiB",
             self.config.model_id,
             self.dtype,
             self.quantization,
             self.device,
+            time.monotonic() - start,
+            self.weight_bytes / 2**20,
+            self.pool.num_blocks * options.block_size,
             self.pool.num_blocks,
             options.block_size,
-            time.monotonic() - start,
+            self.kv_cache_bytes / 2**20,
         )
 
     def _describe(self) -> EngineInfo:

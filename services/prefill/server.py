@@ -171,7 +171,9 @@ def kv_chunks(cache: torch.Tensor, block_ids: list[int], first_block: int, dtype
 
 
 def main() -> None:
-    parser = cli.engine_parser("Prefill service", default_port=50052, kv_cache_tokens=32768)
+    parser = cli.engine_parser(
+        "Prefill service", default_port=50052, kv_cache_share=0.125, max_kv_cache_tokens=32768
+    )
     parser.add_argument(
         "--max-prefill-tokens",
         type=int,
