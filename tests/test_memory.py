@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from services.cli import byte_size
+from services.engine.block_linear import BlockEmbedding
 from services.engine.device import free_memory_bytes, memory_limit_bytes
 from services.engine.kv_pool import KVPool, kv_bytes_per_token
-from services.engine.loader import load_config
+from services.engine.loader import load_config, load_weights
 from services.engine.worker import PoolSizeError, Worker, WorkerOptions, kv_pool_tokens
 
 CPU = torch.device("cpu")
@@ -89,3 +90,12 @@ def test_metrics_report_each_instances_weight_and_kv_bytes(fake_client, fakes):
     decode = f'instance="{fakes.addresses["decode"]}",service="decode"'
     assert f"llmserve_kv_cache_bytes{{{decode}}} 1.179648e+07" in text
     assert f"llmserve_weight_bytes{{{decode}}} 123456.0" in text
+
+
+def test_the_lookup_table_stays_in_its_blocks_with_the_same_values():
+    weights = load_weights("default", torch.float32, keep_blocks=True)
+    table = weights["model.embed_tokens.weight"]
+    embedding = BlockEmbedding(table)
+    ids = torch.tensor([0, 5, 49151, 1234, 5])
+    assert torch.equal(embedding(ids), table.dequantize()[ids])
+    assert embedding.rows.nbytes < 49152 * 576 * 4 / 3

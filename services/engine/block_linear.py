@@ -62,6 +62,25 @@ def as_float(weight: Weight) -> torch.Tensor:
     return weight.dequantize() if isinstance(weight, BlockQuantized) else weight
 
 
+class BlockEmbedding(nn.Module):
+    """A lookup table kept in GGUF blocks: the rows looked up are dequantized, to the same
+    float32 values as the whole table dequantized, in a fraction of its memory."""
+
+    def __init__(self, weight: BlockQuantized) -> None:
+        super().__init__()
+        self._kind = gguf.GGMLQuantizationType[weight.fmt.name]
+        self.embedding_dim = weight.in_features
+        self.register_buffer("rows", weight.rows)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.rows[input_ids.cpu()].numpy()
+        values = np.asarray(gguf.quants.dequantize(rows, self._kind), dtype=np.float32)
+        return torch.from_numpy(values.reshape(len(rows), self.embedding_dim))
+
+    def extra_repr(self) -> str:
+        return f"{self.rows.shape[0]}, {self.embedding_dim}, format={self._kind.name}"
+
+
 class BlockLinear(nn.Module):
     """y = x @ W.T with W in GGUF blocks; x float32 on the CPU."""
 

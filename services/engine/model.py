@@ -12,7 +12,13 @@ from torch import nn
 
 from services.engine import kernels
 from services.engine.attention import AttentionMetadata, Rotary, rope_attention
-from services.engine.block_linear import BlockLinear, BlockQuantized, Weight, concat_rows
+from services.engine.block_linear import (
+    BlockEmbedding,
+    BlockLinear,
+    BlockQuantized,
+    Weight,
+    concat_rows,
+)
 from services.engine.config import ModelConfig
 
 
@@ -111,8 +117,8 @@ class LlamaModel(nn.Module):
 
     def load_hf_weights(self, weights: dict[str, Weight]) -> None:
         """Loads Hugging Face Llama names, fusing q/k/v and gate/up into single matmuls.
-        Weights in GGUF blocks become `BlockLinear`s (a tied head gets its own, the lookup
-        table a float32 copy)."""
+        Weights in GGUF blocks become `BlockLinear`s (a tied head gets its own) and the lookup
+        table a `BlockEmbedding`."""
         own: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
@@ -140,7 +146,10 @@ class LlamaModel(nn.Module):
                 else:
                     own[f"layers.{i}.{name}.weight"] = weight
         embed = weights["model.embed_tokens.weight"]
-        own["embed_tokens.weight"] = _dense(embed)
+        if isinstance(embed, BlockQuantized):
+            self.embed_tokens = BlockEmbedding(embed)
+        else:
+            own["embed_tokens.weight"] = embed
         own["norm.weight"] = _dense(weights["model.norm.weight"])
         head = embed if self.lm_head is None else weights["lm_head.weight"]
         if isinstance(head, BlockQuantized):
@@ -148,7 +157,7 @@ class LlamaModel(nn.Module):
         elif self.lm_head is not None:
             own["lm_head.weight"] = head
         missing, unexpected = self.load_state_dict(own, strict=False, assign=True)
-        missing = [name for name in missing if not name.endswith(".tiles")]
+        missing = [name for name in missing if not name.endswith((".tiles", ".rows"))]
         if missing or unexpected:
             raise ValueError(
                 f"weights do not fit the model: missing {missing}, unexpected {unexpected}"
@@ -156,7 +165,7 @@ class LlamaModel(nn.Module):
 
 
 def _dense(weight: Weight) -> torch.Tensor:
-    """Norms and the lookup table are read a row at a time: float32 is cheap there."""
+    """Norms are small: float32 is cheap there."""
     return weight.dequantize() if isinstance(weight, BlockQuantized) else weight
 
 
