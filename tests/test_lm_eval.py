@@ -14,17 +14,14 @@ import json
 import os
 import pathlib
 
+import lm_eval
 import openai
 import pytest
 import torch
+import transformers
 
 from services.engine import loader
 from tests.conftest import start_stack
-
-lm_eval = pytest.importorskip("lm_eval")
-transformers = pytest.importorskip("transformers")
-
-pytestmark = pytest.mark.slow  # a second stack and lm-eval's start: well over a minute
 
 ATOL = 1e-4
 TASK = "llmserve_capitals"
