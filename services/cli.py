@@ -4,7 +4,7 @@ import argparse
 import logging
 
 from services import tracing
-from services.engine.loader import DEFAULT_MODEL
+from services.engine.config import DEFAULT_MODEL
 from services.engine.quantization import QUANTIZATIONS
 from services.engine.worker import WorkerOptions
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.engine.loader import DEFAULT_MODEL
+from services.engine.config import DEFAULT_MODEL
 from services.healthcheck import grpc_healthy, http_all_serving
 
 _PR_SET_PDEATHSIG = 1

@@ -15,9 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from services.engine import gguf_loader
-from services.engine.config import ModelConfig
+from services.engine.config import DEFAULT_MODEL, ModelConfig
 from services.engine.loader import (
-    DEFAULT_MODEL,
     default_gguf_path,
     load_config,
     load_tokenizer,

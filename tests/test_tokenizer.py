@@ -14,8 +14,9 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from services.decode.text_stream import TextStream
 from services.engine import gguf_loader
+from services.engine.config import DEFAULT_MODEL
 from services.engine.detokenizer import IncrementalDetokenizer
-from services.engine.loader import DEFAULT_MODEL, default_gguf_path, load_tokenizer
+from services.engine.loader import default_gguf_path, load_tokenizer
 from services.engine.tokenizer import Tokenizer
 
 STRINGS = [

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# The model spec of the embedded default model (services/engine/loader.py resolves specs).
+# Here, free of torch, for the processes that only name it (the launcher).
+DEFAULT_MODEL = "default"
+
 
 @dataclass(slots=True)
 class ModelConfig:

