@@ -73,6 +73,7 @@ def run(
     except PoolSizeError as exc:
         raise SystemExit(f"{name}: {exc}") from None
     tokenizer = loader.load_tokenizer(args.model)
+    loader.release_load_memory()
     engine = make_engine(worker)
 
     servicers: list[Drainable] = []

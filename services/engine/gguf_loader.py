@@ -63,6 +63,12 @@ def _cached_reader(path: str) -> GGUFReader:
     return GGUFReader(path)
 
 
+def forget_readers() -> None:
+    """Drops the parsed readers once a process has loaded what it needs: one holds a Python
+    object per metadata item (the vocabulary's included), over 200 MiB for the default model."""
+    _cached_reader.cache_clear()
+
+
 def _float32(value: Any) -> float:
     # Metadata floats are float32; their shortest repr recovers the decimal the converter wrote
     # (1e-05, not 9.999999747378752e-06).

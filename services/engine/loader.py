@@ -13,7 +13,9 @@ model's, and then also take the default model's bos/eos ids so ids and tokenizer
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -110,6 +112,18 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if source.path is not None and (source.path.parent / "tokenizer.json").is_file():
         return hf_loader.read_tokenizer(source.path.parent, _dummy_config(source.path))
     return gguf_loader.read_tokenizer(default_gguf_path())
+
+
+def release_load_memory() -> None:
+    """Gives back what loading used once a process has its model and tokenizer: the parsed
+    GGUF readers, then the C heap's free pages (glibc's malloc_trim; a no-op elsewhere)."""
+    gguf_loader.forget_readers()
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
 
 
 def _path(source: ModelSource) -> Path:

@@ -1,6 +1,5 @@
 """Everything a prefill or decode instance computes with: model, KV pool, runner, sampler."""
 
-import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -86,15 +85,6 @@ def kv_pool_tokens(options: WorkerOptions, bytes_per_token: int, device: torch.d
     return tokens
 
 
-def release_freed_heap() -> None:
-    """Returns the C heap's free pages to the system (glibc's malloc_trim; elsewhere a no-op)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
-
-
 def _gib(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB"
 
@@ -137,7 +127,6 @@ class Worker:
         )
         self.kv_cache_bytes = self.pool.cache.numel() * self.pool.cache.element_size()
         self.weight_bytes = tensor_bytes(self.model)
-        release_freed_heap()  # loading's float copies, freed but kept by the C allocator
         lock = ComputeLock(options.compute_lock) if options.compute_lock else None
         if lock is not None and self.device.type == "cpu":
             log.info("forward passes take turns with this host's other engines (%s)", lock.path)

@@ -145,6 +145,7 @@ def main() -> None:
     cli.setup("tokenizer", args)
     tokenizer = loader.load_tokenizer(args.model)
     config = loader.load_config(args.model)
+    loader.release_load_memory()
 
     def register(server: grpc.aio.Server, address: str) -> list[str]:
         servicer = TokenizerServicer(tokenizer, config, address, args.threads)
