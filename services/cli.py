@@ -53,6 +53,12 @@ def engine_parser(
     parser = base_parser(description, default_port)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="what the KV cache stores: auto (float16 where the CPU kernels compute in "
+        "float32, else --dtype), float32, float16, bfloat16",
+    )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument(
         "--quantization",
@@ -108,6 +114,7 @@ def worker_options(args: argparse.Namespace, shared_kv: bool = False) -> WorkerO
         block_size=args.block_size,
         device=args.device,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         shared_kv=shared_kv,
         quantization=args.quantization,
         compute_lock=args.compute_lock,

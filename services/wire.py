@@ -24,6 +24,7 @@ def model_info(
         weight_format=engine.weight_format,
         kernels=engine.kernels,
         batch_invariant=engine.batch_invariant,
+        kv_cache_dtype=engine.kv_cache_dtype,
         vocab_size=config.vocab_size,
         context_length=config.max_position_embeddings,
         block_size=block_size,

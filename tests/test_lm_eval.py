@@ -2,7 +2,8 @@
 multiple-choice task (loglikelihood: the prompt echoed with its logprobs), each choice's summed
 log-likelihood compared with transformers in float32 on the same dequantized GGUF weights.
 
-The stack runs its engines in float32 on the dequantized weights (`--quantization none`), so the
+The stack runs its engines in float32 on the dequantized weights, with a float32 KV cache
+(`--quantization none --kv-cache-dtype float32`), so the
 two sides differ only in summation order (measured: 2.1e-6 at most per choice); on the GGUF's own
 blocks and our CPU kernels (the default stack) they differ by up to 8.5e-4 with int16
 activations, beyond ATOL. No network: the task and its dataset are files in a temporary folder,
@@ -51,7 +52,9 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def float32_stack():
-    stack = start_stack("--engine-args", "--quantization none --dtype float32")
+    stack = start_stack(
+        "--engine-args", "--quantization none --dtype float32 --kv-cache-dtype float32"
+    )
     yield stack
     stack.stop()
 

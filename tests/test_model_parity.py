@@ -16,13 +16,22 @@ import torch
 
 from services.engine import kernels, loader
 from services.engine.runner import ModelRunner, SeqChunk
+from services.engine.worker import kv_cache_dtype
 from tests.engine_reference import default_runner
 
 NUM_NEW_TOKENS = 32
 BLOCK = 16
 # float32 on both sides: differences come only from summation order (measured max 2.8e-4).
 # int16 matmul inputs round each 32-input block to 2^-16 of its largest value (max 8.9e-3).
-LOGITS_ATOL = {"float32": 2e-3, "int16": 1.5e-2}[kernels.matmul_inputs()]
+# A float16 KV cache (the default on the kernels) rounds each K and V to 11 significant bits,
+# which dominates: measured max 3.6e-2 with int16 inputs (8.9e-3 with a float32 cache) and
+# 4.0e-2 with float32 ones on the AVX2 kernels (3e-4), the greedy tokens all the same.
+FLOAT16_KV_LOGITS_ATOL = 5e-2
+LOGITS_ATOL = (
+    FLOAT16_KV_LOGITS_ATOL
+    if kv_cache_dtype("auto", torch.float32, torch.device("cpu")) == torch.float16
+    else {"float32": 2e-3, "int16": 1.5e-2}[kernels.matmul_inputs()]
+)
 # Positions where the reference's greedy choice is ours. Summation order alone can flip a
 # near-tie; anything systematic (a wrong weight, a bfloat16 rounding) falls far below this.
 MIN_AGREEMENT = 0.98

@@ -36,26 +36,27 @@ def pull(stack: Stack, handle_id: str, service: str = "prefill") -> list[prefill
 
 
 def test_pull_kv_matches_engine(stack, engine_reference: Reference, default_tokenizer):
-    text = " ".join(f"Item {i} is {i * i}." for i in range(200))
-    prompt = default_tokenizer.encode(text)[:700]  # 44 blocks: over 1 MiB per layer
+    text = " ".join(f"Item {i} is {i * i}." for i in range(400))
+    prompt = default_tokenizer.encode(text)[:1400]  # 88 blocks: over 1 MiB per layer in float16
     handle = stack.run_prefill(prompt).kv_handle
     chunks = pull(stack, handle.handle_id)
     config = engine_reference.config
     block_shape = [config.num_kv_heads, 16 * config.head_dim]
-    assert handle.num_blocks == 44 and len(chunks) > config.num_layers
+    dtype = engine_reference.runner.pool.cache.dtype  # the services' default, as the reference's
+    assert handle.num_blocks == 88 and len(chunks) > config.num_layers
     covered = collections.Counter()
     # [num_layers, 2, num_blocks, num_kv_heads, block_size * head_dim]
     pulled = torch.full((config.num_layers, 2, handle.num_blocks, *block_shape), float("nan"))
     for c in chunks:
-        assert c.dtype == "float32" and list(c.shape) == [c.num_blocks, *block_shape]
+        assert getattr(torch, c.dtype) == dtype and list(c.shape) == [c.num_blocks, *block_shape]
         covered.update((c.layer, b) for b in range(c.block_offset, c.block_offset + c.num_blocks))
         for kv, data in enumerate((c.k, c.v)):
-            values = torch.frombuffer(bytearray(data), dtype=torch.float32).view(*c.shape)
+            values = torch.frombuffer(bytearray(data), dtype=dtype).view(*c.shape)
             pulled[c.layer, kv, c.block_offset : c.block_offset + c.num_blocks] = values
-    assert covered == {(layer, b): 1 for layer in range(config.num_layers) for b in range(44)}
+    assert covered == {(layer, b): 1 for layer in range(config.num_layers) for b in range(88)}
     expected = engine_reference.prompt_kv(prompt)
-    pulled_tokens = tokens_kv(pulled, list(range(44)), config.head_dim)[:, :, :700]
-    torch.testing.assert_close(pulled_tokens, expected, atol=1e-3, rtol=1e-3)
+    pulled_tokens = tokens_kv(pulled, list(range(88)), config.head_dim)[:, :, :1400]
+    torch.testing.assert_close(pulled_tokens, expected.float(), atol=1e-3, rtol=1e-3)
     assert rpc_error(pull, stack, handle.handle_id).code() == NOT_FOUND
     assert stack.wait_idle("prefill").num_used_blocks == 0
 

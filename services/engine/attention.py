@@ -36,7 +36,7 @@ class AttentionMetadata:
 
 def in_place(cache: torch.Tensor) -> bool:
     """Whether our kernels serve this cache (else the gathering backend, which needs masks)."""
-    return kernels.serves(cache)
+    return kernels.serves_cache(cache)
 
 
 def cache_shape(
@@ -119,6 +119,7 @@ def _store_gathered(k, v, kv_cache, slot_mapping) -> None:
     head_dim = k.shape[-1]
     block_size = block_elems // head_dim
     block, offset = slot_mapping // block_size, slot_mapping % block_size
+    k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
     kv_cache[0].view(num_blocks, kvh, head_dim, block_size)[block, :, :, offset] = k
     kv_cache[1].view(num_blocks, kvh, block_size, head_dim)[block, :, offset] = v
 
@@ -147,6 +148,7 @@ def _attend_gathered(q, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
     keys = keys.reshape(num_seqs, kvh, max_blocks * block_size, hd)
     values = blocks[1].view(num_seqs, max_blocks, kvh, block_size, hd).transpose(1, 2)
     values = values.reshape(num_seqs, kvh, max_blocks * block_size, hd)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # a cache may store fewer bits
     mask = meta.attn_mask
     if group > 1:
         mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).flatten(2, 3)

@@ -84,8 +84,9 @@ class ModelConfig:
 class EngineInfo:
     """How an instance computes, as its Info RPC reports it."""
 
-    dtype: str  # activations, norms, KV cache
+    dtype: str  # activations and norms
     device: str
     weight_format: str  # "gguf:Q4_1+Q8_0", "int8", or the dense weights' dtype
     kernels: str = ""  # CPU kernel variant in use, "" where torch computes
     batch_invariant: bool = False
+    kv_cache_dtype: str = ""

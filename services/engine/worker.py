@@ -46,9 +46,23 @@ class WorkerOptions:
     block_size: int = 16
     device: str = "auto"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # see kv_cache_dtype()
     shared_kv: bool = False  # pool in host shared memory (prefill, for same-host decode)
     quantization: str = "auto"  # services.engine.quantization.QUANTIZATIONS
     compute_lock: str | None = None  # a file shared with the host's other engines
+
+
+def kv_cache_dtype(requested: str, compute: torch.dtype, device: torch.device) -> torch.dtype:
+    """What the KV pool stores. auto: float16 where our CPU attention computes in float32 (it
+    widens each value exactly; half the memory and bandwidth of float32), else the compute
+    dtype."""
+    if requested == "auto":
+        on_kernels = device.type == "cpu" and compute == torch.float32 and kernels.available()
+        return torch.float16 if on_kernels else compute
+    dtype = choose_dtype(device, requested)
+    if device.type == "cpu" and dtype != compute and compute != torch.float32:
+        raise ValueError(f"a {dtype} KV cache on the CPU needs float32 compute, not {compute}")
+    return dtype
 
 
 class PoolSizeError(ValueError):
@@ -119,11 +133,17 @@ class Worker:
         quantize(self.model, self.quantization)
         if kernel_weights:  # every op of a step is ours: give our kernels the CPU
             kernels.take_cpu_threads()
+        self.kv_dtype = kv_cache_dtype(options.kv_cache_dtype, self.dtype, self.device)
         num_tokens = kv_pool_tokens(
-            options, kv_bytes_per_token(self.config, self.dtype), self.device
+            options, kv_bytes_per_token(self.config, self.kv_dtype), self.device
         )
         self.pool = KVPool(
-            self.config, num_tokens, options.block_size, self.dtype, self.device, options.shared_kv
+            self.config,
+            num_tokens,
+            options.block_size,
+            self.kv_dtype,
+            self.device,
+            options.shared_kv,
         )
         self.kv_cache_bytes = self.pool.cache.numel() * self.pool.cache.element_size()
         self.weight_bytes = tensor_bytes(self.model)
@@ -134,14 +154,15 @@ class Worker:
         self.sampler = Sampler(self.device)
         self.info = self._describe()  # fixed from here on; every Info RPC reports it
         log.info(
-            "loaded %s (%s, quantization %s, %s) in %.1fs: weights %.0f MiB; KV pool %d tokens "
-            "(%d blocks of %d), %.0f MiB",
+            "loaded %s (%s, quantization %s, %s) in %.1fs: weights %.0f MiB; %s KV pool %d "
+            "tokens (%d blocks of %d), %.0f MiB",
             self.config.model_id,
             self.dtype,
             self.quantization,
             self.device,
             time.monotonic() - start,
             self.weight_bytes / 2**20,
+            self.info.kv_cache_dtype,
             self.pool.num_blocks * options.block_size,
             self.pool.num_blocks,
             options.block_size,
@@ -168,6 +189,7 @@ class Worker:
             batch_invariant=kernels_used
             and not any(isinstance(m, nn.Linear) for m in linears)
             and self.quantization in KERNEL_FORMATS,
+            kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
         )
 
     @property

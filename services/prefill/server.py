@@ -109,12 +109,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         try:
             if not 0 <= request.first_block <= len(handle.block_ids):
                 raise InvalidArgumentError(f"first_block must be in [0, {len(handle.block_ids)}]")
-            chunks = kv_chunks(
-                self.worker.pool.cache,
-                handle.block_ids,
-                request.first_block,
-                self.worker.dtype_name,
-            )
+            chunks = kv_chunks(self.worker.pool.cache, handle.block_ids, request.first_block)
             while True:
                 # Renewed before each chunk is read, so no chunk ever reads freed blocks.
                 if not self.engine.renew(handle_id):
@@ -148,9 +143,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
 
 
-def kv_chunks(cache: torch.Tensor, block_ids: list[int], first_block: int, dtype: str):
+def kv_chunks(cache: torch.Tensor, block_ids: list[int], first_block: int):
     """Yields each layer's K and V for runs of blocks from `first_block` on, as raw bytes."""
     # cache: [num_layers, 2, num_blocks, num_kv_heads, block_size * head_dim]
+    dtype = str(cache.dtype).removeprefix("torch.")
     block_bytes = cache[0, 0, 0].numel() * cache.element_size()
     per_chunk = max(1, KV_CHUNK_BYTES // (2 * block_bytes))
     index = torch.tensor(block_ids, device=cache.device)

@@ -106,6 +106,13 @@ def serves(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and available()
 
 
+def serves_cache(cache: torch.Tensor) -> bool:
+    """Our attention reads a float32 or float16 KV cache on the CPU (computing in float32)."""
+    return (
+        cache.device.type == "cpu" and cache.dtype in (torch.float32, torch.float16) and available()
+    )
+
+
 def matmul_inputs() -> str:
     """What the quantized matmuls multiply the weights with: "int16" (activations rounded
     per row and 32-input block, vnni_linear.cpp) or "float32"."""

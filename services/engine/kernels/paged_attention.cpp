@@ -7,7 +7,11 @@
 // output depends only on its query, its position and its own sequence's cache, computed in an
 // order fixed by its position: the same whatever else is in the batch or how the prompt was
 // chunked (batch invariance).
+//
+// The cache holds float32, or float16 (half the memory; values rounded once when stored,
+// widened exactly when read, all arithmetic in float32).
 #include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -21,9 +25,11 @@
 namespace llmserve {
 namespace {
 
+// T: float or c10::Half, what the cache stores.
+template <typename T>
 struct Cache {
-  float* k;  // [num_blocks, num_kv_heads, head_dim, block_size]
-  float* v;  // [num_blocks, num_kv_heads, block_size, head_dim]
+  T* k;  // [num_blocks, num_kv_heads, head_dim, block_size]
+  T* v;  // [num_blocks, num_kv_heads, block_size, head_dim]
   int64_t num_kv_heads, head_dim, block_size;
 
   int64_t head_offset(int64_t block, int64_t kv_head) const {
@@ -31,14 +37,18 @@ struct Cache {
   }
 };
 
-Cache cache_of(const at::Tensor& kv_cache, int64_t num_kv_heads, int64_t head_dim) {
+inline W load_kv(const float* p) { return load_w(p); }
+inline W load_kv(const c10::Half* p) { return load_half_w(reinterpret_cast<const uint16_t*>(p)); }
+
+template <typename T>
+Cache<T> cache_of(const at::Tensor& kv_cache, int64_t num_kv_heads, int64_t head_dim) {
   // kv_cache: [2, num_blocks, num_kv_heads, block_size * head_dim]
-  TORCH_CHECK(kv_cache.scalar_type() == at::kFloat && kv_cache.is_contiguous());
+  TORCH_CHECK(kv_cache.is_contiguous());
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(0) == 2 && kv_cache.size(2) == num_kv_heads);
   TORCH_CHECK(head_dim % kLanes == 0, "head_dim must be a multiple of ", kLanes);
   int64_t block_size = kv_cache.size(3) / head_dim;
   TORCH_CHECK(block_size % kLanes == 0, "block_size must be a multiple of ", kLanes);
-  float* base = kv_cache.data_ptr<float>();
+  T* base = kv_cache.data_ptr<T>();
   return {base, base + kv_cache[0].numel(), num_kv_heads, head_dim, block_size};
 }
 
@@ -56,18 +66,20 @@ struct Layout {
 };
 
 // Rotates token t's query heads into q_out and writes its rotated K and its V into its slot.
+template <typename T>
 void rotate_and_store(const float* qkv, const float* cos, const float* sin, const Layout& l,
-                      const Cache& c, int64_t slot, float* q_out) {
+                      const Cache<T>& c, int64_t slot, float* q_out) {
   for (int64_t h = 0; h < l.num_heads; ++h)
     rotate(qkv + h * l.head_dim, cos, sin, l.head_dim, q_out + h * l.head_dim);
   const int64_t block = slot / c.block_size, offset = slot % c.block_size;
   float k[512];
   for (int64_t h = 0; h < l.num_kv_heads; ++h) {
     rotate(qkv + (l.num_heads + h) * l.head_dim, cos, sin, l.head_dim, k);
-    float* kt = c.k + c.head_offset(block, h) + offset;
-    for (int64_t d = 0; d < l.head_dim; ++d) kt[d * c.block_size] = k[d];
+    T* kt = c.k + c.head_offset(block, h) + offset;
+    for (int64_t d = 0; d < l.head_dim; ++d) kt[d * c.block_size] = static_cast<T>(k[d]);
     const float* v = qkv + (l.num_heads + l.num_kv_heads + h) * l.head_dim;
-    std::copy(v, v + l.head_dim, c.v + c.head_offset(block, h) + offset * l.head_dim);
+    T* vt = c.v + c.head_offset(block, h) + offset * l.head_dim;
+    for (int64_t d = 0; d < l.head_dim; ++d) vt[d] = static_cast<T>(v[d]);
   }
 }
 
@@ -86,8 +98,8 @@ struct Queries {
 // order), softmax over its own keys, and the weighted sum of V. Keys beyond a query's own
 // get weight exactly 0 (adding 0 * v changes no sum), so each query's arithmetic is the same
 // whatever else shares its item or its batch. DV: head_dim in vectors (sums in registers).
-template <int DV, int GS>
-void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale) {
+template <int DV, int GS, typename T>
+void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float scale) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t bs = c.block_size;
   int64_t max_keys = 0;
@@ -122,12 +134,12 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
   };
   for (int64_t chunk = 0; chunk < num_chunks; chunk += 2) {
     const bool two = chunk + 1 < num_chunks;
-    const float* ka = keys_of(chunk);
-    const float* kb = two ? keys_of(chunk + 1) : ka;  // (a last single chunk: computed twice)
+    const T* ka = keys_of(chunk);
+    const T* kb = two ? keys_of(chunk + 1) : ka;  // (a last single chunk: computed twice)
     W even[2][GS] = {}, odd[2][GS] = {};
     for (int64_t d = 0; d < DV * kW; d += 2) {
-      const W k0a = load_w(ka + d * bs), k1a = load_w(ka + (d + 1) * bs);
-      const W k0b = load_w(kb + d * bs), k1b = load_w(kb + (d + 1) * bs);
+      const W k0a = load_kv(ka + d * bs), k1a = load_kv(ka + (d + 1) * bs);
+      const W k0b = load_kv(kb + d * bs), k1b = load_kv(kb + (d + 1) * bs);
       for (int g = 0; g < GS; ++g) {
         const W qe = broadcast_w(job.q[g] + d), qo = broadcast_w(job.q[g] + d + 1);
         even[0][g] = qe * k0a + even[0][g];
@@ -153,11 +165,11 @@ void attend(const Cache& c, const Queries<GS>& job, int64_t kv_head, float scale
   }
   W acc[GS][DV] = {};
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const float* vb = c.v + c.head_offset(job.blocks[b], kv_head);
+    const T* vb = c.v + c.head_offset(job.blocks[b], kv_head);
     const int64_t n = std::min(bs, max_keys - b * bs);
     for (int64_t key = 0; key < n; ++key) {
       W v[DV];
-      for (int i = 0; i < DV; ++i) v[i] = load_w(vb + (key * DV + i) * kW);
+      for (int i = 0; i < DV; ++i) v[i] = load_kv(vb + (key * DV + i) * kW);
       for (int g = 0; g < GS; ++g) {
         const W weight = broadcast_w(job.scores[g] + b * bs + key);
         for (int i = 0; i < DV; ++i) acc[g][i] = weight * v[i] + acc[g][i];
@@ -185,8 +197,8 @@ struct Batch {
   float scale;
 };
 
-template <int DV, int GS>
-void attend_item(const Cache& c, const Batch& batch, const Item& item, float* scores,
+template <int DV, int GS, typename T>
+void attend_item(const Cache<T>& c, const Batch& batch, const Item& item, float* scores,
                  int64_t stride) {
   Queries<GS> job;
   int g = 0;
@@ -200,30 +212,32 @@ void attend_item(const Cache& c, const Batch& batch, const Item& item, float* sc
     }
   }
   job.blocks = batch.tables + batch.token_seq[item.token] * batch.max_blocks;
-  attend<DV, GS>(c, job, item.first_head / batch.group, batch.scale);
+  attend<DV, GS, T>(c, job, item.first_head / batch.group, batch.scale);
 }
 
-using AttendFn = void (*)(const Cache&, const Batch&, const Item&, float*, int64_t);
+template <typename T>
+using AttendFn = void (*)(const Cache<T>&, const Batch&, const Item&, float*, int64_t);
 
-template <int DV>
-AttendFn attend_for_queries(int64_t num_queries) {
+template <int DV, typename T>
+AttendFn<T> attend_for_queries(int64_t num_queries) {
   switch (num_queries) {
-    case 1: return &attend_item<DV, 1>;
-    case 2: return &attend_item<DV, 2>;
-    case 3: return &attend_item<DV, 3>;
-    case 4: return &attend_item<DV, 4>;
-    case 5: return &attend_item<DV, 5>;
-    case 6: return &attend_item<DV, 6>;
+    case 1: return &attend_item<DV, 1, T>;
+    case 2: return &attend_item<DV, 2, T>;
+    case 3: return &attend_item<DV, 3, T>;
+    case 4: return &attend_item<DV, 4, T>;
+    case 5: return &attend_item<DV, 5, T>;
+    case 6: return &attend_item<DV, 6, T>;
   }
   TORCH_CHECK(false, "unsupported queries per item ", num_queries);
 }
 
-AttendFn attend_for(int64_t head_dim, int64_t num_queries) {
+template <typename T>
+AttendFn<T> attend_for(int64_t head_dim, int64_t num_queries) {
   switch (head_dim) {
-    case 32: return attend_for_queries<32 / kW>(num_queries);
-    case 64: return attend_for_queries<64 / kW>(num_queries);
-    case 128: return attend_for_queries<128 / kW>(num_queries);
-    case 256: return attend_for_queries<256 / kW>(num_queries);
+    case 32: return attend_for_queries<32 / kW, T>(num_queries);
+    case 64: return attend_for_queries<64 / kW, T>(num_queries);
+    case 128: return attend_for_queries<128 / kW, T>(num_queries);
+    case 256: return attend_for_queries<256 / kW, T>(num_queries);
   }
   TORCH_CHECK(false, "head_dim ", head_dim, " is not one of 32, 64, 128, 256");
 }
@@ -260,17 +274,18 @@ std::vector<Item> plan_items(const int64_t* token_seq, int64_t num_tokens, int64
 // cos, sin: [max_positions, head_dim / 2]. Rotates Q and K, writes each token's K and V into
 // its slot, then token t of sequence token_seq[t] at positions[t] attends that sequence's keys
 // [0, positions[t]]. Returns [num_tokens, num_heads * head_dim].
-at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                          const at::Tensor& kv_cache, const at::Tensor& slot_mapping,
-                          const at::Tensor& block_tables, const at::Tensor& token_seq,
-                          const at::Tensor& positions, int64_t num_heads, int64_t num_kv_heads,
-                          double scale) {
+template <typename T>
+at::Tensor rope_attention_on(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& kv_cache, const at::Tensor& slot_mapping,
+                             const at::Tensor& block_tables, const at::Tensor& token_seq,
+                             const at::Tensor& positions, int64_t num_heads,
+                             int64_t num_kv_heads, double scale) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 2 && qkv.stride(1) == 1);
   const int64_t num_tokens = qkv.size(0);
   const Layout l{num_heads, num_kv_heads, qkv.size(1) / (num_heads + 2 * num_kv_heads)};
   TORCH_CHECK(l.head_dim <= 512 && l.head_dim % 2 == 0 && num_heads % num_kv_heads == 0);
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) * 2 == l.head_dim);
-  Cache c = cache_of(kv_cache, num_kv_heads, l.head_dim);
+  Cache<T> c = cache_of<T>(kv_cache, num_kv_heads, l.head_dim);
   auto tables = block_tables.contiguous();
   auto seqs = token_seq.contiguous();
   auto pos = positions.contiguous();
@@ -313,11 +328,28 @@ at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at
     scores.resize(max_queries(l.head_dim) * stride);
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
-      attend_for(l.head_dim, item.num_tokens * item.num_heads)(c, batch, item, scores.data(),
-                                                               stride);
+      attend_for<T>(l.head_dim, item.num_tokens * item.num_heads)(c, batch, item,
+                                                                  scores.data(), stride);
     }
   });
   return out;
+}
+
+at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& kv_cache, const at::Tensor& slot_mapping,
+                          const at::Tensor& block_tables, const at::Tensor& token_seq,
+                          const at::Tensor& positions, int64_t num_heads, int64_t num_kv_heads,
+                          double scale) {
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat:
+      return rope_attention_on<float>(qkv, cos, sin, kv_cache, slot_mapping, block_tables,
+                                      token_seq, positions, num_heads, num_kv_heads, scale);
+    case at::kHalf:
+      return rope_attention_on<c10::Half>(qkv, cos, sin, kv_cache, slot_mapping, block_tables,
+                                          token_seq, positions, num_heads, num_kv_heads, scale);
+    default:
+      TORCH_CHECK(false, "the KV cache must be float32 or float16, not ", kv_cache.scalar_type());
+  }
 }
 
 }  // namespace
