@@ -101,7 +101,8 @@ def cached_tokens(stack: Stack, prompt: list[int], prefill: str = "prefill", **c
 
 def kv_bytes(reference: Reference, num_blocks: int) -> int:
     config = reference.config
-    return config.num_layers * 2 * num_blocks * 16 * config.num_kv_heads * config.head_dim * 4
+    block_bytes = 16 * config.num_kv_heads * config.head_dim * reference.pool.cache.element_size()
+    return config.num_layers * 2 * num_blocks * block_bytes
 
 
 def test_repeated_prompt_computes_only_the_uncached_part(stack, reference, tok):

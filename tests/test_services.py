@@ -148,7 +148,8 @@ def test_greedy_generation_matches_engine(stack, reference, tok):
     joined = responses[1]  # the first token after the KV pull
     assert joined.queue_ns > 0 and joined.kv_transfer_ns > 0
     config = reference.config
-    per_block = 16 * config.num_kv_heads * config.head_dim * 4  # float32
+    itemsize = reference.pool.cache.element_size()  # the services' default KV dtype
+    per_block = 16 * config.num_kv_heads * config.head_dim * itemsize
     assert joined.kv_bytes == config.num_layers * 2 * handle.num_blocks * per_block
     assert [r.kv_bytes for r in responses if r is not joined] == [0] * 11
     assert stack.wait_idle("prefill").num_used_blocks == 0
