@@ -16,8 +16,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from services import cli
 from services.engine import loader
+from services.engine.quantization import QUANTIZATIONS
 from services.engine.tokenizer import Tokenizer
-from services.engine.worker import PoolSizeError, Worker
+from services.engine.worker import PoolSizeError, Worker, WorkerOptions
 from services.grpc_server import serve
 from services.rpc import common_pb2
 from services.wire import model_info
@@ -54,6 +55,80 @@ async def wait_until(done: Callable[[], bool], deadline: float) -> None:
         await asyncio.sleep(DRAIN_POLL_S)
 
 
+def engine_parser(
+    description: str, default_port: int, kv_cache_share: float, max_kv_cache_tokens: int
+) -> argparse.ArgumentParser:
+    parser = cli.base_parser(description, default_port)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="what the KV cache stores: auto (float16 where the CPU kernels compute in "
+        "float32, else --dtype), float32, float16, bfloat16",
+    )
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="auto",
+        help="auto: a GGUF's own blocks on the CPU (gguf), else none (the checkpoint's floats); "
+        "int4: float weights rounded to Q4_1 blocks on our CPU kernels; "
+        "int8: weight-only int8 matmuls on the CPU",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        help=f"KV pool size in tokens (default: {kv_cache_share * 100:.1f}%% of the device's "
+        f"memory, the host's RAM or its container's limit, at most {max_kv_cache_tokens} "
+        "tokens)",
+    )
+    size.add_argument(
+        "--kv-cache-memory", type=cli.byte_size, metavar="BYTES", help="KV pool size in bytes (4G)"
+    )
+    size.add_argument(
+        "--kv-cache-memory-fraction",
+        type=float,
+        help="KV pool size as a share of the free device (or host) memory at start",
+    )
+    parser.set_defaults(
+        default_kv_cache_share=kv_cache_share, max_default_kv_cache_tokens=max_kv_cache_tokens
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--drain-s",
+        type=float,
+        default=30.0,
+        help="after SIGTERM: refuse new work (health NOT_SERVING) and let open requests finish "
+        "for up to this long before exiting",
+    )
+    parser.add_argument(
+        "--compute-lock",
+        metavar="PATH",
+        help="a file shared by the engines on this host: their CPU forward passes take turns",
+    )
+    return parser
+
+
+def worker_options(args: argparse.Namespace, shared_kv: bool = False) -> WorkerOptions:
+    return WorkerOptions(
+        model=args.model,
+        kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        default_kv_cache_share=args.default_kv_cache_share,
+        max_default_kv_cache_tokens=args.max_default_kv_cache_tokens,
+        block_size=args.block_size,
+        device=args.device,
+        dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
+        shared_kv=shared_kv,
+        quantization=args.quantization,
+        compute_lock=args.compute_lock,
+    )
+
+
 def run(
     name: str,
     args: argparse.Namespace,
@@ -64,12 +139,12 @@ def run(
     shared_kv: bool = False,
 ) -> None:
     """Serves `service`, answered by `servicer(engine, address, tokenizer)`, where `args`
-    (from `cli.engine_parser`) say; `address` is where other processes reach this one."""
+    (from `engine_parser`) say; `address` is where other processes reach this one."""
     cli.setup(name, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        worker = Worker(cli.worker_options(args, shared_kv=shared_kv))
+        worker = Worker(worker_options(args, shared_kv=shared_kv))
     except PoolSizeError as exc:
         raise SystemExit(f"{name}: {exc}") from None
     tokenizer = loader.load_tokenizer(args.model)

@@ -7,6 +7,7 @@ from services.engine.attention import tokens_kv
 from services.engine.kv_pool import KVPool
 from services.engine.model import build_model
 from services.engine.runner import ModelRunner, SeqChunk
+from services.engine.weights import load_weights
 from services.engine.worker import kv_cache_dtype
 
 
@@ -27,7 +28,7 @@ def default_runner(num_tokens: int, block_size: int = 16) -> ModelRunner:
     """The default model as the services run it by default: the GGUF's own blocks, float32
     activations, our CPU kernels, the default KV cache dtype."""
     config = loader.load_config("default")
-    weights = loader.load_weights("default", torch.float32, keep_blocks=True)
+    weights = load_weights("default", torch.float32, keep_blocks=True)
     cpu = torch.device("cpu")
     model = build_model(config, weights, cpu)
     kv_dtype = kv_cache_dtype("auto", torch.float32, cpu)

@@ -14,14 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.engine import gguf_loader
+from services.engine import gguf_loader, gguf_weights
 from services.engine.config import DEFAULT_MODEL, ModelConfig
-from services.engine.loader import (
-    default_gguf_path,
-    load_config,
-    load_tokenizer,
-    load_weights,
-)
+from services.engine.loader import default_gguf_path, load_config, load_tokenizer
+from services.engine.weights import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +62,7 @@ def test_unpermute_inverts_convert_permute() -> None:
     weight = torch.randn(3 * 8, 5)
     permuted = _convert_permute(weight, 3)
     assert not torch.equal(permuted, weight)
-    assert torch.equal(gguf_loader.unpermute_rotary(permuted, 3), weight)
+    assert torch.equal(gguf_weights.unpermute_rotary(permuted, 3), weight)
 
 
 def _rope_half(x: torch.Tensor, theta: float) -> torch.Tensor:

@@ -11,7 +11,8 @@ from services.cli import byte_size
 from services.engine.block_linear import BlockEmbedding
 from services.engine.device import free_memory_bytes, memory_limit_bytes
 from services.engine.kv_pool import KVPool, kv_bytes_per_token
-from services.engine.loader import load_config, load_weights
+from services.engine.loader import load_config
+from services.engine.weights import load_weights
 from services.engine.worker import PoolSizeError, Worker, WorkerOptions, kv_pool_tokens
 
 CPU = torch.device("cpu")

@@ -11,6 +11,7 @@ from services.engine.kv_pool import KVPool
 from services.engine.model import build_model
 from services.engine.quantization import Int8Linear, q4_1_blocks, q8_0_blocks, quantize
 from services.engine.runner import ModelRunner, SeqChunk
+from services.engine.weights import load_weights
 from services.engine.worker import Worker, WorkerOptions
 from tests.engine_reference import as_matmul_inputs
 
@@ -54,7 +55,7 @@ def test_int4_blocks_round_to_the_nearest_level_and_multiply_exactly():
 
 def teacher_forced_logits(quantization: str) -> list[torch.Tensor]:
     config = loader.load_config("default")
-    weights = loader.load_weights("default", torch.float32)
+    weights = load_weights("default", torch.float32)
     model = build_model(config, weights, torch.device("cpu"))
     quantize(model, quantization)
     pool = KVPool(config, 1024, 16, torch.float32, torch.device("cpu"))

