@@ -62,8 +62,7 @@ async def one_request(client: httpx.AsyncClient, model: str, content: str, max_t
                 raise RequestFailed(f"error in stream: {json.dumps(chunk['error'])[:200]}")
             if chunk.get("usage"):
                 num_tokens = chunk["usage"]["completion_tokens"]
-            # A token is a chunk with generated text; a role-only opening chunk is not.
-            if any(_carries_text(c.get("delta", {})) for c in chunk.get("choices", [])):
+            if any(_carries_token(c) for c in chunk.get("choices", [])):
                 arrivals.append(time.perf_counter())
     end = time.perf_counter()
     if not arrivals:
@@ -72,7 +71,13 @@ async def one_request(client: httpx.AsyncClient, model: str, content: str, max_t
     return RequestResult(arrivals[0] - start, itl, num_tokens or len(arrivals), end - start)
 
 
-def _carries_text(delta: dict) -> bool:
+def _carries_token(choice: dict) -> bool:
+    """A chunk with generated text, or with a token's logprob when logprobs were asked for
+    (so a token without text, such as an end-of-turn token under ignore_eos, counts). A
+    role-only opening chunk is no token."""
+    if (choice.get("logprobs") or {}).get("content"):
+        return True
+    delta = choice.get("delta", {})
     content = delta.get("content")
     return bool(content) or (content is not None and "role" not in delta)
 

@@ -9,7 +9,8 @@ Workloads, each run on every server in turn (interleaved, same requests):
     (Poisson arrivals, requests per second; fixed seed): output tok/s, TTFT and ITL p50/p99,
     and the number of failed requests (a failure is counted, never fatal);
   - a long prompt (--long-words words): TTFT cold (a prompt no cache has seen), then the same
-    prompt again 5 times in a row (prefix cache, KV handoff included; p50 of the 5).
+    prompt again 5 times in a row (prefix cache, KV handoff included; p50 of the 5), with
+    logprobs, so that the first token counts even when it has no text.
 A warm-up round is run and discarded. Prints progress and one line per result, and writes
 bench/results/serving.json and serving.png (output tok/s and ITL p50 against concurrency and
 against the offered rate).
@@ -114,6 +115,9 @@ def story_prompts(count: int) -> list[str]:
 
 # The warm long prompt is sent this many times in a row (a single TTFT is too noisy to compare).
 LONG_AGAIN_REPEATS = 5
+# Long-prompt requests ask for logprobs so that TTFT is the first token's, whatever its text:
+# a reply that starts with an end-of-turn token (kept under ignore_eos) has none.
+LONG_EXTRA = {"logprobs": True}
 
 
 def long_prompt(num_words: int) -> str:
@@ -180,7 +184,9 @@ async def measure(servers: dict[str, str], args: argparse.Namespace) -> list[Sum
         prompt = long_prompt(args.long_words)
         for workload, repeats in (("long-cold", 1), ("long-again", LONG_AGAIN_REPEATS)):
             label = f"{name} {workload} ({args.long_words} words)"
-            run = await run_level(url, models[name], 1, [prompt] * repeats, 4, label=label)
+            run = await run_level(
+                url, models[name], 1, [prompt] * repeats, 4, extra=LONG_EXTRA, label=label
+            )
             report(summarize(name, workload, 1, run), run)
     return summaries
 
