@@ -329,6 +329,26 @@ def test_partial_match_finds_the_sibling_sharing_the_longest_start():
     states(manager)
 
 
+def test_a_partial_block_serves_partial_matches_only():
+    manager = BlockManager(4, 4)
+    prompt = [1, 2, 3, 4, 5, 6]  # a full block, then a prompt's last 2 tokens
+    first, last = manager.allocate(2)
+    parent = hash_blocks(prompt, 4)[0]
+    register_all(manager, [first], prompt[:4])
+    manager.register(last, hash_block(parent, prompt[4:]), prompt[4:], parent)
+    with pytest.raises(AssertionError, match="no parent"):
+        manager.register(last, hash_block(parent, prompt[4:]), prompt[4:])
+    manager.free([first, last])
+    assert states(manager) == (0, 2, 4)
+    # Never a whole block: a prompt with more tokens after it matches its 2 tokens only.
+    assert manager.match_prefix(hash_blocks([*prompt, 7, 8], 4), [*prompt, 7, 8]) == [first]
+    assert manager.match_partial(parent, [5, 6, 7, 8]) == (last, 2)
+    assert manager.match_partial(parent, [5, 9]) == (last, 1)
+    manager.free([first, last, last])
+    assert manager.allocate(4) and manager.match_partial(parent, [5, 6]) == (None, 0)
+    assert manager._children == {}
+
+
 def test_partial_candidates_leave_with_their_hash():
     tokens = [1, 2, 3, 4, 5, 6, 7, 8]
     manager = cached(2, 4, tokens)

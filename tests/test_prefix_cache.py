@@ -111,8 +111,9 @@ def test_repeated_prompt_computes_only_the_uncached_part(stack, reference, tok):
     hits_before = stack.stats("prefill").prefix_cache_hit_blocks
     first, cold = generate(stack, prompt, 12)
     second, warm = generate(stack, prompt, 12)
-    # 6 full blocks are cached; the 4-token tail is computed, and with it the first token.
-    assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 96)
+    # 6 full blocks and the 4-token tail are cached: the tail's first 3 tokens are copied, and
+    # the last prompt token is computed, and with it the first token.
+    assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 99)
     assert first.first_token_id == second.first_token_id == expected[0]
     assert tokens_of(cold) == tokens_of(warm) == expected
     assert stack.stats("prefill").prefix_cache_hit_blocks - hits_before == 6
@@ -127,8 +128,8 @@ def test_cache_salt_and_length_cap(stack, tok):
     assert cached_tokens(stack, prompt, isolation_key="alice") == 0
     assert cached_tokens(stack, prompt, isolation_key="bob") == 0
     assert cached_tokens(stack, prompt) == 0  # no salt is a salt of its own
-    assert cached_tokens(stack, prompt, isolation_key="alice") == 80
-    assert cached_tokens(stack, prompt, isolation_key="bob") == 80
+    assert cached_tokens(stack, prompt, isolation_key="alice") == 89  # all but the last token
+    assert cached_tokens(stack, prompt, isolation_key="bob") == 89
     assert cached_tokens(stack, prompt, isolation_key="alice", max_len=40) == 40
     assert cached_tokens(stack, prompt, isolation_key="alice", max_len=0) == 0
     capped = text_prompt(tok, "Capped", 90)
@@ -137,7 +138,7 @@ def test_cache_salt_and_length_cap(stack, tok):
 
 
 def test_prompt_diverging_inside_a_block_reuses_the_shared_part(stack, reference, tok):
-    base = text_prompt(tok, "Diverge", 60)  # 3 full blocks cached, the tail is not
+    base = text_prompt(tok, "Diverge", 60)  # 3 full blocks and the 12-token tail cached
     assert cached_tokens(stack, base) == 0
     other = base[:40] + tok.encode(" Something else entirely, and then some more words.")
     shared = next(i for i, (a, b) in enumerate(zip(base, other, strict=False)) if a != b)

@@ -159,14 +159,19 @@ class BlockManager:
         token_ids: Sequence[int],
         parent: bytes | None = None,
     ) -> None:
-        """Offers an in-use, full, computed block to later `match_prefix` calls, and with
-        its `parent` hash to `match_partial` calls.
+        """Offers an in-use, computed block to later `match_prefix` calls, and with its
+        `parent` hash to `match_partial` calls. A block that is not full (a prompt's last
+        tokens) is offered to `match_partial` alone, so it needs its parent; its tokens must
+        never change while it is registered.
 
         The first block registered under a hash keeps it; a later duplicate stays
         unregistered and is simply freed into the free list when released.
         """
         assert self.ref_counts[block_id] > 0, f"block {block_id} is free"
-        assert len(token_ids) == self.block_size, f"block {block_id} is not full"
+        assert 0 < len(token_ids) <= self.block_size, f"block {block_id}: {len(token_ids)} ids"
+        assert len(token_ids) == self.block_size or parent is not None, (
+            f"block {block_id} is not full and has no parent"
+        )
         entry = self._entries.get(block_id)
         if entry is not None:
             # A block's tokens never change while it is allocated, so neither may its hash.

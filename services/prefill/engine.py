@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import deque
 
+from services.engine.block_hash import hash_block
 from services.engine.block_manager import blocks_needed
 from services.engine.engine_thread import EngineThread
 from services.engine.grammar_batch import GrammarBatch
@@ -226,8 +227,7 @@ class PrefillEngine:
         end = min(start + block_size, job.servable_tokens)
         if end <= start:
             return 0
-        parent = job.block_hashes[index - 1] if index else job.root_hash
-        source, length = self.blocks.match_partial(parent, job.token_ids[start:end])
+        source, length = self.blocks.match_partial(job.parent(index), job.token_ids[start:end])
         if source is None:
             return 0
         self.worker.pool.copy_block(source, job.block_table[index])
@@ -235,14 +235,25 @@ class PrefillEngine:
         return length
 
     def _register_computed_blocks(self, job: PrefillJob) -> None:
-        """Offers each newly completed full block to the prefix cache."""
+        """Offers each newly completed full block to the prefix cache and, once the whole
+        prompt is computed, its last block if that is not full: a later prompt that starts
+        the same way copies those tokens' KV (`_reuse_part`) instead of computing them, so
+        the same prompt again computes only its last token."""
         block_size = self.blocks.block_size
         num_full = min(job.num_computed // block_size, len(job.block_hashes))
         for i in range(job.num_registered_blocks, num_full):
             tokens = job.token_ids[i * block_size : (i + 1) * block_size]
-            parent = job.block_hashes[i - 1] if i else job.root_hash
-            self.blocks.register(job.block_table[i], job.block_hashes[i], tokens, parent)
+            self.blocks.register(job.block_table[i], job.block_hashes[i], tokens, job.parent(i))
         job.num_registered_blocks = max(job.num_registered_blocks, num_full)
+        last = len(job.token_ids) // block_size
+        if (
+            job.num_computed == len(job.token_ids)
+            and len(job.token_ids) % block_size
+            and len(job.block_hashes) == last  # the cache may hold every full block before it
+        ):
+            tokens = job.token_ids[last * block_size :]
+            parent = job.parent(last)
+            self.blocks.register(job.block_table[last], hash_block(parent, tokens), tokens, parent)
 
     def _run(self, batch: list[tuple[PrefillJob, SeqChunk]]) -> None:
         start = time.monotonic_ns()

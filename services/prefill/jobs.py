@@ -53,6 +53,10 @@ class PrefillJob:
         if self.sampling.mirostat_target is not None:
             self.mirostat = MirostatState.start(self.sampling.mirostat_target)
 
+    def parent(self, block_index: int) -> bytes:
+        """The hash the block at `block_index` follows: the previous block's, or the root."""
+        return self.block_hashes[block_index - 1] if block_index else self.root_hash
+
     @property
     def num_remaining(self) -> int:
         return len(self.token_ids) - self.num_computed
