@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.engine import kernels
-from services.engine.attention import AttentionMetadata, Rotary, rope_attention
+from services.engine.attention import AttentionMetadata, Rotary, in_place, rope_attention
 from services.engine.block_linear import (
     BlockEmbedding,
     BlockLinear,
@@ -20,6 +20,9 @@ from services.engine.block_linear import (
     concat_rows,
 )
 from services.engine.config import ModelConfig
+
+# Weight formats as llmserve::decoder_layers numbers them.
+_FORMATS = {"Q4_1": 0, "Q8_0": 1}
 
 
 class RMSNorm(nn.Module):
@@ -109,11 +112,42 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,  # [num_logits] tokens whose next-token logits are wanted
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
-            x = layer(x, self.rotary, layer_cache, meta)
+        weights = self._kernel_weights() if kernels.serves(x) and in_place(kv_cache) else None
+        if weights is not None:  # every layer in one call of our kernels: same values
+            config = self.config
+            x = torch.ops.llmserve.decoder_layers(
+                x, *weights, self.rotary.cos, self.rotary.sin, kv_cache, meta.slot_mapping,
+                meta.block_tables, meta.token_seq, meta.positions, config.num_heads,
+                config.num_kv_heads, config.rms_norm_eps, config.head_dim**-0.5,
+            )  # fmt: skip
+        else:
+            for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+                x = layer(x, self.rotary, layer_cache, meta)
         x = self.norm(x[logits_indices])
         logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
         return logits.float()  # [num_logits, vocab_size]
+
+    def _kernel_weights(self) -> tuple[list, list, list[int], list[int]] | None:
+        """The layers' weights as `llmserve::decoder_layers` takes them (norms; the q/k/v, o,
+        gate/up and down tiles with their formats and input sizes), when every linear layer
+        is in a block format of our kernels; else None. Found once."""
+        if not hasattr(self, "_kernel_weights_found"):
+            norms, tiles, formats, in_features = [], [], [], []
+            for layer in self.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+                for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                    if not isinstance(linear, BlockLinear) or linear.fmt.name not in _FORMATS:
+                        norms = None
+                        break
+                    tiles.append(linear.tiles)
+                    formats.append(_FORMATS[linear.fmt.name])
+                    in_features.append(linear.in_features)
+                if norms is None:
+                    break
+            found = None if norms is None else (norms, tiles, formats, in_features)
+            object.__setattr__(self, "_kernel_weights_found", found)
+        return self._kernel_weights_found
 
     def load_hf_weights(self, weights: dict[str, Weight]) -> None:
         """Loads Hugging Face Llama names, fusing q/k/v and gate/up into single matmuls.

@@ -1,6 +1,7 @@
 """CPU kernels of our own (C++), built for this machine's instruction set on first use.
 
 `load()` compiles the kernels (`quant_linear.cpp`, `paged_attention.cpp`, `layer_ops.cpp`,
+`decoder_layers.cpp`,
 split over the threads of `thread_pool.cpp`) with the machine's compiler for the widest
 vector extension the CPU has (AVX-512, else AVX2, else portable code) and registers them as
 `torch.ops.llmserve.*`. The build is cached beside this file (or under
@@ -30,6 +31,7 @@ _SOURCES = (
     "vnni_linear.cpp",
     "paged_attention.cpp",
     "layer_ops.cpp",
+    "decoder_layers.cpp",
     "thread_pool.cpp",
 )
 _HEADERS = ("simd.h", "quant_tiles.h", "thread_pool.h")
