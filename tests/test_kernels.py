@@ -96,3 +96,16 @@ def test_block_matmuls_match_float64_and_do_not_depend_on_the_rows(to_blocks):
         part = layer(x[:rows])
         assert torch.equal(part[0], got[0]) and torch.equal(part[-1], got[rows - 1])
     assert np.isfinite(got.numpy()).all()
+
+
+def test_argmax_rows_is_torch_argmax():
+    """First index of the largest value, or of the first NaN: torch's rule, on any width."""
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (1, 15, 49152, 49157):
+        logits = torch.randn(7, vocab, generator=generator)
+        logits[1] = float("-inf")  # every token banned
+        logits[2, vocab // 2 :] = float("nan")
+        logits[3, :] = 2.0  # all tied
+        logits[4, -1] = float("inf")
+        logits[5, [0, vocab - 1]] = 50.0  # tied, far apart
+        assert torch.equal(torch.ops.llmserve.argmax_rows(logits), logits.argmax(-1)), vocab

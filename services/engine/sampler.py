@@ -22,6 +22,7 @@ Features no row asks for cost nothing; those some rows ask for run on those rows
 import torch
 import torch.nn.functional as F
 
+from services.engine import kernels
 from services.engine import mirostat as mirostat_v2
 from services.engine.logits_processors import apply_logit_bias, apply_penalties
 from services.engine.logprobs import token_logprobs
@@ -70,7 +71,7 @@ class Sampler:
             raise ValueError("sample_tokens needs one params, position, history, state per row")
         raw = logits.float()  # every step below is out of place, so raw stays raw
         logits = apply_penalties(apply_logit_bias(raw, params), params, histories)
-        token_ids = logits.argmax(dim=-1)  # [num_rows]; final for greedy rows
+        token_ids = argmax_rows(logits)  # [num_rows]; final for greedy rows
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         surprise_rows: list[int] = []
         surprises: list[float] = []
@@ -123,6 +124,13 @@ class Sampler:
                 self._seeded.manual_seed((p.seed * _POSITION_STRIDE + positions[i]) % 2**63)
                 draws[i] = 1 - torch.rand(1, generator=self._seeded, **options)
         return draws
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax over the last dim of [num_rows, vocab], on our kernels' threads on CPU."""
+    if kernels.serves(logits):
+        return torch.ops.llmserve.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 _CDF_BLOCK = 256

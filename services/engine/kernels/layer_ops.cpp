@@ -1,10 +1,12 @@
-// Row-wise float32 ops of a decoder layer, one pass each: RMSNorm and SiLU(gate) * up.
-// Each row is computed alone, in a fixed order, whatever the number of rows.
+// Row-wise float32 ops, one pass each: RMSNorm and SiLU(gate) * up of a decoder layer, and
+// the argmax of each row of logits. Each row is computed alone, in a fixed order, whatever
+// the number of rows.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "simd.h"
 #include "thread_pool.h"
@@ -65,15 +67,53 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// Per row of x [rows, n], the index of its largest value, the first one among equals, and
+// of its first NaN if it has one: what torch.argmax gives, over our threads (torch's takes
+// about 1 ms for 16 rows of a 49k vocabulary on one thread).
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) > 0);
+  at::Tensor rows = x.contiguous();
+  const int64_t n = rows.size(1);
+  at::Tensor out = at::empty({rows.size(0)}, rows.options().dtype(at::kLong));
+  const float* xp = rows.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  parallel_for(rows.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * n;
+      W best = splat_w(-std::numeric_limits<float>::infinity());
+      WI unordered = {};  // lanes that saw a NaN
+      int64_t i = 0;
+      for (; i + kW <= n; i += kW) {
+        const W v = load_w(row + i);
+        best = vmax(best, v);
+        unordered |= v != v;
+      }
+      float top = hmax(best);
+      bool nan = false;
+      for (int j = 0; j < kW; ++j) nan |= unordered[j] != 0;
+      for (; i < n; ++i) {
+        nan |= row[i] != row[i];
+        top = std::max(top, row[i]);
+      }
+      int64_t index = 0;
+      while (index < n && !(nan ? row[index] != row[index] : row[index] == top)) ++index;
+      op[r] = index;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace llmserve
 
 TORCH_LIBRARY_FRAGMENT(llmserve, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
   m.impl("rms_norm", &llmserve::rms_norm);
   m.impl("silu_mul", &llmserve::silu_mul);
+  m.impl("argmax_rows", &llmserve::argmax_rows);
 }
