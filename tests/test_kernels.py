@@ -58,8 +58,9 @@ def test_attention_matches_torch_and_does_not_depend_on_the_batch(
     """With a float16 cache, each side rounds its own rotated K: where the float32 rotations
     differ in their last bit, a value can round to the neighbouring float16 (2^-11 apart)."""
     generator = torch.Generator().manual_seed(heads)
-    lengths, max_blocks = [37, 5, 70], 5
-    rotary = Rotary(head_dim, 10000.0, 256)
+    # 600 keys: queries past 256 keys attend in partitions merged afterwards.
+    lengths, max_blocks = [37, 5, 600], 38
+    rotary = Rotary(head_dim, 10000.0, 1024)
     width = (heads + 2 * kv_heads) * head_dim
     qkv = torch.randn(sum(lengths), width, generator=generator)
     outs = {}
@@ -74,6 +75,10 @@ def test_attention_matches_torch_and_does_not_depend_on_the_batch(
     run(qkv, rotary, cache, metadata(lengths, [0, 0, 0], max_blocks), heads, kv_heads, False)
     alone = run(qkv[36:37], rotary, cache, metadata([37], [36], max_blocks), heads, kv_heads, False)
     assert torch.equal(alone[0], outs[False][36])
+    # The long sequence's last 3 tokens alone, in a batch of their own: the same rows too.
+    tail = qkv[sum(lengths) - 3 :]
+    meta = metadata([0, 0, 600], [0, 0, 597], max_blocks)
+    assert torch.equal(run(tail, rotary, cache, meta, heads, kv_heads, False), outs[False][-3:])
 
 
 @pytest.mark.parametrize("to_blocks", [q4_1_blocks, q8_0_blocks])

@@ -10,12 +10,18 @@
 //
 // The cache holds float32, or float16 (half the memory; values rounded once when stored,
 // widened exactly when read, all arithmetic in float32).
+//
+// A query with more than kPartKeys keys attends in partitions of kPartKeys keys, each a work
+// item of its own (so one long sequence still spreads over every thread), whose partial
+// results (max score, sum of exponentials, unnormalized output) are then merged in partition
+// order. The partitions follow from the query's position alone: batch invariance holds.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -24,6 +30,8 @@
 
 namespace llmserve {
 namespace {
+
+constexpr int64_t kPartKeys = 256;  // keys per partition of a long query's attention
 
 // T: float or c10::Half, what the cache stores.
 template <typename T>
@@ -88,7 +96,8 @@ void rotate_and_store(const float* qkv, const float* cos, const float* sin, cons
 template <int GS>
 struct Queries {
   const float* q[GS];       // [head_dim] each
-  float* out[GS];           // [head_dim] each
+  float* out[GS];           // [head_dim] each: the output, or a partition's unnormalized one
+  float* stats[GS];         // a partition's {max score, sum of exponentials}; null: final
   float* scores[GS];        // [max num_keys rounded up to the block size] each
   int64_t num_keys[GS];     // query g attends keys [0, num_keys[g])
   const int64_t* blocks;    // the sequence's block table
@@ -151,9 +160,9 @@ void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float sc
     finish(chunk, even[0], odd[0]);
     if (two) finish(chunk + 1, even[1], odd[1]);
   }
-  float inv_total[GS];
+  float inv_total[GS], max_scores[GS], totals[GS];
   for (int g = 0; g < GS; ++g) {
-    const float max_score = hmax(best[g]);
+    const float max_score = max_scores[g] = hmax(best[g]);
     const int64_t num_chunks = (job.num_keys[g] + kW - 1) / kW;
     W total = {};
     for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
@@ -161,7 +170,8 @@ void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float sc
       store_w(job.scores[g] + chunk * kW, e);
       total += e;
     }
-    inv_total[g] = 1.0f / hsum(total);
+    totals[g] = hsum(total);
+    inv_total[g] = 1.0f / totals[g];
   }
   W acc[GS][DV] = {};
   for (int64_t b = 0; b < num_blocks; ++b) {
@@ -176,14 +186,43 @@ void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float sc
       }
     }
   }
-  for (int g = 0; g < GS; ++g)
-    for (int i = 0; i < DV; ++i) store_w(job.out[g] + i * kW, acc[g][i] * inv_total[g]);
+  for (int g = 0; g < GS; ++g) {
+    if (job.stats[g] == nullptr) {
+      for (int i = 0; i < DV; ++i) store_w(job.out[g] + i * kW, acc[g][i] * inv_total[g]);
+    } else {
+      for (int i = 0; i < DV; ++i) store_w(job.out[g] + i * kW, acc[g][i]);
+      job.stats[g][0] = max_scores[g];
+      job.stats[g][1] = totals[g];
+    }
+  }
 }
 
+// A long query's output from its partitions' results (slots of stats then head_dim values,
+// in partition order): each partition's weight is exp(its max - the overall max).
+void merge_partitions(const float* slots, int64_t num_parts, int64_t head_dim, float* out) {
+  const int64_t slot = head_dim + 2;
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t p = 0; p < num_parts; ++p) top = std::max(top, slots[p * slot]);
+  float total = 0.0f;
+  for (int64_t p = 0; p < num_parts; ++p)
+    total += std::exp(slots[p * slot] - top) * slots[p * slot + 1];
+  const float inv_total = 1.0f / total;
+  for (int64_t i = 0; i < head_dim; i += kW) {
+    W sum = {};
+    for (int64_t p = 0; p < num_parts; ++p) {
+      const float weight = std::exp(slots[p * slot] - top) * inv_total;
+      sum = load_w(slots + p * slot + 2 + i) * weight + sum;
+    }
+    store_w(out + i, sum);
+  }
+}
+
+int64_t num_parts(int64_t num_keys) { return (num_keys + kPartKeys - 1) / kPartKeys; }
+
 // A work item: tokens [token, token + num_tokens) of one sequence, heads
-// [first_head, first_head + num_heads) of one KV head.
+// [first_head, first_head + num_heads) of one KV head, keys of partition `part`.
 struct Item {
-  int64_t token, num_tokens, first_head, num_heads;
+  int64_t token, num_tokens, first_head, num_heads, part;
 };
 
 struct Batch {
@@ -193,6 +232,8 @@ struct Batch {
   int64_t max_blocks;
   const int64_t* token_seq;
   const int64_t* positions;
+  float* partials;  // [tokens, heads, max parts, head_dim + 2]: long queries' partitions
+  int64_t max_parts;
   int64_t num_heads, group, head_dim;
   float scale;
 };
@@ -201,17 +242,28 @@ template <int DV, int GS, typename T>
 void attend_item(const Cache<T>& c, const Batch& batch, const Item& item, float* scores,
                  int64_t stride) {
   Queries<GS> job;
+  const int64_t first_key = item.part * kPartKeys;
   int g = 0;
   for (int64_t t = item.token; t < item.token + item.num_tokens; ++t) {
     for (int64_t h = item.first_head; h < item.first_head + item.num_heads; ++h, ++g) {
       const int64_t at = (t * batch.num_heads + h) * batch.head_dim;
+      const int64_t num_keys = batch.positions[t] + 1;
       job.q[g] = batch.q + at;
-      job.out[g] = batch.out + at;
       job.scores[g] = scores + g * stride;
-      job.num_keys[g] = batch.positions[t] + 1;
+      job.num_keys[g] = std::min(num_keys - first_key, kPartKeys);
+      if (num_keys <= kPartKeys) {
+        job.out[g] = batch.out + at;
+        job.stats[g] = nullptr;
+      } else {
+        float* slot = batch.partials + ((t * batch.num_heads + h) * batch.max_parts + item.part) *
+                                           (batch.head_dim + 2);
+        job.stats[g] = slot;
+        job.out[g] = slot + 2;
+      }
     }
   }
-  job.blocks = batch.tables + batch.token_seq[item.token] * batch.max_blocks;
+  job.blocks = batch.tables + batch.token_seq[item.token] * batch.max_blocks +
+               first_key / c.block_size;
   attend<DV, GS, T>(c, job, item.first_head / batch.group, batch.scale);
 }
 
@@ -249,9 +301,11 @@ int64_t max_queries(int64_t head_dim) {
 }
 
 // Items: runs of consecutive tokens of one sequence x runs of heads of one KV head, each
-// with at most max_queries(head_dim) queries.
-std::vector<Item> plan_items(const int64_t* token_seq, int64_t num_tokens, int64_t num_heads,
-                             int64_t group, int64_t head_dim) {
+// with at most max_queries(head_dim) queries, x the key partitions of its tokens (each
+// partition's item holds the run's tokens that have keys in it).
+std::vector<Item> plan_items(const int64_t* token_seq, const int64_t* positions,
+                             int64_t num_tokens, int64_t num_heads, int64_t group,
+                             int64_t head_dim) {
   const int64_t limit = max_queries(head_dim);
   const int64_t heads_per_item = std::min(group, limit);
   const int64_t tokens_per_item = std::max<int64_t>(1, limit / heads_per_item);
@@ -262,7 +316,12 @@ std::vector<Item> plan_items(const int64_t* token_seq, int64_t num_tokens, int64
     for (int64_t first = 0; first < num_heads; first += heads_per_item) {
       const int64_t kv_end = (first / group + 1) * group;
       const int64_t heads = std::min(heads_per_item, kv_end - first);
-      items.push_back({t, n, first, heads});
+      // Positions rise along the run: a partition's tokens are a tail of it.
+      int64_t begin = t;
+      for (int64_t part = 0; part < num_parts(positions[t + n - 1] + 1); ++part) {
+        while (positions[begin] + 1 <= part * kPartKeys) ++begin;
+        items.push_back({begin, t + n - begin, first, heads, part});
+      }
       if (heads < heads_per_item) first = kv_end - heads_per_item;  // next KV head
     }
     t += n;
@@ -319,10 +378,15 @@ at::Tensor rope_attention_on(const at::Tensor& qkv, const at::Tensor& cos, const
   at::Tensor out = at::empty({num_tokens, num_heads * l.head_dim}, qkv.options());
   float* op = out.data_ptr<float>();
   const int64_t group = num_heads / num_kv_heads;
-  const std::vector<Item> items = plan_items(sp, num_tokens, num_heads, group, l.head_dim);
-  const Batch batch{qp, op, tp, max_blocks, sp, pp, num_heads, group, l.head_dim,
-                    static_cast<float>(scale)};
-  const int64_t stride = max_blocks * c.block_size;
+  TORCH_CHECK(kPartKeys % c.block_size == 0, "block_size must divide ", kPartKeys);
+  const std::vector<Item> items = plan_items(sp, pp, num_tokens, num_heads, group, l.head_dim);
+  int64_t max_parts = 1;
+  for (int64_t t = 0; t < num_tokens; ++t) max_parts = std::max(max_parts, num_parts(pp[t] + 1));
+  std::vector<float> partials(
+      max_parts > 1 ? num_tokens * num_heads * max_parts * (l.head_dim + 2) : 0);
+  const Batch batch{qp, op, tp, max_blocks, sp, pp, partials.data(), max_parts, num_heads,
+                    group, l.head_dim, static_cast<float>(scale)};
+  const int64_t stride = std::min(max_blocks * c.block_size, kPartKeys);
   parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scores;
     scores.resize(max_queries(l.head_dim) * stride);
@@ -332,6 +396,16 @@ at::Tensor rope_attention_on(const at::Tensor& qkv, const at::Tensor& cos, const
                                                                   scores.data(), stride);
     }
   });
+  if (max_parts > 1) {
+    parallel_for(num_tokens * num_heads, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t parts = num_parts(pp[i / num_heads] + 1);
+        if (parts > 1)
+          merge_partitions(partials.data() + i * max_parts * (l.head_dim + 2), parts, l.head_dim,
+                           op + i * l.head_dim);
+      }
+    });
+  }
   return out;
 }
 
