@@ -24,3 +24,23 @@ def test_configured_targets_allow_what_they_name():
     assert checks == [True, True]
     # Another port of an allowed host, or any other host, is not an instance it knows.
     assert allowed("10.0.0.7:50052", "10.0.0.7:50053", "127.0.0.1:50052") == [False, False]
+
+
+def test_concurrent_first_requests_wait_for_one_resolution(monkeypatch):
+    """A new decode replica's first requests arrive together: every one of them is allowed once
+    the single resolution they share finishes."""
+    calls = []
+
+    async def slow_resolve(targets):
+        calls.append(targets)
+        await asyncio.sleep(0.05)
+        return ["10.0.0.7:50052"]
+
+    monkeypatch.setattr("services.decode.prefill_allowlist.resolve", slow_resolve)
+    allow_list = PrefillAllowList("prefill:50052")
+
+    async def check() -> list[bool]:
+        return await asyncio.gather(*(allow_list.allows("10.0.0.7:50052") for _ in range(8)))
+
+    assert asyncio.run(check()) == [True] * 8
+    assert len(calls) == 1

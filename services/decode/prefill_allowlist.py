@@ -1,5 +1,6 @@
 """The prefill instances decode may dial for a request's KV, whatever a KV handle names."""
 
+import asyncio
 import time
 
 from services.targets import is_loopback, parse_targets, resolve
@@ -18,14 +19,35 @@ class PrefillAllowList:
         self._targets = parse_targets(spec) if spec else None
         self._seen: dict[str, float] = {}  # address -> when a target last resolved to it
         self._resolved_at = float("-inf")
+        self._resolving: asyncio.Future[None] | None = None
 
     async def allows(self, address: str) -> bool:
         if self._targets is None:
             return is_loopback(address)
-        now = time.monotonic()
-        if now - self._seen.get(address, float("-inf")) >= KEEP_S:
-            if now - self._resolved_at >= RESOLVE_EVERY_S:
-                self._resolved_at = now
-                for resolved in await resolve(self._targets):
-                    self._seen[resolved] = now
-        return now - self._seen.get(address, float("-inf")) < KEEP_S
+        if not self._allowed(address):
+            await self._refresh()
+        return self._allowed(address)
+
+    def _allowed(self, address: str) -> bool:
+        return time.monotonic() - self._seen.get(address, float("-inf")) < KEEP_S
+
+    async def _refresh(self) -> None:
+        """Resolves the targets again unless that was done in the last RESOLVE_EVERY_S. A caller
+        arriving while a resolution runs waits for it: a new decode replica's first requests
+        come together, and all but the first would otherwise be refused."""
+        if self._resolving is None:
+            if time.monotonic() - self._resolved_at < RESOLVE_EVERY_S:
+                return
+            self._resolved_at = time.monotonic()
+            self._resolving = asyncio.ensure_future(self._resolve())
+        # shield: a caller cancelled (its client gone) does not cancel the others' resolution.
+        await asyncio.shield(self._resolving)
+
+    async def _resolve(self) -> None:
+        try:
+            addresses = await resolve(self._targets)
+            now = time.monotonic()
+            for address in addresses:
+                self._seen[address] = now
+        finally:
+            self._resolving = None
