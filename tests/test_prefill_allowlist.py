@@ -44,3 +44,23 @@ def test_concurrent_first_requests_wait_for_one_resolution(monkeypatch):
 
     assert asyncio.run(check()) == [True] * 8
     assert len(calls) == 1
+
+
+def test_a_name_that_does_not_resolve_does_not_hold_up_one_that_does(monkeypatch):
+    """Compose's decode names `prefill-gpu` too; without the gpu profile no container has that
+    name, and on a network with no way out its lookup fails only after seconds."""
+
+    async def resolve(targets):
+        ((host, port),) = targets
+        if host == "prefill-gpu":
+            await asyncio.sleep(30)
+            return []
+        return [f"10.0.0.7:{port}"]
+
+    monkeypatch.setattr("services.decode.prefill_allowlist.resolve", resolve)
+    allow_list = PrefillAllowList("prefill:50052,prefill-gpu:50052")
+
+    async def check() -> bool:
+        return await asyncio.wait_for(allow_list.allows("10.0.0.7:50052"), timeout=5)
+
+    assert asyncio.run(check())

@@ -20,34 +20,44 @@ class PrefillAllowList:
         self._seen: dict[str, float] = {}  # address -> when a target last resolved to it
         self._resolved_at = float("-inf")
         self._resolving: asyncio.Future[None] | None = None
+        self._changed = asyncio.Condition()
 
     async def allows(self, address: str) -> bool:
+        """On a miss, waits for the targets to be resolved again, but only until one of them
+        gives `address`: a name with no instance (compose's `prefill-gpu` without the gpu
+        profile) can take seconds to fail on a network with no way out. Requests arriving
+        during a resolution wait for it too (a new replica's first requests come together)."""
         if self._targets is None:
             return is_loopback(address)
-        if not self._allowed(address):
-            await self._refresh()
+        if self._allowed(address):
+            return True
+        self._start_resolution()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._allowed(address) or not self._resolving)
         return self._allowed(address)
 
     def _allowed(self, address: str) -> bool:
         return time.monotonic() - self._seen.get(address, float("-inf")) < KEEP_S
 
-    async def _refresh(self) -> None:
-        """Resolves the targets again unless that was done in the last RESOLVE_EVERY_S. A caller
-        arriving while a resolution runs waits for it: a new decode replica's first requests
-        come together, and all but the first would otherwise be refused."""
-        if self._resolving is None:
-            if time.monotonic() - self._resolved_at < RESOLVE_EVERY_S:
-                return
-            self._resolved_at = time.monotonic()
-            self._resolving = asyncio.ensure_future(self._resolve())
-        # shield: a caller cancelled (its client gone) does not cancel the others' resolution.
-        await asyncio.shield(self._resolving)
+    def _start_resolution(self) -> None:
+        now = time.monotonic()
+        if self._resolving is None and now - self._resolved_at >= RESOLVE_EVERY_S:
+            self._resolved_at = now
+            # A task of its own: a waiting request cancelled (its client gone) leaves it running.
+            self._resolving = asyncio.ensure_future(self._resolve_all())
 
-    async def _resolve(self) -> None:
+    async def _resolve_all(self) -> None:
         try:
-            addresses = await resolve(self._targets)
-            now = time.monotonic()
-            for address in addresses:
-                self._seen[address] = now
+            await asyncio.gather(*(self._resolve_one(target) for target in self._targets or []))
         finally:
             self._resolving = None
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _resolve_one(self, target: tuple[str, int]) -> None:
+        addresses = await resolve([target])
+        now = time.monotonic()
+        for address in addresses:
+            self._seen[address] = now
+        async with self._changed:
+            self._changed.notify_all()
