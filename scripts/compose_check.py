@@ -22,7 +22,7 @@ PORT = int(os.environ.get("HTTP_PORT", "18080"))
 BASE = f"http://127.0.0.1:{PORT}"
 COMPOSE = ["docker", "compose", "-f", str(ROOT / "compose.yaml"), "-p", PROJECT]
 ENV = {**os.environ, "HTTP_PORT": str(PORT)}
-# About 1,300 tokens: several KV blocks for the prefix cache and for the transfer to decode.
+# About 1,700 tokens: a hundred KV blocks for the prefix cache and for the transfer to decode.
 LONG_PROMPT = " ".join(
     f"Note {i}: the stack keeps this prompt's blocks in its prefix cache." for i in range(100)
 )
@@ -34,12 +34,12 @@ def log(message: str) -> None:
     print(f"  {message}", flush=True)
 
 
-def check(name: str, run: Callable[[], str]) -> bool:
+def check(name: str, body: Callable[[], str]) -> bool:
     """Runs one check: PASS with what it found, or FAIL with why."""
     print(f"-- {name}", flush=True)
     start = time.monotonic()
     try:
-        detail = run()
+        detail = body()
         ok = True
     except Exception as exc:  # noqa: BLE001 - any failure is this check's FAIL
         detail, ok = f"{type(exc).__name__}: {exc}", False
