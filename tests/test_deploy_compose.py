@@ -173,6 +173,13 @@ def test_healthcheck_probes_the_served_port(name):
     assert test == ["CMD", "python", "-m", "services.healthcheck", protocol, f"127.0.0.1:{port}"]
 
 
+def test_healthchecks_run_on_older_engines():
+    # Compose refuses the whole stack when a healthcheck sets start_interval and the Docker
+    # Engine is older than 25 (Debian 12's docker.io is 20.10).
+    for name, service in load()["services"].items():
+        assert "start_interval" not in service.get("healthcheck", {}), name
+
+
 def test_frontend_waits_for_healthy_stages():
     services = load()["services"]
     depends_on = services["frontend"]["depends_on"]
@@ -320,6 +327,22 @@ def test_dockerfile_stages_and_user():
     assert copies == ["--from=build /opt/venv /opt/venv"]  # nothing else from the build
 
 
+def test_dockerfile_needs_no_frontend_image():
+    # A `# syntax=` line makes BuildKit pull a Dockerfile frontend image from a registry.
+    first = (ROOT / "Dockerfile").read_text().lstrip().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.I), first
+
+
+def test_dockerfile_base_images_are_arguments():
+    instructions = dockerfile()
+    args = [a for op, a in instructions if op == "ARG"]
+    assert "CPU_IMAGE=python:3.11-slim-bookworm" in args
+    assert any(a.startswith("CUDA_IMAGE=nvidia/cuda:") for a in args)
+    stages = [a.split() for op, a in instructions if op == "FROM"]
+    assert ["${CPU_IMAGE}", "AS", "base-cpu"] in stages
+    assert ["${CUDA_IMAGE}", "AS", "base-cuda"] in stages
+
+
 def test_dockerfile_build_steps():
     instructions = dockerfile()
     runs = " ".join(args for op, args in instructions if op == "RUN")
@@ -337,7 +360,11 @@ def test_dockerignore():
     for entry in (".git", ".venv", "bench/results", ".pytest_cache", "**/__pycache__"):
         assert entry in ignored, entry
     for op, args in dockerfile():
+        sources = []
         if op == "COPY" and not args.startswith("--from"):
-            for source in args.split()[:-1]:
-                assert (ROOT / source).exists(), source
-                assert source not in ignored, source
+            sources = args.split()[:-1]
+        if op == "RUN":  # build-context bind mounts (deploy/wheels, TORCH_INDEX=local)
+            sources = re.findall(r"--mount=type=bind,source=([^,\s]+)", args)
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert source not in ignored, source
