@@ -1,7 +1,6 @@
 """n choices per prompt, several prompts per request, and chat prompt truncation, against the
 fake stages."""
 
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.sse import sse_events
 from tests.test_frontend_fake_stages import (
     BOS,
     MODEL_ID,
@@ -28,12 +28,6 @@ def fresh_records(fakes: FakeStages) -> Iterator[None]:
     fakes.tokenizer.renders.clear()
     yield
     fakes.decode.token_delay_s = 0.0
-
-
-def events_of(text: str) -> list[dict[str, Any]]:
-    frames = [f.removeprefix("data: ") for f in text.split("\n\n") if f]
-    assert frames[-1] == "[DONE]"
-    return [json.loads(f) for f in frames[:-1]]
 
 
 def test_n_choices(fake_client: TestClient, fakes: FakeStages) -> None:
@@ -77,7 +71,7 @@ def test_n_choices_stream(fake_client: TestClient, fakes: FakeStages) -> None:
         "stream_options": {"include_usage": True},
         "perf_metrics_in_response": True,
     }
-    events = events_of(fake_client.post(CHAT, json=body).text)
+    events = sse_events(fake_client.post(CHAT, json=body).text)
     *chunks, usage_only = events
     assert usage_only["choices"] == [] and usage_only["usage"]["completion_tokens"] == 12
     assert all(len(e["choices"]) == 1 for e in chunks)
@@ -122,7 +116,7 @@ def test_token_id_prompts(fake_client: TestClient, fakes: FakeStages) -> None:
 
 def test_several_prompts_stream(fake_client: TestClient) -> None:
     body = {"model": MODEL_ID, "prompt": ["a", "b"], "max_tokens": 2, "stream": True}
-    events = events_of(fake_client.post(COMPLETIONS, json=body).text)
+    events = sse_events(fake_client.post(COMPLETIONS, json=body).text)
     texts: dict[int, str] = {}
     for event in events:
         choice = event["choices"][0]
@@ -211,7 +205,7 @@ def test_lost_kv_fails_its_request_and_leaves_decode_up(
     fakes.decode.mode = "kv_lost"
     try:
         body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 4, "stream": True}
-        events = events_of(fake_client.post(COMPLETIONS, json=body).text)
+        events = sse_events(fake_client.post(COMPLETIONS, json=body).text)
     finally:
         fakes.decode.mode = "normal"
     assert events[-1]["error"]["code"] == "request_aborted"

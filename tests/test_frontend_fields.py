@@ -2,12 +2,12 @@
 gets a 400 (or 404) naming its field, and the valid requests around them finish untouched."""
 
 import copy
-import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi.testclient import TestClient
 
+from tests.sse import sse_events
 from tests.test_frontend_fake_stages import (
     ALPHABET,
     MODEL_ID,
@@ -46,10 +46,7 @@ def _stream_texts(fake_client: TestClient, path: str, body: dict[str, Any]) -> d
     response = fake_client.post(path, json=body)
     assert response.status_code == 200, response.text
     texts: dict[int, str] = {}
-    frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f]
-    assert frames[-1] == "[DONE]"
-    for frame in frames[:-1]:
-        event = json.loads(frame)
+    for event in sse_events(response.text):
         assert "error" not in event, event
         for choice in event["choices"]:
             piece = choice.get("text") or choice.get("delta", {}).get("content") or ""

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from frontend.app import create_app
 from frontend.context import AppState
 from frontend.metrics.server import KNOWN_ERRORS, OUTCOMES, STAGES
+from tests.sse import sse_events
 from tests.test_frontend_disconnect import asgi_call
 from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, fake_config
 
@@ -75,8 +76,7 @@ def test_ttft_sum_in_stream_and_for_chat_and_n(fake_client: TestClient) -> None:
         "perf_metrics_in_response": True,
     }
     response = fake_client.post("/v1/chat/completions", json=body)
-    frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f][:-1]
-    final = json.loads(frames[-1])
+    final = sse_events(response.text)[-1]
     assert_ttft_adds_up(final["perf_metrics"])
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from tests.sse import sse_events
 from tests.test_frontend_fake_stages import (
     BOS,
     BOS_TEXT,
@@ -29,9 +30,7 @@ def post(fake_client: TestClient, path: str, **fields: Any) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     if not fields.get("stream"):
         return response.json()
-    frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f]
-    assert frames[-1] == "[DONE]"
-    return {"events": [json.loads(f) for f in frames[:-1]]}
+    return {"events": sse_events(response.text)}
 
 
 def top(count: int, **sampled: float) -> dict[str, float]:

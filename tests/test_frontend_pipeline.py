@@ -1,6 +1,5 @@
 """The frontend against fake stages over real gRPC: response shapes, SSE, limits, metrics."""
 
-import json
 import socket
 import time
 from typing import Any
@@ -11,6 +10,7 @@ from fastapi.testclient import TestClient
 from frontend.app import create_app
 from frontend.config import FrontendConfig
 from services.request_params import SamplingParams
+from tests.sse import sse_events
 from tests.test_frontend_fake_stages import (
     BOS,
     MAX_MODEL_LEN,
@@ -34,13 +34,6 @@ STAGE_HEADERS = {
 @pytest.fixture(autouse=True)
 def normal_decode(fakes: FakeStages) -> None:
     fakes.decode.mode = "normal"
-
-
-def _events(text: str) -> list[Any]:
-    frames = [f for f in text.split("\n\n") if f]
-    assert all(f.startswith("data: ") for f in frames)
-    assert frames[-1] == "data: [DONE]"
-    return [json.loads(f.removeprefix("data: ")) for f in frames[:-1]]
 
 
 def _eventually(check: Any, timeout_s: float = 10.0) -> bool:
@@ -135,7 +128,7 @@ def test_completion_stream(fake_client: TestClient) -> None:
     response = fake_client.post("/v1/completions", json=body)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = _events(response.text)
+    events = sse_events(response.text)
     *deltas, final, usage_only = events
     assert {e["id"] for e in events} == {events[0]["id"]}
     assert all(e["object"] == "text_completion" for e in events)
@@ -154,7 +147,7 @@ def test_completion_stream(fake_client: TestClient) -> None:
     assert usage_only["choices"] == [] and usage_only["usage"] == usage
     # Without include_usage, the finish chunk carries it (the Fireworks extension).
     del body["stream_options"]
-    *_, final = _events(fake_client.post("/v1/completions", json=body).text)
+    *_, final = sse_events(fake_client.post("/v1/completions", json=body).text)
     assert final["choices"][0]["finish_reason"] == "length" and final["usage"] == usage
 
 
@@ -176,7 +169,7 @@ def test_chat(fake_client: TestClient, fakes: FakeStages) -> None:
 
 def test_chat_stream(fake_client: TestClient) -> None:
     body = {"model": MODEL_ID, "messages": USER, "max_tokens": 2, "stream": True}
-    events = _events(fake_client.post("/v1/chat/completions", json=body).text)
+    events = sse_events(fake_client.post("/v1/chat/completions", json=body).text)
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [e["choices"][0]["delta"] for e in events[1:-1]] == [{"content": "a"}, {"content": "b"}]

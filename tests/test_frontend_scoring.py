@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.sse import sse_events
 from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, fake_logprob, token_text
 from tests.test_frontend_pipeline import _eventually
 
@@ -49,9 +50,7 @@ def test_max_tokens_0_streamed(fake_client: TestClient, fakes: FakeStages) -> No
     num_decode_calls = len(fakes.decode.requests)
     body = {**SCORE, "stream": True, "stream_options": {"include_usage": True}}
     text = fake_client.post(COMPLETIONS, json=body).text
-    frames = [f.removeprefix("data: ") for f in text.split("\n\n") if f]
-    assert frames[-1] == "[DONE]"
-    echo, finish, usage = (json.loads(f) for f in frames[:-1])
+    echo, finish, usage = sse_events(text)
     assert echo["choices"][0]["text"] == "hello"
     assert len(echo["choices"][0]["logprobs"]["tokens"]) == PROMPT_TOKENS
     assert finish["choices"][0]["text"] == "" and finish["choices"][0]["finish_reason"] == "length"

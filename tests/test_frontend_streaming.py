@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from frontend.app import create_app
 from frontend.context import AppState
 from frontend.output.sse_response import KEEP_ALIVE
+from tests.sse import sse_events
 from tests.test_frontend_disconnect import asgi_call
 from tests.test_frontend_fake_stages import MODEL_ID, FakeStages, fake_config
 
@@ -35,19 +36,13 @@ def slow_prefill(fakes: FakeStages) -> Iterator[None]:
     fakes.decode.mode = "normal"
 
 
-def _events(text: str) -> list[dict[str, Any]]:
-    frames = [f for f in text.split("\n\n") if f]
-    assert frames[-1] == "data: [DONE]"
-    return [json.loads(f.removeprefix("data: ")) for f in frames[:-1]]
-
-
 def test_continuous_usage_stats_put_the_counts_so_far_on_every_chunk(
     fake_client: TestClient,
 ) -> None:
     options = {"include_usage": True, "continuous_usage_stats": True}
     body = {"model": MODEL_ID, "prompt": "hello", "max_tokens": 3, "stream": True}
     response = fake_client.post(COMPLETIONS, json={**body, "stream_options": options})
-    *chunks, usage_only = _events(response.text)
+    *chunks, usage_only = sse_events(response.text)
     # "hello" is 6 tokens with BOS; decode sends a, b, c, the last with the finish reason.
     assert [c["choices"][0]["text"] for c in chunks] == ["a", "b", "c", ""]
     assert [c["usage"] for c in chunks] == [
@@ -64,7 +59,7 @@ def test_continuous_usage_stats_put_the_counts_so_far_on_every_chunk(
 def test_continuous_usage_stats_in_chat_without_include_usage(fake_client: TestClient) -> None:
     body = {"model": MODEL_ID, "messages": USER, "max_tokens": 2, "n": 2, "stream": True}
     options = {"continuous_usage_stats": True}
-    events = _events(fake_client.post(CHAT, json={**body, "stream_options": options}).text)
+    events = sse_events(fake_client.post(CHAT, json={**body, "stream_options": options}).text)
     assert all(set(COUNTS) <= set(e["usage"]) for e in events)
     completion_tokens = [e["usage"]["completion_tokens"] for e in events]
     assert completion_tokens == sorted(completion_tokens) and completion_tokens[-1] == 4
@@ -78,7 +73,7 @@ def test_without_continuous_usage_stats_only_the_last_chunk_has_usage(
 ) -> None:
     body = {"model": MODEL_ID, "messages": USER, "max_tokens": 2, "stream": True}
     options = {"include_usage": True, "continuous_usage_stats": False}
-    events = _events(fake_client.post(CHAT, json={**body, "stream_options": options}).text)
+    events = sse_events(fake_client.post(CHAT, json={**body, "stream_options": options}).text)
     assert [e["usage"] is not None for e in events if "usage" in e] == [True]
     assert "usage" in events[-1] and events[-1]["choices"] == []
 

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from frontend.app import create_app
 from services.rpc import decode_pb2
 from services.tool_format import call_prefix
+from tests.sse import sse_events
 from tests.test_frontend_fake_stages import (
     MODEL_ID,
     FakeDecode,
@@ -97,9 +98,7 @@ def chat(
     assert response.status_code == 200, response.text
     if not fields.get("stream"):
         return response.json()
-    frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f]
-    assert frames[-1] == "[DONE]"
-    return {"events": [json.loads(f) for f in frames[:-1]]}
+    return {"events": sse_events(response.text)}
 
 
 def sent_grammar(env: Env) -> dict[str, Any] | None:
