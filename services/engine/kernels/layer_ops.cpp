@@ -14,7 +14,7 @@
 namespace llmserve {
 namespace {
 
-constexpr int64_t kRowsPerTask = 16;  // small batches run on the calling thread
+constexpr int64_t kRowsPerTask = 4;  // fewer rows run on the calling thread
 
 // y = x / sqrt(mean(x^2) + eps) * weight, per row of x [rows, dim].
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
