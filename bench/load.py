@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
+from bench.sse_client import HTTPStatusError, SSEClient
 
 
 @dataclass(slots=True)
@@ -31,10 +31,10 @@ class Run:
 
 
 class RequestFailed(Exception):
-    """The server answered with an error, or streamed no tokens."""
+    """The server streamed an error, or no tokens."""
 
 
-async def one_request(client: httpx.AsyncClient, model: str, content: str, max_tokens: int, extra):
+async def one_request(client: SSEClient, model: str, content: str, max_tokens: int, extra):
     """`extra` adds or overrides body fields (e.g. a response_format) for every request."""
     body = {
         "model": model,
@@ -50,20 +50,16 @@ async def one_request(client: httpx.AsyncClient, model: str, content: str, max_t
     start = time.perf_counter()
     arrivals: list[float] = []
     num_tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            text = (await response.aread()).decode(errors="replace")
-            raise RequestFailed(f"HTTP {response.status_code}: {text[:200]}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RequestFailed(f"error in stream: {json.dumps(chunk['error'])[:200]}")
-            if chunk.get("usage"):
-                num_tokens = chunk["usage"]["completion_tokens"]
-            if any(_carries_token(c) for c in chunk.get("choices", [])):
-                arrivals.append(time.perf_counter())
+    async for data in client.events("/v1/chat/completions", body):
+        if data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise RequestFailed(f"error in stream: {json.dumps(chunk['error'])[:200]}")
+        if chunk.get("usage"):
+            num_tokens = chunk["usage"]["completion_tokens"]
+        if any(_carries_token(c) for c in chunk.get("choices", [])):
+            arrivals.append(time.perf_counter())
     end = time.perf_counter()
     if not arrivals:
         raise RequestFailed("no tokens streamed")
@@ -80,12 +76,6 @@ def _carries_token(choice: dict) -> bool:
     delta = choice.get("delta", {})
     content = delta.get("content")
     return bool(content) or (content is not None and "role" not in delta)
-
-
-def _client(url: str, max_connections: int) -> httpx.AsyncClient:
-    # A fresh connection per request: some servers close a streamed keep-alive connection.
-    limits = httpx.Limits(max_connections=max_connections + 4, max_keepalive_connections=0)
-    return httpx.AsyncClient(base_url=url, timeout=600, limits=limits)
 
 
 class _Progress:
@@ -107,7 +97,7 @@ class _Progress:
 async def _record(run: Run, request: Awaitable[RequestResult], progress: _Progress) -> None:
     try:
         run.results.append(await request)
-    except (httpx.HTTPError, RequestFailed, json.JSONDecodeError) as exc:
+    except (RequestFailed, HTTPStatusError, OSError, TimeoutError, ValueError) as exc:
         run.errors.append(f"{type(exc).__name__}: {exc}")
     progress.step()
 
@@ -131,20 +121,20 @@ async def run_level(
     label: str = "",
 ) -> Run:
     """Closed loop: `concurrency` clients send `prompts` in turn."""
-    async with _client(url, concurrency) as client:
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        for prompt in prompts:
-            queue.put_nowait(prompt)
+    client = SSEClient(url)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait(prompt)
 
-        async def drive(run: Run, progress: _Progress) -> None:
-            async def worker() -> None:
-                while not queue.empty():
-                    request = one_request(client, model, queue.get_nowait(), max_tokens, extra)
-                    await _record(run, request, progress)
+    async def drive(run: Run, progress: _Progress) -> None:
+        async def worker() -> None:
+            while not queue.empty():
+                request = one_request(client, model, queue.get_nowait(), max_tokens, extra)
+                await _record(run, request, progress)
 
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-        return await _timed(label, len(prompts), drive)
+    return await _timed(label, len(prompts), drive)
 
 
 async def run_rate(
@@ -159,15 +149,15 @@ async def run_rate(
     """Open loop: `prompts` sent at Poisson arrivals of `rate` per second, whatever the server's
     pace; wall time runs from the first arrival to the last completion."""
     rng = random.Random(seed)
-    async with _client(url, len(prompts)) as client:
+    client = SSEClient(url)
 
-        async def drive(run: Run, progress: _Progress) -> None:
-            tasks = []
-            for i, prompt in enumerate(prompts):
-                request = one_request(client, model, prompt, max_tokens, None)
-                tasks.append(asyncio.create_task(_record(run, request, progress)))
-                if i + 1 < len(prompts):
-                    await asyncio.sleep(rng.expovariate(rate))
-            await asyncio.gather(*tasks)
+    async def drive(run: Run, progress: _Progress) -> None:
+        tasks = []
+        for i, prompt in enumerate(prompts):
+            request = one_request(client, model, prompt, max_tokens, None)
+            tasks.append(asyncio.create_task(_record(run, request, progress)))
+            if i + 1 < len(prompts):
+                await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
 
-        return await _timed(label, len(prompts), drive)
+    return await _timed(label, len(prompts), drive)
