@@ -6,6 +6,8 @@ which cached blocks each sequence attends to. Prefill and decode use the same fo
 Linear layers are `nn.Linear` or, for weights kept in GGUF blocks, `BlockLinear`.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,7 +114,7 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,  # [num_logits] tokens whose next-token logits are wanted
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        weights = self._kernel_weights() if kernels.serves(x) and in_place(kv_cache) else None
+        weights = self._kernel_weights if kernels.serves(x) and in_place(kv_cache) else None
         if weights is not None:  # every layer in one call of our kernels: same values
             config = self.config
             x = torch.ops.llmserve.decoder_layers(
@@ -127,27 +129,30 @@ class LlamaModel(nn.Module):
         logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
         return logits.float()  # [num_logits, vocab_size]
 
+    @functools.cached_property
     def _kernel_weights(self) -> tuple[list, list, list[int], list[int]] | None:
         """The layers' weights as `llmserve::decoder_layers` takes them (norms; the q/k/v, o,
         gate/up and down tiles with their formats and input sizes), when every linear layer
-        is in a block format of our kernels; else None. Found once."""
-        if not hasattr(self, "_kernel_weights_found"):
-            norms, tiles, formats, in_features = [], [], [], []
-            for layer in self.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-                for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                    if not isinstance(linear, BlockLinear) or linear.fmt.name not in _FORMATS:
-                        norms = None
-                        break
-                    tiles.append(linear.tiles)
-                    formats.append(_FORMATS[linear.fmt.name])
-                    in_features.append(linear.in_features)
-                if norms is None:
-                    break
-            found = None if norms is None else (norms, tiles, formats, in_features)
-            object.__setattr__(self, "_kernel_weights_found", found)
-        return self._kernel_weights_found
+        is in a block format of our kernels; else None."""
+        linears = [
+            linear
+            for layer in self.layers
+            for linear in (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+        ]
+        if not all(isinstance(m, BlockLinear) and m.fmt.name in _FORMATS for m in linears):
+            return None
+        norms = [
+            norm.weight
+            for layer in self.layers
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+        ]
+        formats = [_FORMATS[m.fmt.name] for m in linears]
+        return norms, [m.tiles for m in linears], formats, [m.in_features for m in linears]
 
     def load_hf_weights(self, weights: dict[str, Weight]) -> None:
         """Loads Hugging Face Llama names, fusing q/k/v and gate/up into single matmuls.

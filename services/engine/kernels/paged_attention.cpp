@@ -317,8 +317,9 @@ std::vector<Item> plan_items(const int64_t* token_seq, const int64_t* positions,
       const int64_t kv_end = (first / group + 1) * group;
       const int64_t heads = std::min(heads_per_item, kv_end - first);
       // Positions rise along the run: a partition's tokens are a tail of it.
+      const int64_t parts = num_parts(positions[t + n - 1] + 1);
       int64_t begin = t;
-      for (int64_t part = 0; part < num_parts(positions[t + n - 1] + 1); ++part) {
+      for (int64_t part = 0; part < parts; ++part) {
         while (positions[begin] + 1 <= part * kPartKeys) ++begin;
         items.push_back({begin, t + n - begin, first, heads, part});
       }
