@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -63,10 +64,23 @@ Cache<T> cache_of(const at::Tensor& kv_cache, int64_t num_kv_heads, int64_t head
 // Rotate-half rotary embedding of one head: x[i], x[i + half] by the position's angle i.
 void rotate(const float* x, const float* cos, const float* sin, int64_t head_dim, float* out) {
   const int64_t half = head_dim / 2;
-  for (int64_t i = 0; i < half; ++i) {
+  int64_t i = 0;
+  for (; i + kW <= half; i += kW) {
+    const W a = load_w(x + i), b = load_w(x + i + half), c = load_w(cos + i), s = load_w(sin + i);
+    store_w(out + i, a * c - b * s);
+    store_w(out + i + half, b * c + a * s);
+  }
+  for (; i < half; ++i) {
     out[i] = x[i] * cos[i] - x[i + half] * sin[i];
     out[i + half] = x[i + half] * cos[i] + x[i] * sin[i];
   }
+}
+
+// n values (a multiple of kLanes) in the cache's type: float16 rounded to nearest even.
+void to_cache(const float* x, int64_t n, float* out) { std::memcpy(out, x, n * sizeof(float)); }
+void to_cache(const float* x, int64_t n, c10::Half* out) {
+  for (int64_t i = 0; i < n; i += kW)
+    store_half_w(reinterpret_cast<uint16_t*>(out) + i, load_w(x + i));
 }
 
 struct Layout {
@@ -81,13 +95,14 @@ void rotate_and_store(const float* qkv, const float* cos, const float* sin, cons
     rotate(qkv + h * l.head_dim, cos, sin, l.head_dim, q_out + h * l.head_dim);
   const int64_t block = slot / c.block_size, offset = slot % c.block_size;
   float k[512];
+  T k_cached[512];
   for (int64_t h = 0; h < l.num_kv_heads; ++h) {
     rotate(qkv + (l.num_heads + h) * l.head_dim, cos, sin, l.head_dim, k);
+    to_cache(k, l.head_dim, k_cached);
     T* kt = c.k + c.head_offset(block, h) + offset;
-    for (int64_t d = 0; d < l.head_dim; ++d) kt[d * c.block_size] = static_cast<T>(k[d]);
+    for (int64_t d = 0; d < l.head_dim; ++d) kt[d * c.block_size] = k_cached[d];
     const float* v = qkv + (l.num_heads + l.num_kv_heads + h) * l.head_dim;
-    T* vt = c.v + c.head_offset(block, h) + offset * l.head_dim;
-    for (int64_t d = 0; d < l.head_dim; ++d) vt[d] = static_cast<T>(v[d]);
+    to_cache(v, l.head_dim, c.v + c.head_offset(block, h) + offset * l.head_dim);
   }
 }
 
@@ -145,8 +160,15 @@ void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float sc
     const bool two = chunk + 1 < num_chunks;
     const T* ka = keys_of(chunk);
     const T* kb = two ? keys_of(chunk + 1) : ka;  // (a last single chunk: computed twice)
+    // The next pair's keys, a cache line per d (its chunks are blocks anywhere in the pool).
+    const T* next_a = chunk + 2 < num_chunks ? keys_of(chunk + 2) : ka;
+    const T* next_b = chunk + 3 < num_chunks ? keys_of(chunk + 3) : ka;
     W even[2][GS] = {}, odd[2][GS] = {};
     for (int64_t d = 0; d < DV * kW; d += 2) {
+      __builtin_prefetch(next_a + d * bs);
+      __builtin_prefetch(next_a + (d + 1) * bs);
+      __builtin_prefetch(next_b + d * bs);
+      __builtin_prefetch(next_b + (d + 1) * bs);
       const W k0a = load_kv(ka + d * bs), k1a = load_kv(ka + (d + 1) * bs);
       const W k0b = load_kv(kb + d * bs), k1b = load_kv(kb + (d + 1) * bs);
       for (int g = 0; g < GS; ++g) {
@@ -176,8 +198,12 @@ void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float sc
   W acc[GS][DV] = {};
   for (int64_t b = 0; b < num_blocks; ++b) {
     const T* vb = c.v + c.head_offset(job.blocks[b], kv_head);
+    const T* next = c.v + c.head_offset(job.blocks[b + 1 < num_blocks ? b + 1 : b], kv_head);
     const int64_t n = std::min(bs, max_keys - b * bs);
     for (int64_t key = 0; key < n; ++key) {
+      const char* next_row = reinterpret_cast<const char*>(next + key * DV * kW);
+      for (size_t line = 0; line < DV * kW * sizeof(T); line += 64)
+        __builtin_prefetch(next_row + line);
       W v[DV];
       for (int i = 0; i < DV; ++i) v[i] = load_kv(vb + (key * DV + i) * kW);
       for (int g = 0; g < GS; ++g) {
@@ -369,7 +395,7 @@ at::Tensor rope_attention_on(const at::Tensor& qkv, const at::Tensor& cos, const
   float* qp = q.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* snp = sin.data_ptr<float>();
-  parallel_for(num_tokens, 16, [&](int64_t begin, int64_t end) {
+  parallel_for(num_tokens, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t angle = pp[t] * (l.head_dim / 2);
       rotate_and_store(qkv.data_ptr<float>() + t * qkv.stride(0), cp + angle, snp + angle, l, c,

@@ -61,6 +61,21 @@ inline W load_half_w(const uint16_t* p) {
 #endif
 }
 
+// kW float32 values rounded to float16 (to nearest even, as torch's .half()).
+inline void store_half_w(uint16_t* p, W w) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__AVX2__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  float in[kW];
+  store_w(in, w);
+  for (int i = 0; i < kW; ++i) p[i] = c10::detail::fp16_ieee_from_fp32_value(in[i]);
+#endif
+}
+
 // kW signed bytes as floats.
 inline W i8_to_float_w(const uint8_t* p) {
 #if defined(__AVX512F__)
