@@ -143,12 +143,12 @@ def run(
     cli.setup(name, args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        worker = Worker(worker_options(args, shared_kv=shared_kv))
-    except PoolSizeError as exc:
-        raise SystemExit(f"{name}: {exc}") from None
-    tokenizer = loader.load_tokenizer(args.model)
-    loader.release_load_memory()
+    with loader.loading():
+        try:
+            worker = Worker(worker_options(args, shared_kv=shared_kv))
+        except PoolSizeError as exc:
+            raise SystemExit(f"{name}: {exc}") from None
+        tokenizer = loader.load_tokenizer(args.model)
     engine = make_engine(worker)
 
     servicers: list[Drainable] = []

@@ -143,9 +143,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     cli.setup("tokenizer", args)
-    tokenizer = loader.load_tokenizer(args.model)
-    config = loader.load_config(args.model)
-    loader.release_load_memory()
+    with loader.loading():
+        tokenizer = loader.load_tokenizer(args.model)
+        config = loader.load_config(args.model)
 
     def register(server: grpc.aio.Server, address: str) -> list[str]:
         servicer = TokenizerServicer(tokenizer, config, address, args.threads)
