@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from services.engine import kernels
-from services.engine.kernels.packing import FORMATS, BlockFormat, can_pack, pack
+from services.engine.kernels.packing import FORMATS, BlockFormat, can_pack
+from services.engine.kernels.tile_files import mapped_tiles
 
 
 @dataclass(slots=True)
@@ -91,7 +92,8 @@ class BlockLinear(nn.Module):
         self.in_features = weight.in_features
         self.out_features = weight.shape[0]
         pairs = kernels.matmul_inputs() == "int16"
-        self.register_buffer("tiles", pack(weight.fmt, weight.rows.numpy(), pairs))
+        # Mapped from a file that the host's other processes of this model map too.
+        self.register_buffer("tiles", mapped_tiles(weight.fmt, weight.rows.numpy(), pairs))
         self._op = getattr(torch.ops.llmserve, f"{weight.fmt.name.lower()}_linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

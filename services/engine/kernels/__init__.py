@@ -121,12 +121,16 @@ def matmul_inputs() -> str:
     return "int16" if load() == "avx512vnni" else "float32"
 
 
+def cache_root() -> Path:
+    """Where built kernels (and tile_files' packed weights) are kept."""
+    return Path(os.environ.get("LLMSERVE_KERNEL_DIR", _HERE / "build"))
+
+
 def _build_dir(variant: str) -> Path:
     sources = b"".join((_HERE / name).read_bytes() for name in (*_SOURCES, *_HEADERS))
     flags = " ".join([*_COMMON_FLAGS, *_VARIANTS[variant][1]]).encode()
     digest = hashlib.sha256(sources + flags + torch.__version__.encode()).hexdigest()[:12]
-    root = Path(os.environ.get("LLMSERVE_KERNEL_DIR", _HERE / "build"))
-    return root / f"{variant}-{digest}"
+    return cache_root() / f"{variant}-{digest}"
 
 
 @functools.cache

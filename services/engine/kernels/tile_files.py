@@ -1,0 +1,79 @@
+"""Packed weight tiles kept in files that every process on the host maps read-only: prefill
+and decode then hold one copy of the model's weights between them (the same page-cache
+pages), and every process after the first maps the tiles instead of packing them.
+
+A file is named by a digest of what it holds (the file's rows, the format, the layout and
+packing.py itself), so it is never stale. It is written once, to a temporary name and then
+renamed, so no process maps a partial file. Where no file can be written (a read-only
+directory), the tiles stay in the process's own memory. Files live under the kernels' build
+directory (`LLMSERVE_KERNEL_DIR`), in `tiles/`; deleting them is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.engine.kernels import cache_root
+from services.engine.kernels.packing import BLOCK_INPUTS, TILE_OUTPUTS, BlockFormat, pack
+
+log = logging.getLogger(__name__)
+
+_PACKING_SOURCE = (Path(__file__).resolve().parent / "packing.py").read_bytes()
+_unwritable: set[Path] = set()  # directories already logged
+
+
+def tiles_dir() -> Path:
+    return cache_root() / "tiles"
+
+
+def mapped_tiles(fmt: BlockFormat, rows: np.ndarray, pairs: bool) -> torch.Tensor:
+    """pack(fmt, rows, pairs), mapped from the host's file of those tiles (written first if
+    there is none); packed in memory if no file can be written."""
+    rows = np.ascontiguousarray(rows)
+    in_features = rows.shape[1] // fmt.block_bytes * BLOCK_INPUTS
+    shape = (rows.shape[0] // TILE_OUTPUTS, in_features // BLOCK_INPUTS, fmt.tile_bytes)
+    digest = hashlib.blake2b(_PACKING_SOURCE, digest_size=16)
+    digest.update(f"{fmt.name} {pairs} {rows.shape}".encode())
+    digest.update(memoryview(rows).cast("B"))
+    path = tiles_dir() / f"{fmt.name.lower()}-{digest.hexdigest()}.bin"
+    if not path.exists():
+        tiles = pack(fmt, rows, pairs)
+        try:
+            _write(path, tiles)
+        except OSError as exc:
+            if path.parent not in _unwritable:
+                _unwritable.add(path.parent)
+                log.info("weights stay in each process's memory: cannot write %s: %s", path, exc)
+            return tiles
+    return _map(path, shape)
+
+
+def _write(path: Path, tiles: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(tiles.numpy().tobytes())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _map(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    with path.open("rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)  # shared, read-only
+    if len(mapped) != shape[0] * shape[1] * shape[2]:
+        raise ValueError(f"{path} holds {len(mapped)} bytes, want tiles of shape {shape}")
+    with warnings.catch_warnings():  # read-only on purpose: the kernels only read tiles
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(mapped, dtype=torch.uint8).view(shape)

@@ -1,0 +1,67 @@
+"""Packed weights mapped from files that a host's processes share (kernels/tile_files.py)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from services.engine.kernels import packing, tile_files
+
+
+@pytest.fixture
+def kernel_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMSERVE_KERNEL_DIR", str(tmp_path))
+    return tmp_path
+
+
+def file_rows(fmt: packing.BlockFormat, out_features: int, in_features: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 256, (out_features, in_features // 32 * fmt.block_bytes), np.uint8)
+    scales = rows.reshape(out_features, -1, fmt.block_bytes)[..., : 2 * fmt.num_scales]
+    scales[...] = np.full(scales.shape[:-1] + (fmt.num_scales,), 0.01, np.float16).view(np.uint8)
+    return rows
+
+
+@pytest.mark.parametrize("fmt", [packing.Q4_1, packing.Q8_0])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_mapped_tiles_are_the_packed_tiles_from_one_file(kernel_dir, fmt, pairs):
+    rows = file_rows(fmt, 64, 128)
+    first = tile_files.mapped_tiles(fmt, rows, pairs)
+    assert torch.equal(first, packing.pack(fmt, rows, pairs))
+    (path,) = (kernel_dir / "tiles").iterdir()
+    assert path.stat().st_size == first.numel()
+    second = tile_files.mapped_tiles(fmt, rows, pairs)
+    assert torch.equal(second, first)
+    assert list((kernel_dir / "tiles").iterdir()) == [path]  # mapped, not written again
+    # Other weights, or the same ones in the other layout, get files of their own.
+    tile_files.mapped_tiles(fmt, rows, not pairs)
+    tile_files.mapped_tiles(fmt, file_rows(fmt, 32, 128), pairs)
+    assert len(list((kernel_dir / "tiles").iterdir())) == 3
+
+
+def test_another_process_maps_the_same_pages(kernel_dir):
+    rows = file_rows(packing.Q4_1, 64, 256)
+    tiles = tile_files.mapped_tiles(packing.Q4_1, rows, True)
+    np.save(kernel_dir / "rows.npy", rows)
+    code = (
+        "import numpy as np, sys; from services.engine.kernels import packing, tile_files\n"
+        f"rows = np.load({str(kernel_dir / 'rows.npy')!r})\n"
+        "tiles = tile_files.mapped_tiles(packing.Q4_1, rows, True)\n"
+        "maps = open('/proc/self/maps').read().splitlines()\n"
+        "print(sum(tiles.tolist()[0][0]), any('/tiles/q4_1-' in line for line in maps))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
+    ).stdout.split()
+    assert out == [str(int(tiles[0, 0].sum())), "True"]
+
+
+def test_where_no_file_can_be_written_tiles_stay_in_memory(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LLMSERVE_KERNEL_DIR", str(tmp_path / "a-file"))  # not a directory
+    rows = file_rows(packing.Q8_0, 32, 64)
+    tiles = tile_files.mapped_tiles(packing.Q8_0, rows, True)
+    assert torch.equal(tiles, packing.pack(packing.Q8_0, rows, True))
