@@ -65,3 +65,11 @@ def test_where_no_file_can_be_written_tiles_stay_in_memory(tmp_path, monkeypatch
     rows = file_rows(packing.Q8_0, 32, 64)
     tiles = tile_files.mapped_tiles(packing.Q8_0, rows, True)
     assert torch.equal(tiles, packing.pack(packing.Q8_0, rows, True))
+
+
+def test_mapped_rows_are_the_rows(kernel_dir):
+    rows = file_rows(packing.Q8_0, 48, 64)
+    mapped = tile_files.mapped_rows(rows)
+    assert torch.equal(mapped, torch.from_numpy(rows))
+    assert torch.equal(tile_files.mapped_rows(rows), mapped)
+    assert len(list((kernel_dir / "tiles").iterdir())) == 1

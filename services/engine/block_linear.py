@@ -17,7 +17,7 @@ from torch import nn
 
 from services.engine import kernels
 from services.engine.kernels.packing import FORMATS, BlockFormat, can_pack
-from services.engine.kernels.tile_files import mapped_tiles
+from services.engine.kernels.tile_files import mapped_rows, mapped_tiles
 
 
 @dataclass(slots=True)
@@ -71,7 +71,7 @@ class BlockEmbedding(nn.Module):
         super().__init__()
         self._kind = gguf.GGMLQuantizationType[weight.fmt.name]
         self.embedding_dim = weight.in_features
-        self.register_buffer("rows", weight.rows)
+        self.register_buffer("rows", mapped_rows(weight.rows.numpy()))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.rows[input_ids.cpu()].numpy()

@@ -1,6 +1,7 @@
-"""Packed weight tiles kept in files that every process on the host maps read-only: prefill
-and decode then hold one copy of the model's weights between them (the same page-cache
-pages), and every process after the first maps the tiles instead of packing them.
+"""Packed weight tiles (and embedding tables) kept in files that every process on the host
+maps read-only: prefill and decode then hold one copy of the model's weights between them
+(the same page-cache pages), and every process after the first maps the tiles instead of
+packing them.
 
 A file is named by a digest of what it holds (the file's rows, the format, the layout and
 packing.py itself), so it is never stale. It is written once, to a temporary name and then
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import mmap
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,19 +44,31 @@ def mapped_tiles(fmt: BlockFormat, rows: np.ndarray, pairs: bool) -> torch.Tenso
     rows = np.ascontiguousarray(rows)
     in_features = rows.shape[1] // fmt.block_bytes * BLOCK_INPUTS
     shape = (rows.shape[0] // TILE_OUTPUTS, in_features // BLOCK_INPUTS, fmt.tile_bytes)
+    return _mapped(f"{fmt.name.lower()}-{pairs}", rows, shape, lambda: pack(fmt, rows, pairs))
+
+
+def mapped_rows(rows: np.ndarray) -> torch.Tensor:
+    """The file's rows as they are (an embedding table looked up by row), mapped likewise."""
+    rows = np.ascontiguousarray(rows)
+    return _mapped("rows", rows, rows.shape, lambda: torch.from_numpy(rows.copy()))
+
+
+def _mapped(
+    kind: str, rows: np.ndarray, shape: tuple[int, ...], make: Callable[[], torch.Tensor]
+) -> torch.Tensor:
     digest = hashlib.blake2b(_PACKING_SOURCE, digest_size=16)
-    digest.update(f"{fmt.name} {pairs} {rows.shape}".encode())
+    digest.update(f"{kind} {rows.shape}".encode())
     digest.update(memoryview(rows).cast("B"))
-    path = tiles_dir() / f"{fmt.name.lower()}-{digest.hexdigest()}.bin"
+    path = tiles_dir() / f"{kind.lower()}-{digest.hexdigest()}.bin"
     if not path.exists():
-        tiles = pack(fmt, rows, pairs)
+        made = make()
         try:
-            _write(path, tiles)
+            _write(path, made)
         except OSError as exc:
             if path.parent not in _unwritable:
                 _unwritable.add(path.parent)
                 log.info("weights stay in each process's memory: cannot write %s: %s", path, exc)
-            return tiles
+            return made
     return _map(path, shape)
 
 
@@ -69,11 +84,11 @@ def _write(path: Path, tiles: torch.Tensor) -> None:
         raise
 
 
-def _map(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+def _map(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
     with path.open("rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)  # shared, read-only
-    if len(mapped) != shape[0] * shape[1] * shape[2]:
-        raise ValueError(f"{path} holds {len(mapped)} bytes, want tiles of shape {shape}")
+    if len(mapped) != math.prod(shape):
+        raise ValueError(f"{path} holds {len(mapped)} bytes, want {shape}")
     with warnings.catch_warnings():  # read-only on purpose: the kernels only read tiles
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         return torch.frombuffer(mapped, dtype=torch.uint8).view(shape)
