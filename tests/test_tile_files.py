@@ -73,3 +73,21 @@ def test_mapped_rows_are_the_rows(kernel_dir):
     assert torch.equal(mapped, torch.from_numpy(rows))
     assert torch.equal(tile_files.mapped_rows(rows), mapped)
     assert len(list((kernel_dir / "tiles").iterdir())) == 1
+
+
+def test_files_beyond_the_budget_go_those_used_last_stay(kernel_dir, monkeypatch):
+    weights = [file_rows(packing.Q8_0, 16 * (i + 1), 64) for i in range(3)]
+    for i in range(2):
+        tile_files.mapped_rows(weights[i])
+    for i, path in enumerate(
+        sorted((kernel_dir / "tiles").iterdir(), key=lambda p: p.stat().st_size)
+    ):
+        os.utime(path, (i + 1, i + 1))  # long unused, the first longest
+    tile_files.mapped_rows(weights[0])  # used again: now the newest
+    monkeypatch.setattr(tile_files, "MAX_BYTES", weights[0].nbytes + weights[2].nbytes)
+    tile_files.mapped_rows(weights[2])  # the budget keeps it and the first, not the second
+    sizes = sorted(path.stat().st_size for path in (kernel_dir / "tiles").iterdir())
+    assert sizes == [weights[0].nbytes, weights[2].nbytes]
+    monkeypatch.setattr(tile_files, "MAX_BYTES", 1)  # the newest file stays whatever its size
+    tile_files.mapped_rows(weights[1])
+    assert [path.stat().st_size for path in (kernel_dir / "tiles").iterdir()] == [weights[1].nbytes]

@@ -7,11 +7,13 @@ A file is named by a digest of what it holds (the file's rows, the format, the l
 packing.py itself), so it is never stale. It is written once, to a temporary name and then
 renamed, so no process maps a partial file. Where no file can be written (a read-only
 directory), the tiles stay in the process's own memory. Files live under the kernels' build
-directory (`LLMSERVE_KERNEL_DIR`), in `tiles/`; deleting them is always safe.
+directory (`LLMSERVE_KERNEL_DIR`), in `tiles/`, at most MAX_BYTES of them (those used last);
+deleting them is always safe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _PACKING_SOURCE = (Path(__file__).resolve().parent / "packing.py").read_bytes()
 _unwritable: set[Path] = set()  # directories already logged
+MAX_BYTES = 2 << 30  # of files kept; the default model's take 123 MB
 
 
 def tiles_dir() -> Path:
@@ -60,16 +63,37 @@ def _mapped(
     digest.update(f"{kind} {rows.shape}".encode())
     digest.update(memoryview(rows).cast("B"))
     path = tiles_dir() / f"{kind.lower()}-{digest.hexdigest()}.bin"
-    if not path.exists():
-        made = make()
-        try:
-            _write(path, made)
-        except OSError as exc:
-            if path.parent not in _unwritable:
-                _unwritable.add(path.parent)
-                log.info("weights stay in each process's memory: cannot write %s: %s", path, exc)
-            return made
+    if path.exists():
+        with contextlib.suppress(OSError):  # in use: the last to be pruned
+            os.utime(path)
+        with contextlib.suppress(FileNotFoundError):  # unless pruned just now
+            return _map(path, shape)
+    made = make()
+    try:
+        _write(path, made)
+        _prune(path.parent)
+    except OSError as exc:
+        if path.parent not in _unwritable:
+            _unwritable.add(path.parent)
+            log.info("weights stay in each process's memory: cannot write %s: %s", path, exc)
+        return made
     return _map(path, shape)
+
+
+def _prune(directory: Path) -> None:
+    """Keeps the directory within MAX_BYTES (bar the newest file), the files used last
+    kept. A process that maps a deleted file keeps its pages; the next one to need it
+    writes it again."""
+    files = []
+    for path in directory.glob("*.bin"):
+        with contextlib.suppress(FileNotFoundError):  # pruned meanwhile by another process
+            stat = path.stat()
+            files.append((stat.st_mtime, stat.st_size, path))
+    kept = 0
+    for newest, (_, size, path) in enumerate(sorted(files, reverse=True)):
+        kept += size
+        if kept > MAX_BYTES and newest:
+            path.unlink(missing_ok=True)
 
 
 def _write(path: Path, tiles: torch.Tensor) -> None:
