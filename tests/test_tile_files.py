@@ -91,3 +91,14 @@ def test_files_beyond_the_budget_go_those_used_last_stay(kernel_dir, monkeypatch
     monkeypatch.setattr(tile_files, "MAX_BYTES", 1)  # the newest file stays whatever its size
     tile_files.mapped_rows(weights[1])
     assert [path.stat().st_size for path in (kernel_dir / "tiles").iterdir()] == [weights[1].nbytes]
+
+
+def test_partial_files_of_dead_writers_go_after_an_hour(kernel_dir):
+    tiles = kernel_dir / "tiles"
+    tiles.mkdir()
+    (tiles / ".rows-old.bin.x1").write_bytes(b"partial")
+    (tiles / ".rows-new.bin.x2").write_bytes(b"being written")
+    os.utime(tiles / ".rows-old.bin.x1", (1, 1))
+    tile_files.mapped_rows(file_rows(packing.Q8_0, 16, 64))
+    assert sorted(p.name.startswith(".") for p in tiles.iterdir()) == [False, True]
+    assert (tiles / ".rows-new.bin.x2").exists()

@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -85,10 +86,14 @@ def _prune(directory: Path) -> None:
     kept. A process that maps a deleted file keeps its pages; the next one to need it
     writes it again."""
     files = []
-    for path in directory.glob("*.bin"):
+    for path in directory.iterdir():
         with contextlib.suppress(FileNotFoundError):  # pruned meanwhile by another process
             stat = path.stat()
-            files.append((stat.st_mtime, stat.st_size, path))
+            if path.name.startswith("."):  # being written, or left by a writer that died
+                if time.time() - stat.st_mtime > 3600:
+                    path.unlink()
+            elif path.suffix == ".bin":
+                files.append((stat.st_mtime, stat.st_size, path))
     kept = 0
     for newest, (_, size, path) in enumerate(sorted(files, reverse=True)):
         kept += size
