@@ -9,8 +9,10 @@ import socket
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from fastapi.testclient import TestClient
+from grpc_health.v1 import health_pb2
 
 from frontend.app import create_app
 from frontend.config import FrontendConfig
@@ -247,3 +249,41 @@ def test_a_decode_instance_that_is_down_is_skipped_until_it_is_back(two_sets) ->
             assert len(revived.decode.requests) >= 2
         finally:
             revived.stop()
+
+
+def test_a_serving_instance_goes_down_after_two_slow_health_checks_in_a_row() -> None:
+    """One check that times out (a loaded host) keeps a serving instance's traffic; a second
+    in a row, a refusal or NOT_SERVING take it out."""
+
+    class Health:
+        answers: list[str] = []
+
+        async def Check(self, request, timeout):  # noqa: N802 (gRPC method name)
+            answer = self.answers.pop(0)
+            if answer in ("SERVING", "NOT_SERVING"):
+                return health_pb2.HealthCheckResponse(
+                    status=health_pb2.HealthCheckResponse.ServingStatus.Value(answer)
+                )
+            code = grpc.StatusCode[answer]
+            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata())
+
+    async def healthy_after_each(answers: list[str]) -> list[bool]:
+        pool = StagePool("decode", "decode.test:50053", lambda channel: None, [], 1.0)
+        health = Health()
+        health.answers = list(answers)
+        node = Instance("decode.test:50053", channel=None, stub=None, health=health)  # type: ignore[arg-type]
+        pool.instances[node.address] = node
+        seen = []
+        for _ in answers:
+            await pool.check()
+            seen.append(node.healthy)
+        return seen
+
+    slow, up = "DEADLINE_EXCEEDED", "SERVING"
+    assert asyncio.run(healthy_after_each([up, slow, up, slow, slow, up])) == [
+        True, True, True, True, False, True,
+    ]  # fmt: skip
+    assert asyncio.run(healthy_after_each([up, "UNAVAILABLE", up, "NOT_SERVING"])) == [
+        True, False, True, False,
+    ]  # fmt: skip
+    assert asyncio.run(healthy_after_each([slow, up])) == [False, True]  # never answered yet

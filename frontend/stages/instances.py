@@ -42,6 +42,7 @@ class Instance:
     reported_load: int = 0
     num_kv_blocks: int = 0
     status: str = _UNKNOWN
+    missed_check: bool = False  # the last health check timed out
     # Bumped each time the instance comes back after being down: it may have restarted.
     epoch: int = 0
 
@@ -96,9 +97,20 @@ class StagePool:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.aio.AioRpcError as exc:
             status = exc.code().name
+        # A serving instance too busy to answer one check in time (a loaded host) keeps its
+        # traffic; one that misses the next check too, refuses, or says so goes down.
+        slow = status == grpc.StatusCode.DEADLINE_EXCEEDED.name
+        serving = health_pb2.HealthCheckResponse.ServingStatus.Name(_SERVING)
+        if slow and instance.healthy and instance.status == serving and not instance.missed_check:
+            instance.missed_check = True
+            logger.info(
+                "%s instance %s was slow to answer its health check", self.stage, instance.address
+            )
+            return
+        instance.missed_check = slow
         starting = instance.status == _UNKNOWN  # not answered yet: still starting, not failed
         instance.status = status
-        up = status == health_pb2.HealthCheckResponse.ServingStatus.Name(_SERVING)
+        up = status == serving
         if up != instance.healthy:
             level = logging.INFO if up or starting else logging.WARNING
             logger.log(level, "%s instance %s is %s", self.stage, instance.address, status)
