@@ -21,7 +21,7 @@ from services.targets import parse_targets, resolve
 
 logger = logging.getLogger(__name__)
 
-_SERVING = health_pb2.HealthCheckResponse.SERVING
+_SERVING = health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthCheckResponse.SERVING)
 _UNKNOWN = "UNKNOWN"
 
 
@@ -100,8 +100,7 @@ class StagePool:
         # A serving instance too busy to answer one check in time (a loaded host) keeps its
         # traffic; one that misses the next check too, refuses, or says so goes down.
         slow = status == grpc.StatusCode.DEADLINE_EXCEEDED.name
-        serving = health_pb2.HealthCheckResponse.ServingStatus.Name(_SERVING)
-        if slow and instance.healthy and instance.status == serving and not instance.missed_check:
+        if slow and instance.healthy and instance.status == _SERVING and not instance.missed_check:
             instance.missed_check = True
             logger.info(
                 "%s instance %s was slow to answer its health check", self.stage, instance.address
@@ -110,7 +109,7 @@ class StagePool:
         instance.missed_check = slow
         starting = instance.status == _UNKNOWN  # not answered yet: still starting, not failed
         instance.status = status
-        up = status == serving
+        up = status == _SERVING
         if up != instance.healthy:
             level = logging.INFO if up or starting else logging.WARNING
             logger.log(level, "%s instance %s is %s", self.stage, instance.address, status)

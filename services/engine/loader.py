@@ -114,12 +114,8 @@ def loading() -> Iterator[None]:
         gguf_loader.forget_readers()
         gc.collect()
         gc.freeze()
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            libc = None
-        if libc is not None:
-            libc.malloc_trim(0)
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def source_path(source: ModelSource) -> Path:

@@ -38,23 +38,20 @@ _unwritable: set[Path] = set()  # directories already logged
 MAX_BYTES = 2 << 30  # of files kept; the default model's take 123 MB
 
 
-def tiles_dir() -> Path:
-    return cache_root() / "tiles"
-
-
 def mapped_tiles(fmt: BlockFormat, rows: np.ndarray, pairs: bool) -> torch.Tensor:
     """pack(fmt, rows, pairs), mapped from the host's file of those tiles (written first if
     there is none); packed in memory if no file can be written."""
     rows = np.ascontiguousarray(rows)
     in_features = rows.shape[1] // fmt.block_bytes * BLOCK_INPUTS
     shape = (rows.shape[0] // TILE_OUTPUTS, in_features // BLOCK_INPUTS, fmt.tile_bytes)
-    return _mapped(f"{fmt.name.lower()}-{pairs}", rows, shape, lambda: pack(fmt, rows, pairs))
+    kind = f"{fmt.name.lower()}-pairs" if pairs else fmt.name.lower()
+    return _mapped(kind, rows, shape, lambda: pack(fmt, rows, pairs))
 
 
 def mapped_rows(rows: np.ndarray) -> torch.Tensor:
     """The file's rows as they are (an embedding table looked up by row), mapped likewise."""
     rows = np.ascontiguousarray(rows)
-    return _mapped("rows", rows, rows.shape, lambda: torch.from_numpy(rows.copy()))
+    return _mapped("rows", rows, rows.shape, lambda: torch.from_numpy(rows))
 
 
 def _mapped(
@@ -63,7 +60,7 @@ def _mapped(
     digest = hashlib.blake2b(_PACKING_SOURCE, digest_size=16)
     digest.update(f"{kind} {rows.shape}".encode())
     digest.update(memoryview(rows).cast("B"))
-    path = tiles_dir() / f"{kind.lower()}-{digest.hexdigest()}.bin"
+    path = cache_root() / "tiles" / f"{kind}-{digest.hexdigest()}.bin"
     if path.exists():
         with contextlib.suppress(OSError):  # in use: the last to be pruned
             os.utime(path)
@@ -106,7 +103,7 @@ def _write(path: Path, tiles: torch.Tensor) -> None:
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as file:
-            file.write(tiles.numpy().tobytes())
+            tiles.numpy().tofile(file)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
