@@ -3,6 +3,8 @@ only as blocks are written, and the sizes reported."""
 
 import argparse
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,6 +86,23 @@ def test_a_worker_reports_its_weight_and_kv_bytes():
         < worker.weight_bytes
         <= params + sum(b.numel() * b.element_size() for b in worker.model.buffers())
     )
+
+
+def test_building_a_model_loads_no_compiler_stack():
+    """torch._dynamo and triton cost an engine process seconds and tens of MB: a model is
+    built and loaded without them (a fresh interpreter, since tests import what they like)."""
+    script = (
+        "import sys\n"
+        "from services.engine.worker import Worker, WorkerOptions\n"
+        "Worker(WorkerOptions(model='dummy', kv_cache_tokens=256))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))\n"
+    )
+    root = pathlib.Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_metrics_report_each_instances_weight_and_kv_bytes(fake_client, fakes):

@@ -95,10 +95,16 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Weights come from the file, never from an init: one on the meta device runs torch's
+        # reference ops, which import torch._dynamo and triton (seconds and tens of MB per
+        # engine process, and triton's leak reports at exit).
+        self.embed_tokens = nn.Embedding.from_pretrained(
+            torch.empty(config.vocab_size, config.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        with torch.device("cpu"):  # computed, not loaded: real values even when built on meta
+            self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
         self.lm_head: nn.Module | None = (
             None
             if config.tie_word_embeddings
@@ -215,5 +221,4 @@ def build_model(
     with torch.device("meta"):
         model = LlamaModel(config)
     model.load_hf_weights(weights)
-    model.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
     return model.to(device).eval()
