@@ -33,6 +33,10 @@ class FrontendConfig:
     # Stage instances are re-resolved and health-checked this often.
     health_interval_s: float = 2.0
     prefill_routing: str = "cache_aware"  # or "round_robin"
+    # Conditional disaggregation: a prompt that leaves at most this many tokens to compute on
+    # the decode instance chosen for it (given what that instance caches) is computed there,
+    # without a prefill call or a KV handoff; 0: prefill computes every prompt.
+    local_prefill_tokens: int = 256
     # Requests in flight beyond which a new one is refused (429): the stages' own queues
     # refuse sooner when they are the bottleneck; this bounds the frontend's memory.
     max_requests: int = 1024
@@ -80,6 +84,15 @@ def parse_args(
         default=defaults.prefill_routing,
         help="cache_aware: the instance with the least prompt left to compute given what it "
         "caches and has queued; round_robin: in turn",
+    )
+    parser.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=defaults.local_prefill_tokens,
+        metavar="N",
+        help="decode computes a prompt itself, with no prefill call or KV handoff, when at "
+        "most N of its tokens are missing from that decode instance's prefix cache (short "
+        "prompts, a conversation's next turn); 0: always prefill",
     )
     parser.add_argument(
         "--health-interval-s",
@@ -145,6 +158,8 @@ def parse_args(
     args = parser.parse_args(argv)
     if args.store_responses < 0:
         parser.error("--store-responses must be 0 or more")
+    if args.local_prefill_tokens < 0:
+        parser.error("--local-prefill-tokens must be 0 or more")
     env_keys = (os.environ if environ is None else environ).get(API_KEYS_ENV, "")
     keys = [*args.api_keys, *env_keys.split(",")]
     return FrontendConfig(
@@ -152,6 +167,7 @@ def parse_args(
         prefill_address=args.prefill,
         decode_address=args.decode,
         prefill_routing=args.prefill_routing,
+        local_prefill_tokens=args.local_prefill_tokens,
         health_interval_s=args.health_interval_s,
         served_model_name=args.served_model_name,
         host=args.host,

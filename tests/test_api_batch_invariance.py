@@ -1,7 +1,8 @@
 """Through the real stack: a request's greedy tokens and logprobs are bitwise the same alone,
 beside 15 other requests of other lengths, with its prompt prefix from the prefix cache (on
-prefill and on decode, whole blocks and part of one), and prefilled in several chunks by
-another stack."""
+prefill and on decode, whole blocks and part of one), with its prompt computed by decode
+itself (the default stack sends a prompt decode mostly holds there), and prefilled in several
+chunks by another stack that sends every prompt to prefill."""
 
 import asyncio
 import uuid
@@ -35,7 +36,10 @@ def numbers(choice) -> tuple:
     return (choice.text, lp.tokens, lp.token_logprobs, lp.top_logprobs)
 
 
-async def alone_and_beside(url: str, model: str) -> tuple[tuple, tuple, tuple]:
+async def alone_and_beside(url: str, model: str, local_prefill: bool) -> tuple[tuple, tuple, tuple]:
+    """With `local_prefill`, TARGET (over 256 tokens) is prefilled the first time and computed
+    by decode, from the blocks decode pulled, once it is cached; else prefill computes it
+    every time, reusing part of a block the second time."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     alone = await client.completions.create(model=model, **request("invariance-a"))
     beside = await asyncio.gather(
@@ -49,26 +53,50 @@ async def alone_and_beside(url: str, model: str) -> tuple[tuple, tuple, tuple]:
     fresh = f"invariance-{uuid.uuid4().hex}"
     await client.completions.create(model=model, **request(fresh, TARGET[:200] + DETOUR))
     partly = await client.completions.create(model=model, **request(fresh))
-    assert partly.usage.prompt_tokens_details.cached_tokens % 16 != 0
+    partly_cached = partly.usage.prompt_tokens_details.cached_tokens
+    # Decode reuses whole blocks only; prefill also the start of a block.
+    assert partly_cached > 0 if local_prefill else partly_cached % 16 != 0
     assert numbers(partly.choices[0]) == numbers(cached.choices[0])
     return numbers(alone.choices[0]), numbers(beside[0].choices[0]), numbers(cached.choices[0])
 
 
 @pytest.fixture(scope="module")
 def chunking_stack():
-    stack = start_stack("--prefill-args=--max-prefill-tokens 32")
+    stack = start_stack(
+        "--prefill-args=--max-prefill-tokens 32", "--frontend-args=--local-prefill-tokens 0"
+    )
     yield stack
     stack.stop()
 
 
 def test_tokens_and_logprobs_do_not_depend_on_the_batch_or_the_cache(stack, model):
-    alone, beside, cached = asyncio.run(alone_and_beside(stack.http_url, model))
+    alone, beside, cached = asyncio.run(alone_and_beside(stack.http_url, model, True))
     assert len(alone[1]) == 24
     assert beside == alone
     assert cached == alone
 
 
 def test_chunked_prefill_gives_the_same_numbers(stack, chunking_stack, model):
-    expected, _, _ = asyncio.run(alone_and_beside(stack.http_url, model))
-    chunked, _, _ = asyncio.run(alone_and_beside(chunking_stack.http_url, model))
+    expected, _, _ = asyncio.run(alone_and_beside(stack.http_url, model, True))
+    chunked, _, _ = asyncio.run(alone_and_beside(chunking_stack.http_url, model, False))
     assert chunked == expected
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 1.0, "seed": 11}, {"extra_body": {"mirostat_target": 3.0}, "seed": 5}],
+    ids=["seeded", "mirostat"],
+)
+def test_decode_samples_a_prompt_it_computed_as_prefill_does(
+    stack, chunking_stack, model, sampling
+):
+    """A short prompt is computed by decode on the default stack and by prefill on the other:
+    the first token (sampled where the prompt was computed) and the rest are the same."""
+    fields = {"prompt": "A short story about a lighthouse:", "max_tokens": 16, "logprobs": 2}
+
+    def sample(url: str) -> tuple:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model=model, **fields, **sampling)
+        return numbers(reply.choices[0])
+
+    assert sample(stack.http_url) == sample(chunking_stack.http_url)

@@ -134,12 +134,13 @@ def test_killing_prefill_mid_load(stack: Stack) -> None:
         # Lost while prefilling (no instance left), or its KV lost before decode took it.
         assert "prefill stage is unavailable" in message or "was lost" in message, message
 
-    # The launcher restarts it; once healthy, requests are served again.
+    # The launcher restarts it; once healthy, requests are served again. (The prompt is too
+    # long for decode to compute itself: a short one would not need prefill.)
     deadline = time.monotonic() + 180
     while True:
         response = httpx.post(
             f"{stack.http_url}/v1/completions",
-            json={"model": model, "prompt": "Back again:", "max_tokens": 2},
+            json={"model": model, "prompt": "Back again: " + "and again " * 200, "max_tokens": 2},
             timeout=120,
         )
         if response.status_code == 200:

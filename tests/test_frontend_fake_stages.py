@@ -212,7 +212,9 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                 time.sleep(0.01)
             elif self.token_delay_s and i:
                 time.sleep(self.token_delay_s)
-            token = chr(request.first_token_id) if i == 0 else ALPHABET[i % len(ALPHABET)]
+            # With compute_prompt the first token is sampled here, as the fake prefill does.
+            first_id = ord("a") if request.compute_prompt else request.first_token_id
+            token = chr(first_id) if i == 0 else ALPHABET[i % len(ALPHABET)]
             text += token
             finish, piece = self._finish(request, text, token, i + 1)
             response = decode_pb2.GenerateResponse(
@@ -220,11 +222,16 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                 text=piece,
                 finish_reason=finish,
                 num_generated=i + 1,
-                queue_ns=5000 if i == 0 else 0,
-                kv_transfer_ns=6000 if i == 0 else 0,
+                queue_ns=5000 if i == 0 and not request.compute_prompt else 0,
+                kv_transfer_ns=6000 if i == 0 and not request.compute_prompt else 0,
             )
+            if i == 0 and request.compute_prompt:
+                response.prefill_queue_ns, response.prefill_compute_ns = 7000, 8000
+                response.num_cached_tokens = 2
             if request.sampling.logprobs:
                 first = request.first_token_logprob
+                if request.compute_prompt:
+                    first = fake_token_logprob(ord("a"), request.sampling.top_logprobs)
                 top = request.sampling.top_logprobs
                 response.logprobs.append(first if i == 0 else fake_token_logprob(ord(token), top))
             yield response
@@ -285,12 +292,13 @@ def start_fake_stages(ports: dict[str, int] | None = None) -> FakeStages:
 
 
 def fake_config(fakes: FakeStages, **overrides: Any) -> FrontendConfig:
-    """A frontend config that serves the fakes."""
+    """A frontend config that serves the fakes. Every prompt goes to prefill unless
+    `local_prefill_tokens` says otherwise: the tests check each stage's requests."""
     return FrontendConfig(
         tokenizer_address=fakes.addresses["tokenizer"],
         prefill_address=fakes.addresses["prefill"],
         decode_address=fakes.addresses["decode"],
-        **overrides,
+        **{"local_prefill_tokens": 0, **overrides},
     )
 
 

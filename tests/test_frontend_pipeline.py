@@ -16,6 +16,7 @@ from tests.test_frontend_fake_stages import (
     MAX_MODEL_LEN,
     MODEL_ID,
     FakeStages,
+    fake_config,
     start_fake_stages,
 )
 
@@ -267,3 +268,59 @@ def test_frontend_started_before_the_stages(fakes: FakeStages) -> None:
             )
         finally:
             late.stop()
+
+
+@pytest.fixture
+def local_client(fakes: FakeStages):
+    """A frontend that has decode compute prompts of up to 8 uncached tokens."""
+    with TestClient(create_app(fake_config(fakes, local_prefill_tokens=8))) as client:
+        yield client
+
+
+def test_decode_computes_a_short_prompt(local_client: TestClient, fakes: FakeStages) -> None:
+    prefilled = len(fakes.prefill.requests)
+    body = {"model": MODEL_ID, "prompt": "hello", "max_tokens": 5, "logprobs": 1}
+    response = local_client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["choices"][0]["text"] == "abcde"
+    assert result["choices"][0]["logprobs"]["tokens"][0] == "a"
+    assert result["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
+    assert len(fakes.prefill.requests) == prefilled  # no prefill call
+    sent = fakes.decode.requests[-1]
+    assert sent.compute_prompt and not sent.HasField("kv_handle")
+    assert list(sent.prompt_token_ids) == [BOS, *map(ord, "hello")]
+    # The prefill spans are decode's; nothing was queued for a batch or moved.
+    headers = response.headers
+    assert headers["fireworks-prefill-queue-duration"] == "0.000007"
+    assert headers["fireworks-prefill-duration"] == "0.000008"
+    assert float(headers["fireworks-prefill-rpc-overhead-duration"]) > 0
+    assert headers["fireworks-generation-queue-duration"] == "0.000000"
+    assert headers["fireworks-kv-transfer-duration"] == "0.000000"
+
+
+def test_decode_computes_a_long_prompt_once_it_holds_it(
+    local_client: TestClient, fakes: FakeStages
+) -> None:
+    prompt = "nineteen characters"  # 20 tokens with BOS: a 16-token block, then 4
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 2}
+    for _ in range(2):
+        assert local_client.post("/v1/completions", json=body).status_code == 200
+    first, second = fakes.decode.requests[-2:]
+    assert not first.compute_prompt and first.kv_handle.handle_id  # prefill computed it
+    assert second.compute_prompt  # decode holds all of it but the last block's tokens
+    assert fakes.prefill.requests[-1].token_ids == first.prompt_token_ids
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"echo": True, "logprobs": 1}, {"echo": True, "max_tokens": 0}],
+    ids=["prompt-logprobs", "scoring-only"],
+)
+def test_prompt_scoring_stays_on_prefill(
+    local_client: TestClient, fakes: FakeStages, fields: dict
+) -> None:
+    prefilled = len(fakes.prefill.requests)
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2, **fields}
+    assert local_client.post("/v1/completions", json=body).status_code == 200
+    assert len(fakes.prefill.requests) == prefilled + 1

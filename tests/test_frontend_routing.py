@@ -88,16 +88,16 @@ def test_cache_aware_prefill_follows_the_cached_prefix() -> None:
     router = PrefillRouter("cache_aware", BLOCK)
     a, b = instance("a"), instance("b")
     history = list(range(100, 164))  # 4 blocks
-    hashes = router.servable_hashes(history, PromptCache())
-    router.record(b, hashes)
+    hashes = router.caches.servable_hashes(history, PromptCache())
+    router.caches.record(b, hashes)
     route = router.choose([a, b], len(history), hashes)
     # The last token is always computed, so 3 of the 4 blocks come from the cache.
     assert route.instance is b and route.uncached_tokens == len(history) - 3 * BLOCK
     # Another isolation key hashes differently: nothing is cached for it anywhere.
-    salted = router.servable_hashes(history, PromptCache("tenant"))
+    salted = router.caches.servable_hashes(history, PromptCache("tenant"))
     assert router.choose([a, b], len(history), salted).uncached_tokens == len(history)
     # prompt_cache_max_len caps what may be served from the cache.
-    capped = router.servable_hashes(history, PromptCache(max_len=20))
+    capped = router.caches.servable_hashes(history, PromptCache(max_len=20))
     assert len(capped) == 1
 
 
@@ -105,9 +105,9 @@ def test_cache_aware_prefill_weighs_the_queue_against_the_cache() -> None:
     router = PrefillRouter("cache_aware", BLOCK)
     a, b = instance("a"), instance("b")
     shared = list(range(1000, 1000 + 8 * BLOCK))  # a system prompt of 8 blocks
-    router.record(a, router.servable_hashes(shared, PromptCache()))
+    router.caches.record(a, router.caches.servable_hashes(shared, PromptCache()))
     prompt = [*shared, *range(5000, 5000 + BLOCK)]
-    hashes = router.servable_hashes(prompt, PromptCache())
+    hashes = router.caches.servable_hashes(prompt, PromptCache())
     assert router.choose([a, b], len(prompt), hashes).instance is a
     # Once a has more queued than recomputing the system prompt on b costs, b is cheaper.
     a.queued_tokens = 8 * BLOCK + 1
@@ -121,9 +121,9 @@ def test_new_conversations_spread_despite_a_shared_system_prompt() -> None:
     placed = []
     for conversation in range(6):
         prompt = [*system, *range(10_000 * (conversation + 1), 10_000 * (conversation + 1) + 160)]
-        hashes = router.servable_hashes(prompt, PromptCache())
+        hashes = router.caches.servable_hashes(prompt, PromptCache())
         route = router.choose([a, b], len(prompt), hashes)
-        router.record(route.instance, hashes)
+        router.caches.record(route.instance, hashes)
         placed.append(route.instance.address)
     # Two cached blocks of twelve do not make a conversation: each goes where less is cached.
     assert placed.count("a") == placed.count("b") == 3
@@ -163,7 +163,7 @@ def frontend(sets: tuple[FakeStages, ...], **overrides) -> TestClient:
         prefill_address=targets("prefill"),
         decode_address=targets("decode"),
         health_interval_s=0.1,
-        **overrides,
+        **{"local_prefill_tokens": 0, **overrides},  # prefill routing is under test
     )
     return TestClient(create_app(config))
 

@@ -2,6 +2,7 @@
 
 from services.decode.scheduler import Scheduler
 from services.decode.sequence import Finish, Sequence, StopRules
+from services.engine.block_hash import hash_blocks
 from services.engine.block_manager import BlockManager
 from services.request_params import SamplingParams
 
@@ -183,3 +184,55 @@ def test_a_sequence_without_blocks_takes_back_what_the_prefix_cache_holds():
     step = scheduler.schedule()
     # Both prompt blocks are found again: only the last token is computed.
     assert [(s.seq.request_id, s.num_tokens) for s in step] == [("a", 1)]
+
+
+def test_a_prompt_computed_here_samples_its_first_token_and_caches_its_blocks():
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=6)
+    prompt = list(range(10, 20))
+    chain = hash_blocks(prompt, 4)  # its two full blocks
+    # A prompt decode computes itself: no first token, nothing pulled.
+    seq = make_seq("a", 10)
+    seq.token_ids, seq.block_hashes, seq.computes_prompt = list(prompt), list(chain), True
+    scheduler.add(seq)
+    step = scheduler.schedule()
+    assert [(s.num_tokens, s.samples) for s in step] == [(6, False)]
+    scheduler.postprocess(step, [])
+    assert blocks.match_prefix(chain, prompt) != []  # the first block, computed, is cached
+    step = scheduler.schedule()
+    assert [(s.num_tokens, s.samples) for s in step] == [(4, True)]
+    outputs = scheduler.postprocess(step, [[7]])
+    assert [(token, finish) for _, token, finish in outputs] == [(7, None)]
+    assert seq.num_generated == 1 and seq.first_token_ns > 0
+    # The same prompt again takes both blocks from the cache: two tokens left to compute.
+    again = make_seq("b", 10)
+    again.token_ids, again.block_hashes, again.computes_prompt = list(prompt), list(chain), True
+    scheduler.add(again)
+    step = scheduler.schedule()
+    assert [(s.seq.request_id, s.num_tokens) for s in step] == [("a", 1), ("b", 2)]
+    assert again.num_reused_tokens == 8
+
+
+def test_the_same_prompt_again_copies_part_of_a_block_and_computes_only_its_last_token():
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64)
+    prompt = list(range(10, 20))  # two full blocks, then two tokens
+
+    def computed_here(request_id: str) -> Sequence:
+        seq = make_seq(request_id, len(prompt), max_tokens=1)
+        seq.token_ids, seq.computes_prompt = list(prompt), True
+        seq.block_hashes, seq.extends_chain = hash_blocks(prompt, 4), True
+        return seq
+
+    first = computed_here("a")
+    scheduler.add(first)
+    step = scheduler.schedule()
+    last_block = first.block_table[2]
+    # Its only token ends it: its blocks, the last one partly filled, stay in the cache.
+    assert scheduler.postprocess(step, [[7]])[0][2] == Finish.LENGTH
+    again = computed_here("b")
+    scheduler.add(again)
+    step = scheduler.schedule()
+    assert [(s.num_tokens, s.samples) for s in step] == [(1, True)]
+    assert again.num_reused_tokens == len(prompt) - 1
+    assert scheduler.copies == [(last_block, again.block_table[2])]

@@ -98,7 +98,9 @@ def test_one_request_is_one_connected_trace_over_four_processes(
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     trace_id, client_span_id = secrets.token_bytes(16), secrets.token_bytes(8)
     traceparent = f"00-{trace_id.hex()}-{client_span_id.hex()}-01"
-    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    # Long enough that prefill computes it (decode computes short prompts itself).
+    content = "Hi! " + "Tell me more. " * 100
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
     response = httpx.post(
         f"{url}/v1/chat/completions", json=body, headers={"traceparent": traceparent}, timeout=120
     )

@@ -13,7 +13,10 @@ what the stage reports as its queue and work: network, (de)serialization and the
 scheduling around the work. `frontend` is the rest: this process's own work between the calls
 (validation, limits, max_tokens fitting, scheduling). The first token is ready when prefill
 returns it, since decode streams prefill's token first. generation-queue and kv-transfer
-come after it.
+come after it. When decode computes the prompt itself (`--local-prefill-tokens`), the
+prefill terms are its Generate call's: queue before the step that began the prompt, compute
+from there to the first token, and the rest of the call's wall time to the first message as
+overhead; generation-queue and kv-transfer are then zero.
 """
 
 import json

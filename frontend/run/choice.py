@@ -1,4 +1,5 @@
-"""One choice after its prefill: the decode call, and what it has produced so far."""
+"""One choice after its prefill (or with decode computing its prompt): the decode call, and
+what it has produced so far."""
 
 import logging
 import time
@@ -9,6 +10,7 @@ from frontend.metrics.request import RequestMetrics
 from frontend.metrics.server import ServerMetrics
 from frontend.run.prompts import PreparedPrompt
 from frontend.stages.clients import DecodeStream, StageClients
+from frontend.stages.instances import Instance
 from frontend.stages.types import Choice, Prefilled, TokenDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ class ChoiceOutput:
 
 
 class Generation:
-    """Owns the KV handle until decode answers, then the decode call.
+    """Owns the KV handle until decode answers, then the decode call. Without a KV handle
+    (`prefilled` None), decode computes the prompt itself, on `instance` if still healthy.
 
     `close()` must run on every path (done, failed, client gone). It is synchronous so that it
     still works inside a cancelled task.
@@ -57,13 +60,15 @@ class Generation:
         stages: StageClients,
         choice: Choice,
         output: ChoiceOutput,
-        prefilled: Prefilled,
+        prefilled: Prefilled | None,
         metrics: RequestMetrics,
         server_metrics: ServerMetrics,
+        instance: Instance | None = None,
     ) -> None:
         self._stages = stages
         self._choice = choice
         self._prefilled = prefilled
+        self._instance = instance
         self._metrics = metrics
         self._server_metrics = server_metrics
         self.output = output
@@ -120,7 +125,9 @@ class Generation:
         while True:
             if self._stream is None:
                 self._attempts += 1
-                self._stream = await self._stages.generate(self._choice, self._prefilled)
+                self._stream = await self._stages.generate(
+                    self._choice, self._prefilled, self._instance
+                )
                 if not self._metrics.backend_host:
                     self._metrics.backend_host = self._stream.instance.address
             try:
@@ -152,5 +159,5 @@ class Generation:
         self._closed = True
         if self._stream is not None:
             self._stream.cancel()  # a no-op once the call has ended
-        if not self._claimed:
+        if not self._claimed and self._prefilled is not None:
             self._stages.release_later(self._prefilled)

@@ -1,4 +1,5 @@
-"""tokenize -> fit max_tokens -> prefill -> decode for every prompt and choice of a request."""
+"""tokenize -> fit max_tokens -> prefill -> decode for every prompt and choice of a request
+(or tokenize -> decode, when decode computes the prompt itself)."""
 
 import asyncio
 import time
@@ -93,6 +94,8 @@ class _Starting:
     fitted_max_tokens: asyncio.Future[int] | None
     # (choice index, generation) as created, so that a failure can close them all.
     created: list[tuple[int, Generation]] = field(default_factory=list)
+    # Decode's first message of the choices whose prompt decode computed, by choice index.
+    firsts: dict[int, TokenDelta] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -123,9 +126,10 @@ class Pipeline:
             prompts = await run_all(
                 [self._start_prompt(starting, i) for i in range(request.source.num_prompts)]
             )
-            generations = [g for _, g in sorted(starting.created, key=lambda item: item[0])]
+            created = sorted(starting.created, key=lambda item: item[0])
+            generations = [g for _, g in created]
             run = Run(prompts, generations, [], metrics, self.server_metrics)
-            firsts = await run_all([g.next() for g in generations])
+            firsts = await run_all([_first(starting, i, g) for i, g in created])
             run.firsts = [delta for delta in firsts if delta is not None]
             self.server_metrics.observe_first_token(metrics)
             want_logprobs = request.sampling.logprobs
@@ -180,8 +184,8 @@ class Pipeline:
         starting.metrics.cached_prompt_tokens += prompt.num_cached_tokens
         # The other choices are prefilled only now, together: prefill's prefix cache then
         # serves them the whole prompt, so its KV is computed once, and decode finds the
-        # blocks it pulled for the first choice in its own prefix cache rather than moving
-        # them again.
+        # blocks it pulled (or computed) for the first choice in its own prefix cache rather
+        # than moving them again.
         await run_all([self._prefill(starting, prompt, j) for j in range(1, request.n)])
         return prompt
 
@@ -194,7 +198,9 @@ class Pipeline:
     ) -> None:
         """Prefills choice `number` of a prompt and registers its generation. The first choice
         (`timings` given) is on its prompt's way to the first token and asks for prompt
-        logprobs when the echo shows them."""
+        logprobs when the echo shows them. Decode computes the prompt itself when it holds
+        most of it (`StageClients.decode_computing`); prompt logprobs and scoring alone
+        (max_tokens 0) take prefill."""
         request, metrics = starting.request, starting.metrics
         index = prompt.index * request.n + number
         choice = Choice(
@@ -207,21 +213,50 @@ class Pipeline:
             prediction_ids=starting.prediction_ids,
         )
         echoes = request.output.echo_count(len(prompt.token_ids)) > 0
-        started = time.monotonic_ns()
-        prefilled = await self._stages.prefill(
-            choice, prompt_logprobs=timings is not None and choice.sampling.logprobs and echoes
-        )
-        now = time.monotonic_ns()
-        self.server_metrics.observe_prefill(len(choice.prompt_ids), prefilled.num_cached_tokens)
-        if timings is not None:
-            timings.add_prefill_call(now - started, prefilled.queue_ns, prefilled.compute_ns)
-            metrics.first_token(timings, now)
-            prompt.prefilled = prefilled
+        prompt_logprobs = timings is not None and choice.sampling.logprobs and echoes
         output = ChoiceOutput(index, prompt)
+        started = time.monotonic_ns()
+        if not prompt_logprobs and choice.stopping.max_tokens:
+            decode = await self._stages.decode_computing(choice)
+            if decode is not None:
+                generation = Generation(
+                    self._stages, choice, output, None, metrics, self.server_metrics, decode
+                )
+                starting.created.append((index, generation))
+                first = starting.firsts[index] = await generation.next()
+                assert first is not None  # a first message always comes
+                computed = (first.prefill_queue_ns, first.prefill_compute_ns)
+                self._computed(
+                    starting, prompt, timings, started, computed, first.num_cached_tokens
+                )
+                return
+        prefilled = await self._stages.prefill(choice, prompt_logprobs=prompt_logprobs)
+        if timings is not None:
+            prompt.prefilled = prefilled
+        computed = (prefilled.queue_ns, prefilled.compute_ns)
+        self._computed(starting, prompt, timings, started, computed, prefilled.num_cached_tokens)
         generation = Generation(
             self._stages, choice, output, prefilled, metrics, self.server_metrics
         )
         starting.created.append((index, generation))
+
+    def _computed(
+        self,
+        starting: _Starting,
+        prompt: PreparedPrompt,
+        timings: PathTimings | None,
+        started_ns: int,
+        queue_and_compute_ns: tuple[int, int],
+        num_cached_tokens: int,
+    ) -> None:
+        """A choice's prompt is computed and its first token sampled, by the stage call that
+        began at `started_ns` (prefill's, or decode's when it computed the prompt)."""
+        now = time.monotonic_ns()
+        self.server_metrics.observe_prefill(len(prompt.token_ids), num_cached_tokens)
+        if timings is not None:  # the prompt's first choice
+            timings.add_prefill_call(now - started_ns, *queue_and_compute_ns)
+            starting.metrics.first_token(timings, now)
+            prompt.num_cached_tokens = num_cached_tokens
 
     async def collect(self, run: Run) -> None:
         """Reads every choice to its end."""
@@ -235,6 +270,12 @@ def abandon(starting: asyncio.Future[Run]) -> None:
         starting.cancel()
     elif not starting.cancelled() and starting.exception() is None:
         starting.result().close()
+
+
+async def _first(starting: _Starting, index: int, generation: Generation) -> TokenDelta | None:
+    """Choice `index`'s first decode message, which `_prefill` may already have read."""
+    first = starting.firsts.get(index)
+    return first if first is not None else await generation.next()
 
 
 async def _drain(generation: Generation) -> None:

@@ -29,13 +29,11 @@ class PreparedPrompt:
     token_ids: list[int]
     text: str  # as given, or the rendered chat; filled in by `describe` when needed
     max_tokens: int
-    # The first choice's prefill: cache hits and, when asked, the prompt's logprobs.
+    # The first choice's prefill, when prefill computed the prompt (the prompt's logprobs,
+    # when asked), and its cache hits wherever it was computed.
     prefilled: Prefilled | None = None
+    num_cached_tokens: int = 0
     echo: Echo = field(default_factory=Echo)
-
-    @property
-    def num_cached_tokens(self) -> int:
-        return self.prefilled.num_cached_tokens if self.prefilled else 0
 
 
 def fit_max_tokens(num_prompt_tokens: int, request: GenerationRequest, max_model_len: int) -> int:

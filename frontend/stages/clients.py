@@ -15,7 +15,7 @@ import grpc
 from frontend.config import FrontendConfig
 from frontend.stages.directory import StageDirectory, no_instance
 from frontend.stages.instances import Instance, StagePool
-from frontend.stages.routing import LeastLoadedRouter, PrefillRouter
+from frontend.stages.routing import CacheIndexes, LeastLoadedRouter, PrefillRouter
 from frontend.stages.rpc_errors import stage_error
 from frontend.stages.types import (
     ChatTurn,
@@ -41,6 +41,7 @@ class StageClients:
         self._config = config
         self.directory = directory
         self._prefill_router: PrefillRouter | None = None
+        self._decode_caches: CacheIndexes | None = None
         self._least_loaded = {"tokenizer": LeastLoadedRouter(), "decode": LeastLoadedRouter()}
         # Fire-and-forget RPCs (Release) held here so they are not garbage-collected mid-flight.
         self._background: set[asyncio.Task[None]] = set()
@@ -103,7 +104,7 @@ class StageClients:
         )
         router = await self._router()
         pool = await self.directory.pool("prefill")
-        hashes = router.servable_hashes(token_ids, choice.prompt_cache)
+        hashes = router.caches.servable_hashes(token_ids, choice.prompt_cache)
         queued: dict[Instance, int] = {}  # what this call added to instances' queues
 
         def route(instances: Sequence[Instance]) -> Instance:
@@ -126,7 +127,7 @@ class StageClients:
         finally:
             for instance_queued, tokens in queued.items():
                 instance_queued.queued_tokens -= tokens
-        router.record(instance, hashes)
+        router.caches.record(instance, hashes)
         return Prefilled(
             response.kv_handle,
             response.first_token_id,
@@ -139,26 +140,55 @@ class StageClients:
             prefill_instance=instance.address,
         )
 
-    async def generate(self, choice: Choice, prefilled: Prefilled) -> DecodeStream:
-        """Starts Generate on the least loaded decode instance."""
+    async def decode_computing(self, choice: Choice) -> Instance | None:
+        """The decode instance that is to compute this choice's prompt itself, if any: the one
+        Generate would go to now, when its prefix cache (as far as this frontend knows) leaves
+        at most --local-prefill-tokens of the prompt to compute. None: prefill computes it."""
+        limit = self._config.local_prefill_tokens
+        instances = (await self.directory.pool("decode")).healthy()
+        if limit == 0 or not instances:
+            return None
+        instance = self._least_loaded["decode"].choose(instances)
+        num_tokens = len(choice.prompt_ids)
+        if num_tokens <= limit:
+            return instance
+        caches = await self._decode_cache_indexes()
+        hashes = caches.servable_hashes(choice.prompt_ids, choice.prompt_cache)
+        return instance if num_tokens - caches.cached_tokens(instance, hashes) <= limit else None
+
+    async def generate(
+        self, choice: Choice, prefilled: Prefilled | None, instance: Instance | None = None
+    ) -> DecodeStream:
+        """Starts Generate on `instance` if it is still healthy, else on the least loaded
+        decode instance. Without `prefilled`, decode computes the prompt itself."""
         pool = await self.directory.pool("decode")
         instances = pool.healthy()
         if not instances:
             raise no_instance("decode")
-        instance = self._least_loaded["decode"].choose(instances)
+        if not any(i is instance for i in instances):
+            instance = self._least_loaded["decode"].choose(instances)
+        assert instance is not None
+        handoff: dict[str, Any] = {"compute_prompt": True}
+        if prefilled is not None:
+            handoff = {
+                "kv_handle": prefilled.kv_handle,
+                "first_token_id": prefilled.first_token_id,
+                "first_token_logprob": prefilled.first_token_logprob,
+                "mirostat_mu": prefilled.mirostat_mu,  # None leaves the optional field unset
+            }
         request = decode_pb2.GenerateRequest(
             request_id=choice.id,
-            kv_handle=prefilled.kv_handle,
             prompt_token_ids=choice.prompt_ids,
-            first_token_id=prefilled.first_token_id,
             sampling=choice.sampling.to_pb(),
             stopping=choice.stopping.to_pb(),
-            first_token_logprob=prefilled.first_token_logprob,
-            mirostat_mu=prefilled.mirostat_mu,  # None leaves the optional field unset
             prompt_cache=choice.prompt_cache.to_pb(),
             prediction_token_ids=choice.prediction_ids,
+            **handoff,
         )
         stream = instance.stub.Generate(request, timeout=choice.time_left())
+        # Decode caches the prompt's blocks, pulled or computed.
+        caches = await self._decode_cache_indexes()
+        caches.record(instance, caches.servable_hashes(choice.prompt_ids, choice.prompt_cache))
         return DecodeStream(pool, instance, stream, choice.sampling.logprobs)
 
     def release_later(self, prefilled: Prefilled) -> None:
@@ -196,6 +226,12 @@ class StageClients:
             limits = await self.directory.limits()
             self._prefill_router = PrefillRouter(self._config.prefill_routing, limits.block_size)
         return self._prefill_router
+
+    async def _decode_cache_indexes(self) -> CacheIndexes:
+        if self._decode_caches is None:
+            limits = await self.directory.limits()
+            self._decode_caches = CacheIndexes(limits.block_size)
+        return self._decode_caches
 
     async def _unary(
         self, stage: str, call: Callable[[Any], Awaitable[T]], param: str | None = None

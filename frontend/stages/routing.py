@@ -78,20 +78,43 @@ def _rotated(instances: Sequence[Instance], turn: int) -> list[Instance]:
     return [*instances[start:], *instances[:start]]
 
 
+class CacheIndexes:
+    """What each instance of one stage is believed to hold in its prefix cache: the chains
+    this frontend sent there."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._indexes: dict[str, PrefixIndex] = {}
+
+    def servable_hashes(self, token_ids: Sequence[int], prompt_cache: PromptCache) -> list[bytes]:
+        """The hash chain of the blocks a stage may serve from its cache (the stages' own
+        chain, `PromptCache.block_hashes`, up to `PromptCache.servable_tokens`)."""
+        servable = prompt_cache.servable_tokens(len(token_ids))
+        return prompt_cache.block_hashes(token_ids[:servable], self.block_size)
+
+    def cached_tokens(self, instance: Instance, hashes: Sequence[bytes]) -> int:
+        """Leading prompt tokens `instance` is believed to hold."""
+        return self.block_size * self._index(instance).matched(hashes)
+
+    def record(self, instance: Instance, hashes: Sequence[bytes]) -> None:
+        """`instance` now holds these blocks (called once it has them or computes them)."""
+        capacity = instance.num_kv_blocks or _DEFAULT_INDEX_BLOCKS
+        self._index(instance).add(hashes, capacity)
+
+    def _index(self, instance: Instance) -> PrefixIndex:
+        index = self._indexes.get(instance.address)
+        if index is None or index.epoch != instance.epoch:
+            index = self._indexes[instance.address] = PrefixIndex(instance.epoch)
+        return index
+
+
 class PrefillRouter:
     def __init__(self, policy: str, block_size: int) -> None:
         if policy not in PREFILL_POLICIES:
             raise ValueError(f"prefill routing {policy!r} is not one of {PREFILL_POLICIES}")
         self.policy = policy
-        self.block_size = block_size
-        self._indexes: dict[str, PrefixIndex] = {}
+        self.caches = CacheIndexes(block_size)
         self._turn = itertools.count()
-
-    def servable_hashes(self, token_ids: Sequence[int], prompt_cache: PromptCache) -> list[bytes]:
-        """The hash chain of the blocks prefill may serve from its cache (prefill's own chain,
-        `PromptCache.block_hashes`, up to `PromptCache.servable_tokens`)."""
-        servable = prompt_cache.servable_tokens(len(token_ids))
-        return prompt_cache.block_hashes(token_ids[:servable], self.block_size)
 
     def choose(
         self, instances: Sequence[Instance], num_tokens: int, hashes: Sequence[bytes]
@@ -99,7 +122,7 @@ class PrefillRouter:
         """The instance for a prompt of `num_tokens` whose cacheable blocks are `hashes`."""
 
         ordered = _rotated(instances, next(self._turn))
-        cached = {i.address: self.block_size * self._index(i).matched(hashes) for i in ordered}
+        cached = {i.address: self.caches.cached_tokens(i, hashes) for i in ordered}
 
         def uncached(instance: Instance) -> int:
             return num_tokens - cached[instance.address]
@@ -114,17 +137,6 @@ class PrefillRouter:
         else:
             best = min(ordered, key=lambda i: (i.queued_tokens, i.in_flight, i.reported_load))
         return Route(best, uncached(best))
-
-    def record(self, instance: Instance, hashes: Sequence[bytes]) -> None:
-        """`instance` now holds these blocks (called once it prefilled them)."""
-        capacity = instance.num_kv_blocks or _DEFAULT_INDEX_BLOCKS
-        self._index(instance).add(hashes, capacity)
-
-    def _index(self, instance: Instance) -> PrefixIndex:
-        index = self._indexes.get(instance.address)
-        if index is None or index.epoch != instance.epoch:
-            index = self._indexes[instance.address] = PrefixIndex(instance.epoch)
-        return index
 
 
 class LeastLoadedRouter:

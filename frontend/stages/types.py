@@ -97,6 +97,10 @@ class TokenDelta:
     # Only the first message after the sequence joined the batch carries these.
     queue_ns: int = 0
     kv_transfer_ns: int = 0
+    # When decode computed the prompt, the first message carries its prefill's numbers.
+    prefill_queue_ns: int = 0
+    prefill_compute_ns: int = 0
+    num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, if asked
     speculation: "SpeculationStats | None" = None  # the last message, if drafts were verified
 

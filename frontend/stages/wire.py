@@ -59,6 +59,9 @@ def delta_from_pb(message: decode_pb2.GenerateResponse, want_logprobs: bool) -> 
         num_generated=message.num_generated,
         queue_ns=message.queue_ns,
         kv_transfer_ns=message.kv_transfer_ns,
+        prefill_queue_ns=message.prefill_queue_ns,
+        prefill_compute_ns=message.prefill_compute_ns,
+        num_cached_tokens=message.num_cached_tokens,
         logprobs=logprobs,
         speculation=_speculation(message.speculation) if message.HasField("speculation") else None,
     )

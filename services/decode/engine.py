@@ -97,6 +97,13 @@ class DecodeEngine:
                 self.num_requests += 1
         self._thread.wake()
 
+    def add(self, seq: Sequence) -> None:
+        """A sequence that computes its prompt here (no KV to pull) waits to join."""
+        with self.lock:
+            self.scheduler.add(seq)
+            self.num_requests += 1
+        self._thread.wake()
+
     def abort(self, request_id: str) -> None:
         with self.lock:
             self._pending_aborts.append(request_id)
@@ -130,6 +137,12 @@ class DecodeEngine:
                 self.scheduler.abort(request_id)
             self._pending_aborts.clear()
             scheduled = self.scheduler.schedule()
+            copies, self.scheduler.copies = self.scheduler.copies, []
+        for source, target in copies:  # partial prefix-cache hits, before their step
+            self.worker.pool.copy_block(source, target)
+        if copies:
+            with self.lock:
+                self.blocks.free([source for source, _ in copies])
         if not scheduled:
             return False
         try:

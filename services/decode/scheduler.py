@@ -2,7 +2,8 @@
 
 Sequences join and leave at step boundaries. Each step gives every running sequence its
 uncached tokens (one in steady decode; more after a preemption, recomputed in chunks
-under the token budget). A sequence in steady decode with a drafter also gets its draft
+under the token budget, or for a prompt decode computes itself, whose last chunk samples
+the first token). A sequence in steady decode with a drafter also gets its draft
 tokens, verified in the same step; the blocks they need come only from free ones. When the
 pool runs dry, blocks are taken back from waiting sequences first (newest first), then by
 preempting the newest running one: its blocks are freed and it is recomputed later, from
@@ -44,6 +45,9 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.num_pulling = 0  # sequences between begin_pull and end_pull
+        # (source, target) block copies that scheduled sequences need before their step
+        # (partial prefix-cache hits); the engine makes them, then frees each source.
+        self.copies: list[tuple[int, int]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -128,6 +132,8 @@ class Scheduler:
                 self._cache_full_blocks(seq)
                 continue
             finish = None
+            if seq.num_generated == 0:
+                seq.first_token_ns = time.monotonic_ns()
             for token_id in next(new_tokens):
                 seq.token_ids.append(token_id)
                 finish = seq.stop.check(token_id, seq.num_generated, len(seq.token_ids))
@@ -149,8 +155,11 @@ class Scheduler:
 
     def _draft(self, seq: Sequence, num_tokens: int, budget: int) -> list[int]:
         """Drafts to verify after a steady-decode sequence's token: within the token budget,
-        max_tokens, the context window and the blocks already free (never preempting)."""
+        max_tokens, the context window and the blocks already free (never preempting). A
+        prompt decode computes itself gets none before its first token."""
         if seq.drafter is None or num_tokens != 1 or len(seq.token_ids) - seq.num_cached != 1:
+            return []
+        if seq.num_generated == 0:
             return []
         num_tokens_now = len(seq.token_ids)
         limit = min(budget, seq.tokens_left - 1)
@@ -168,19 +177,35 @@ class Scheduler:
         return draft
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
-        """Offers each block the sequence has just filled to the prefix cache."""
+        """Offers each block the sequence has filled since the last call to the prefix cache:
+        prompt blocks, whose hashes came with the request, once computed here (pulled ones are
+        already offered), then generated ones, whose hashes extend the chain."""
         hashes, size = seq.block_hashes, self.blocks.block_size
-        while hashes and (len(hashes) + 1) * size <= seq.num_cached:
+        num_full = seq.num_cached // size
+        while seq.extends_chain and len(hashes) < num_full:
             i = len(hashes)
+            hashes.append(hash_block(_parent(seq, i), seq.token_ids[i * size : (i + 1) * size]))
+        num_full = min(num_full, len(hashes))
+        for i in range(seq.num_offered_blocks, num_full):
             tokens = seq.token_ids[i * size : (i + 1) * size]
-            hashes.append(hash_block(hashes[-1], tokens))
-            self.blocks.register(seq.block_table[i], hashes[-1], tokens)
+            self.blocks.register(seq.block_table[i], hashes[i], tokens, _parent(seq, i))
+        seq.num_offered_blocks = max(seq.num_offered_blocks, num_full)
+
+    def _offer_last_block(self, seq: Sequence) -> None:
+        """Offers an ending sequence's last, partly filled block to partial matches (never to
+        whole-block ones): its tokens no longer change, and a later prompt that starts the
+        same way copies their KV (`_reserve`) instead of computing them."""
+        size = self.blocks.block_size
+        last = seq.num_cached // size
+        tokens = seq.token_ids[last * size : seq.num_cached]
+        if seq.extends_chain and tokens and len(seq.block_hashes) == last:
+            parent = _parent(seq, last)
+            self.blocks.register(seq.block_table[last], hash_block(parent, tokens), tokens, parent)
 
     def _reserve(self, seq: Sequence, preempt_running: bool) -> bool:
         """Allocates blocks for all of `seq`'s tokens, taking them from waiting sequences
         (and, with `preempt_running`, from the newest running ones still to be scheduled)."""
-        if not seq.block_table:
-            self._reuse_cached(seq)
+        partial = self._reuse_cached(seq) if not seq.block_table else None
         missing = blocks_needed(len(seq.token_ids), self.blocks.block_size) - len(seq.block_table)
         while not self.blocks.can_allocate(missing):
             holders = [s for s in self.waiting if s.block_table and s is not seq]
@@ -189,17 +214,38 @@ class Scheduler:
             elif preempt_running and self.running:
                 self._preempt(self.running.pop())
             else:
+                if partial is not None:
+                    self.blocks.free([partial[0]])
                 return False
         if missing > 0:
             seq.block_table.extend(self.blocks.allocate(missing))
+        if partial is not None:
+            source, length = partial
+            self.copies.append((source, seq.block_table[seq.num_cached // self.blocks.block_size]))
+            seq.num_cached += length
         return True
 
-    def _reuse_cached(self, seq: Sequence) -> None:
-        """A sequence without blocks (preempted, or given them up while waiting) takes back
-        the leading blocks its prefix cache chain still finds; the last token is computed."""
-        servable = (len(seq.token_ids) - 1) // self.blocks.block_size
-        hits = self.blocks.match_prefix(seq.block_hashes[:servable], seq.token_ids)
-        seq.block_table, seq.num_cached = hits, len(hits) * self.blocks.block_size
+    def _reuse_cached(self, seq: Sequence) -> tuple[int, int] | None:
+        """A sequence without blocks (new, preempted, or given them up while waiting) takes
+        back the leading blocks its prefix cache chain still finds, then looks for a cached
+        block after them that starts with its next tokens: (that block, referenced, and how
+        many of its tokens serve), to copy once its own blocks are allocated. The last token
+        is always computed."""
+        size = self.blocks.block_size
+        servable = seq.prompt_cache.servable_tokens(len(seq.token_ids))
+        hits = self.blocks.match_prefix(seq.block_hashes[: servable // size], seq.token_ids)
+        seq.block_table, seq.num_cached = hits, len(hits) * size
+        if seq.computes_prompt and not seq.joined_ns:
+            seq.num_reused_tokens = seq.num_cached
+        start = seq.num_cached
+        source, length = self.blocks.match_partial(
+            _parent(seq, len(hits)), seq.token_ids[start : min(start + size, servable)]
+        )
+        if source is None:
+            return None
+        if seq.computes_prompt and not seq.joined_ns:
+            seq.num_reused_tokens += length
+        return source, length
 
     def _preempt(self, seq: Sequence) -> None:
         """Takes a running sequence out of the batch; it waits at the front of the queue."""
@@ -211,9 +257,17 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.num_cached = 0
+        seq.num_offered_blocks = 0
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence, finish: Finish) -> None:
+        self._cache_full_blocks(seq)
+        self._offer_last_block(seq)
         self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.finish = finish
+
+
+def _parent(seq: Sequence, index: int) -> bytes:
+    """The hash that block `index` of the sequence's chain extends."""
+    return seq.block_hashes[index - 1] if index else seq.prompt_cache.root_hash()

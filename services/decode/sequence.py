@@ -8,7 +8,7 @@ from services.decode.closing import BudgetCloser
 from services.decode.drafts import Drafter
 from services.engine.grammar import GrammarState
 from services.engine.sampling_state import MirostatState, TokenHistory
-from services.request_params import SamplingParams
+from services.request_params import PromptCache, SamplingParams
 
 
 class Finish(enum.Enum):
@@ -46,9 +46,20 @@ class Sequence:
     finish: Finish | None = None
     # Where the engine delivers (token_id, finish) pairs; owned by the request's handler.
     outputs: Any = None
-    # Prefix-cache hashes of the sequence's full blocks so far; generated blocks extend the
-    # chain as they fill. Empty: the sequence's blocks are not offered to the cache.
+    # How the request may use the prefix cache, and the hashes of the sequence's full blocks
+    # (the prompt's chain as `prompt_cache` gives it). With `extends_chain` (the chain covers
+    # every full prompt block: the request did not cap what may be cached), generated blocks
+    # extend it as they fill, and the last block, partly filled, is offered to partial
+    # matches when the sequence ends.
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
     block_hashes: list[bytes] = field(default_factory=list)
+    extends_chain: bool = False
+    num_offered_blocks: int = 0  # leading blocks offered to the prefix cache so far
+    # Decode computes the prompt itself (no KV handle): the prompt tokens its prefix cache
+    # served when it joined, and when its first token was sampled.
+    computes_prompt: bool = False
+    num_reused_tokens: int = 0
+    first_token_ns: int = 0
     mirostat: MirostatState | None = None
     grammar: GrammarState | None = None  # structured output: what may come next
     closer: BudgetCloser | None = None  # with a grammar: keeps it finishable in the budget

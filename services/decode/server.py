@@ -1,4 +1,5 @@
-"""Decode service: pulls KV, batches generation, streams tokens with their text."""
+"""Decode service: pulls KV (or computes the prompt itself), batches generation, streams
+tokens with their text."""
 
 import asyncio
 import contextlib
@@ -92,11 +93,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 f"prompt + max_tokens ({max_len} tokens) exceeds the decode KV pool "
                 f"({self.engine.blocks.num_blocks * self.engine.blocks.block_size} tokens)"
             )
+        computes_prompt = request.compute_prompt
+        sampling = checked_sampling(request.sampling, config.vocab_size)
+        if computes_prompt:  # the first token is sampled here
+            first_ids = []
+            mirostat = (
+                None
+                if sampling.mirostat_target is None
+                else MirostatState.start(sampling.mirostat_target)
+            )
+        else:
+            first_ids = [request.first_token_id]
+            mirostat = (
+                MirostatState(request.mirostat_mu) if request.HasField("mirostat_mu") else None
+            )
         seq = Sequence(
             request_id=request.request_id,
-            token_ids=[*request.prompt_token_ids, request.first_token_id],
+            token_ids=[*request.prompt_token_ids, *first_ids],
             num_prompt_tokens=num_prompt,
-            sampling=checked_sampling(request.sampling, config.vocab_size),
+            sampling=sampling,
             stop=StopRules(
                 max_tokens=stopping.max_tokens,
                 max_model_len=config.max_position_embeddings,
@@ -104,12 +119,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 ignore_eos=stopping.ignore_eos,
             ),
             outputs=asyncio.Queue(),
-            # Generated blocks extend the prompt's chain when it covers every full prompt
-            # block (the request did not cap what may be cached).
-            block_hashes=list(chain) if len(chain) == num_prompt // block_size else [],
-            mirostat=(
-                MirostatState(request.mirostat_mu) if request.HasField("mirostat_mu") else None
-            ),
+            block_hashes=list(chain),
+            prompt_cache=prompt_cache,
+            extends_chain=len(chain) == num_prompt // block_size,
+            mirostat=mirostat,
+            computes_prompt=computes_prompt,
         )
         seq.drafter = self._drafter(request, seq)
         return seq, chain
@@ -138,6 +152,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         and every id must be in the vocabulary (a bad id would fail the whole batch's step)."""
         handle, block_size = request.kv_handle, self.engine.blocks.block_size
         num_prompt = len(request.prompt_token_ids)
+        vocab_size = self.worker.config.vocab_size
+        if request.compute_prompt:
+            if num_prompt == 0:
+                raise InvalidArgumentError("prompt_token_ids is empty")
+            if any(not 0 <= t < vocab_size for t in request.prompt_token_ids):
+                raise InvalidArgumentError(f"token ids must be in [0, {vocab_size})")
+            return
         if num_prompt != handle.num_tokens or num_prompt == 0:
             raise InvalidArgumentError("prompt_token_ids must match the KV handle's tokens")
         if handle.block_size != block_size:
@@ -149,7 +170,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 f"a KV handle for {num_prompt} tokens has {blocks_needed(num_prompt, block_size)} "
                 f"blocks, not {handle.num_blocks}"
             )
-        vocab_size = self.worker.config.vocab_size
         token_ids = [*request.prompt_token_ids, request.first_token_id]
         if any(not 0 <= t < vocab_size for t in token_ids):
             raise InvalidArgumentError(f"token ids must be in [0, {vocab_size})")
@@ -159,7 +179,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if self.draining:  # before the try: the handle is for another instance to take
             raise UnavailableError("this decode instance is shutting down; use another")
         address = request.kv_handle.prefill_address
-        if not await self.engine.prefill_instances.allows(address):  # never dialed
+        allowed = request.compute_prompt or await self.engine.prefill_instances.allows(address)
+        if not allowed:  # never dialed
             raise InvalidArgumentError(
                 f"kv_handle.prefill_address {address!r} is not a prefill instance this decode "
                 "instance knows (--prefill)"
@@ -173,11 +194,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             seq, chain = self._new_sequence(request)
             seq.grammar = await grammar_state(seq.sampling.grammar, self.grammars)
             if seq.grammar is not None:
-                if not seq.grammar.accept(request.first_token_id):
+                first_allowed = seq.computes_prompt or seq.grammar.accept(request.first_token_id)
+                if not first_allowed:
                     raise InvalidArgumentError("first_token_id is not allowed by the grammar")
                 seq.closer = BudgetCloser(seq.grammar, self.tokenizer.encode)
         except BaseException:  # a bad request, or the caller gone: nobody will pull the KV
-            self.puller.release_later(request.kv_handle)
+            if not request.compute_prompt:
+                self.puller.release_later(request.kv_handle)
             raise
         self._active[seq.request_id] = seq
         try:
@@ -197,25 +220,29 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         text = TextStream(
             self.tokenizer, list(stopping.stop), stopping.include_stop_str, request.prompt_token_ids
         )
-        first = request.first_token_id
-        finish = seq.stop.check(first, 1, len(seq.token_ids))
-        num_generated = 1
-        response, finish = self._response(seq, text, first, finish, num_generated)
-        if seq.sampling.wants_logprobs:
-            response.logprobs.append(request.first_token_logprob)
-        if finish is not None:
-            self.puller.release_later(request.kv_handle)
-            yield response
-            return
-        try:
-            yield response
-        except BaseException:  # the caller went away after the first token, before the pull
-            self.puller.release_later(request.kv_handle)
-            raise
-        prompt_ids = seq.token_ids[: seq.num_prompt_tokens]
-        pulled = await self.puller.pull(request.kv_handle, prompt_ids, chain)
-        seq.block_table, seq.num_cached = pulled.block_ids, seq.num_prompt_tokens
-        self.engine.end_pull(seq)
+        finish, num_generated, pulled = None, 0, None
+        if seq.computes_prompt:
+            self.engine.add(seq)
+        else:
+            first = request.first_token_id
+            finish = seq.stop.check(first, 1, len(seq.token_ids))
+            num_generated = 1
+            response, finish = self._response(seq, text, first, finish, num_generated)
+            if seq.sampling.wants_logprobs:
+                response.logprobs.append(request.first_token_logprob)
+            if finish is not None:
+                self.puller.release_later(request.kv_handle)
+                yield response
+                return
+            try:
+                yield response
+            except BaseException:  # the caller went away after the first token, before the pull
+                self.puller.release_later(request.kv_handle)
+                raise
+            prompt_ids = seq.token_ids[: seq.num_prompt_tokens]
+            pulled = await self.puller.pull(request.kv_handle, prompt_ids, chain)
+            seq.block_table, seq.num_cached = pulled.block_ids, seq.num_prompt_tokens
+            self.engine.end_pull(seq)
         try:
             first_step = True
             while finish is None:
@@ -228,13 +255,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 response, finish = self._response(seq, text, token.token_id, finish, num_generated)
                 if seq.sampling.wants_logprobs:
                     response.logprobs.append(token_logprob_pb(token, self.tokenizer))
-                if first_step:
+                if first_step and pulled is None:
+                    response.prefill_queue_ns = seq.joined_ns - received_ns
+                    response.prefill_compute_ns = seq.first_token_ns - seq.joined_ns
+                    response.num_cached_tokens = seq.num_reused_tokens
+                elif first_step:
                     response.queue_ns = seq.joined_ns - received_ns
                     response.kv_transfer_ns = pulled.duration_ns
                     response.kv_bytes = pulled.num_bytes
                     response.kv_transport = pulled.transport
                     response.num_reused_blocks = pulled.num_reused_blocks
-                    first_step = False
+                first_step = False
                 yield response
         finally:
             if seq.finish is None:
