@@ -2,7 +2,8 @@
 beside 15 other requests of other lengths, with its prompt prefix from the prefix cache (on
 prefill and on decode, whole blocks and part of one), with its prompt computed by decode
 itself (the default stack sends a prompt decode mostly holds there), and prefilled in several
-chunks by another stack that sends every prompt to prefill."""
+chunks by another stack that sends every prompt to prefill, or computed in several chunks by
+decode on a third."""
 
 import asyncio
 import uuid
@@ -69,6 +70,13 @@ def chunking_stack():
     stack.stop()
 
 
+@pytest.fixture(scope="module")
+def decode_chunking_stack():
+    stack = start_stack("--decode-args=--max-chunk-tokens 4")
+    yield stack
+    stack.stop()
+
+
 def test_tokens_and_logprobs_do_not_depend_on_the_batch_or_the_cache(stack, model):
     alone, beside, cached = asyncio.run(alone_and_beside(stack.http_url, model, True))
     assert len(alone[1]) == 24
@@ -100,3 +108,28 @@ def test_decode_samples_a_prompt_it_computed_as_prefill_does(
         return numbers(reply.choices[0])
 
     assert sample(stack.http_url) == sample(chunking_stack.http_url)
+
+
+def test_decode_computing_a_prompt_in_chunks_gives_the_same_numbers(
+    stack, decode_chunking_stack, model
+):
+    """Decode computes the prompt in one pass on the default stack, 4 tokens a step on the
+    other (running beside another request there)."""
+    prompt = "A short story about a lighthouse keeper and her dog:"
+    greedy = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "logprobs": 3}
+
+    def sample(url: str) -> tuple:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model=model, **greedy)
+        assert reply.usage.prompt_tokens > 8  # at least three chunks on the other stack
+        return numbers(reply.choices[0])
+
+    async def beside_another(url: str) -> tuple:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        long_running = client.completions.create(
+            model=model, prompt="Count: 1, 2, 3,", max_tokens=64, extra_body={"ignore_eos": True}
+        )
+        _, reply = await asyncio.gather(long_running, asyncio.to_thread(sample, url))
+        return reply
+
+    assert asyncio.run(beside_another(decode_chunking_stack.http_url)) == sample(stack.http_url)

@@ -222,8 +222,10 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                 text=piece,
                 finish_reason=finish,
                 num_generated=i + 1,
-                queue_ns=5000 if i == 0 and not request.compute_prompt else 0,
-                kv_transfer_ns=6000 if i == 0 and not request.compute_prompt else 0,
+                # As decode does: prefill's token first, then the KV pull and the join,
+                # which the next message reports.
+                queue_ns=5000 if i == 1 and not request.compute_prompt else 0,
+                kv_transfer_ns=6000 if i == 1 and not request.compute_prompt else 0,
             )
             if i == 0 and request.compute_prompt:
                 response.prefill_queue_ns, response.prefill_compute_ns = 7000, 8000

@@ -312,6 +312,19 @@ def test_decode_computes_a_long_prompt_once_it_holds_it(
     assert fakes.prefill.requests[-1].token_ids == first.prompt_token_ids
 
 
+def test_a_prompt_that_ends_at_prefills_token_is_not_taken_for_cached_on_decode(
+    local_client: TestClient, fakes: FakeStages
+) -> None:
+    # Decode pulls no KV for a request that ends at prefill's token (max_tokens 1, or an end
+    # of turn), so its prefix cache never sees the prompt: prefill must compute it again.
+    body = {"model": MODEL_ID, "prompt": "nineteen characters", "max_tokens": 1}
+    for _ in range(2):
+        assert local_client.post("/v1/completions", json=body).status_code == 200
+    first, second = fakes.decode.requests[-2:]
+    assert not first.compute_prompt and not second.compute_prompt
+    assert second.kv_handle.handle_id
+
+
 @pytest.mark.parametrize(
     "fields",
     [{"echo": True, "logprobs": 1}, {"echo": True, "max_tokens": 0}],

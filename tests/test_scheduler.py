@@ -213,6 +213,28 @@ def test_a_prompt_computed_here_samples_its_first_token_and_caches_its_blocks():
     assert again.num_reused_tokens == 8
 
 
+def test_long_prompts_computed_here_run_in_chunks_beside_the_batch():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64, max_chunk_tokens=8)
+    scheduler.add(pulled(blocks, make_seq("a", 4)))
+    for request_id, start, length in (("long", 100, 20), ("short", 200, 3)):
+        seq = make_seq(request_id, length)
+        seq.token_ids, seq.computes_prompt = list(range(start, start + length)), True
+        scheduler.add(seq)
+    steps = []
+    for _ in range(4):
+        step = scheduler.schedule()
+        steps.append([(s.seq.request_id, s.num_tokens) for s in step])
+        scheduler.postprocess(step, [[7]] * sum(s.samples for s in step))
+    # Each step computes at most 8 prompt tokens; the short prompt waits for room in one.
+    assert steps == [
+        [("a", 1), ("long", 8)],
+        [("a", 1), ("long", 8)],
+        [("a", 1), ("long", 4), ("short", 3)],
+        [("a", 1), ("long", 1), ("short", 1)],
+    ]
+
+
 def test_the_same_prompt_again_copies_part_of_a_block_and_computes_only_its_last_token():
     blocks = BlockManager(num_blocks=16, block_size=4)
     scheduler = Scheduler(blocks, max_batch_size=8, max_step_tokens=64)

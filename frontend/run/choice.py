@@ -75,6 +75,7 @@ class Generation:
         self._stream: DecodeStream | None = None
         # Decode answered, so it holds the KV now and frees it on abort.
         self._claimed = False
+        self._holds_prompt = False  # decode's prefix cache has the prompt (recorded once)
         self._closed = False
         self._last_message_ns: int | None = None
         self._attempts = 0  # decode instances tried
@@ -95,6 +96,10 @@ class Generation:
             logger.error("decode stream of %s ended without a finish reason", self._choice.id)
             raise internal_error()
         self._claimed = True
+        if not self._holds_prompt and (self._prefilled is None or delta.queue_ns):
+            # Decode computed the prompt, or pulled its KV and joined the batch.
+            self._holds_prompt = True
+            await self._stages.decode_holds(self._choice, self._stream.instance)
         if delta.queue_ns and not self._metrics.generation_queue_ns:
             # Decode streams prefill's token before pulling the KV; the message after the
             # sequence joined the batch carries the queue and transfer times.

@@ -186,10 +186,14 @@ class StageClients:
             **handoff,
         )
         stream = instance.stub.Generate(request, timeout=choice.time_left())
-        # Decode caches the prompt's blocks, pulled or computed.
+        return DecodeStream(pool, instance, stream, choice.sampling.logprobs)
+
+    async def decode_holds(self, choice: Choice, instance: Instance) -> None:
+        """Decode `instance` holds the choice's prompt blocks (pulled or computed); its prefix
+        cache keeps them after the request. A request that ends at prefill's token never
+        gets there: decode pulls nothing for it."""
         caches = await self._decode_cache_indexes()
         caches.record(instance, caches.servable_hashes(choice.prompt_ids, choice.prompt_cache))
-        return DecodeStream(pool, instance, stream, choice.sampling.logprobs)
 
     def release_later(self, prefilled: Prefilled) -> None:
         """Frees a KV handle decode never took, without making the caller wait.

@@ -41,19 +41,21 @@ class DecodeEngine:
         prefill_instances: PrefillAllowList,
         max_draft_tokens: int = 0,
         prompt_lookup: bool = False,
+        max_chunk_tokens: int | None = None,
     ) -> None:
         """`deliver` is called on the event loop that calls `start`, once per step with that
         step's new tokens. Beyond `max_queued_requests` waiting to join the batch, decode
         refuses new ones; it pulls KV only from `prefill_instances`. A sequence verifies at
         most `max_draft_tokens` drafts a step (0: no speculation); `prompt_lookup` drafts for
-        requests without a prediction."""
+        requests without a prediction. A step computes at most `max_chunk_tokens` prompt
+        tokens (a prompt decode computes itself, or one recomputed after a preemption)."""
         self.worker = worker
         self.max_queued_requests = max_queued_requests
         self.prefill_instances = prefill_instances
         self.max_draft_tokens = max_draft_tokens
         self.prompt_lookup = prompt_lookup
         self.blocks: BlockManager = worker.pool.blocks
-        self.scheduler = Scheduler(self.blocks, max_batch_size, max_step_tokens)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_step_tokens, max_chunk_tokens)
         self.grammar_batch = GrammarBatch(
             worker.config.vocab_size, max_batch_size * (1 + max_draft_tokens), worker.device
         )

@@ -1,13 +1,15 @@
 """Continuous batching: which sequences run in the next step (pure Python, no torch).
 
 Sequences join and leave at step boundaries. Each step gives every running sequence its
-uncached tokens (one in steady decode; more after a preemption, recomputed in chunks
-under the token budget, or for a prompt decode computes itself, whose last chunk samples
-the first token). A sequence in steady decode with a drafter also gets its draft
-tokens, verified in the same step; the blocks they need come only from free ones. When the
-pool runs dry, blocks are taken back from waiting sequences first (newest first), then by
-preempting the newest running one: its blocks are freed and it is recomputed later, from
-what the prefix cache still holds, never failed.
+uncached tokens (one in steady decode; more after a preemption, or for a prompt decode
+computes itself, whose last chunk samples the first token). Those longer runs are computed
+in chunks: a step's tokens stay under its token budget, and its prompt tokens (all runs
+longer than one token) under the chunk budget, so a long prompt delays the running
+sequences' next tokens by about one chunk a step, not by all of it. A sequence in steady
+decode with a drafter also gets its draft tokens, verified in the same step; the blocks they
+need come only from free ones. When the pool runs dry, blocks are taken back from waiting
+sequences first (newest first), then by preempting the newest running one: its blocks are
+freed and it is recomputed later, from what the prefix cache still holds, never failed.
 
 A new sequence's prompt KV is pulled only once it can join the batch (`begin_pull`): the
 running, waiting and pulling sequences together stay within max_batch_size, so waiting
@@ -37,10 +39,18 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_step_tokens: int) -> None:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_batch_size: int,
+        max_step_tokens: int,
+        max_chunk_tokens: int | None = None,
+    ) -> None:
+        """`max_chunk_tokens`: the prompt tokens one step computes (None: the step budget)."""
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
+        self.max_chunk_tokens = max_chunk_tokens or max_step_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -87,7 +97,7 @@ class Scheduler:
         return None
 
     def schedule(self) -> list[Scheduled]:
-        budget = self.max_step_tokens
+        budget, chunk_budget = self.max_step_tokens, self.max_chunk_tokens
         scheduled: list[Scheduled] = []
         kept: deque[Sequence] = deque()
         while self.running:
@@ -96,6 +106,9 @@ class Scheduler:
                 self._preempt(seq)
                 continue
             num_tokens = min(len(seq.token_ids) - seq.num_cached, max(budget, 1))
+            if num_tokens > 1:  # a chunk of a prompt: at least one token, so it progresses
+                num_tokens = min(num_tokens, max(chunk_budget, 1))
+                chunk_budget -= num_tokens
             budget -= num_tokens
             draft = self._draft(seq, num_tokens, budget)
             budget -= len(draft)
@@ -106,8 +119,13 @@ class Scheduler:
             seq = self.waiting[0]
             if not self._reserve(seq, preempt_running=False):
                 break
-            self.waiting.popleft()
             num_tokens = min(len(seq.token_ids) - seq.num_cached, budget)
+            if num_tokens > 1:
+                if chunk_budget <= 0:
+                    break  # joins at a later step, with the blocks it now holds
+                num_tokens = min(num_tokens, chunk_budget)
+                chunk_budget -= num_tokens
+            self.waiting.popleft()
             budget -= num_tokens
             draft = self._draft(seq, num_tokens, budget)
             budget -= len(draft)

@@ -334,6 +334,14 @@ def main() -> None:
         help="token budget of one step (recompute, draft tokens)",
     )
     parser.add_argument(
+        "--max-chunk-tokens",
+        type=int,
+        default=256,
+        help="prompt tokens one step computes at most (a prompt decode computes itself, or "
+        "one recomputed after a preemption): a longer one takes several steps, so the running "
+        "streams' next tokens wait for one chunk at a time (as prefill's --max-prefill-tokens)",
+    )
+    parser.add_argument(
         "--max-draft-tokens",
         type=int,
         default=16,
@@ -359,6 +367,7 @@ def main() -> None:
             PrefillAllowList(args.prefill),
             max_draft_tokens=args.max_draft_tokens,
             prompt_lookup=args.prompt_lookup,
+            max_chunk_tokens=args.max_chunk_tokens,
         ),
         servicer=DecodeServicer,
         add_servicer=decode_pb2_grpc.add_DecodeServicer_to_server,
