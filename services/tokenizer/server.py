@@ -1,4 +1,5 @@
-"""Tokenizer service: text and chat messages to token ids, and back. Stateless."""
+"""Tokenizer service: text and chat messages to token ids, and back. Its only state is a cache
+of recent encodings (`EncodeCache`)."""
 
 import asyncio
 import json
@@ -15,6 +16,7 @@ from services.engine.tokenizer import Tokenizer
 from services.errors import InvalidArgumentError
 from services.grpc_server import serve
 from services.rpc import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from services.tokenizer.encode_cache import EncodeCache
 from services.wire import model_info
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -22,9 +24,15 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     def __init__(
-        self, tokenizer: Tokenizer, config: ModelConfig, address: str, threads: int
+        self,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        address: str,
+        threads: int,
+        encode_cache_tokens: int,
     ) -> None:
         self.tokenizer = tokenizer
+        self.encoder = EncodeCache(tokenizer, encode_cache_tokens)
         self.config = config
         self.address = address
         # The tokenizers library releases the GIL, so a few threads tokenize in parallel.
@@ -53,7 +61,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 )
             return tokenizer_pb2.TokenizeResponse(token_ids=ids)
         ids, queue_ns, duration_ns = await self._run(
-            self.tokenizer.encode, request.text, request.add_special_tokens
+            self.encoder.encode, request.text, request.add_special_tokens
         )
         return tokenizer_pb2.TokenizeResponse(
             token_ids=ids, prompt=request.text, queue_ns=queue_ns, duration_ns=duration_ns
@@ -78,7 +86,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             prompt = self.tokenizer.render_chat(messages, add_generation_prompt, tools=tools)
         except Exception as exc:  # the template may raise on what it cannot render
             raise InvalidArgumentError(f"chat template failed: {exc}") from exc
-        return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+        return prompt, self.encoder.encode(prompt)
 
     async def Detokenize(self, request, context):
         ids = list(request.token_ids)
@@ -135,6 +143,14 @@ def main() -> None:
     parser = cli.base_parser("Tokenizer service", default_port=50051)
     parser.add_argument("--threads", type=int, default=2, help="tokenizing threads")
     parser.add_argument(
+        "--encode-cache-tokens",
+        type=int,
+        default=1 << 18,
+        help="tokens of recently encoded text between added tokens (a chat's messages) kept "
+        "to encode the same text again without the tokenizer: a conversation's next turn "
+        "encodes only its new messages (0: encode every text whole)",
+    )
+    parser.add_argument(
         "--max-requests",
         type=int,
         default=256,
@@ -148,7 +164,9 @@ def main() -> None:
         config = loader.load_config(args.model)
 
     def register(server: grpc.aio.Server, address: str) -> list[str]:
-        servicer = TokenizerServicer(tokenizer, config, address, args.threads)
+        servicer = TokenizerServicer(
+            tokenizer, config, address, args.threads, args.encode_cache_tokens
+        )
         tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server)
         return [tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name]
 

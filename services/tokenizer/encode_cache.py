@@ -1,0 +1,96 @@
+"""Prompt encoding that remembers the text between added tokens.
+
+A tokenizer cuts its input at every added token ("<|im_start|>", "<|im_end|>", ...) before it
+normalizes, pre-tokenizes and merges anything, and encodes each piece between them on its
+own. A rendered chat is such pieces, one or more per message, so the next turn of a
+conversation, or the same long prompt again, repeats all of them but the new ones: those
+are all this encodes (several at once, in parallel), the rest comes from a cache bounded in
+tokens (least recently used first out). The ids are exactly those of encoding the whole text.
+
+That holds where a piece's encoding cannot depend on where it sits: byte-level tokenizers
+without a normalizer whose added tokens strip no whitespace (GPT-2, Llama 3, Qwen, SmolLM
+and the like). For any other tokenizer, or if a check at start-up disagrees, every text is
+encoded whole.
+"""
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+
+from services.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Checked at start-up against encoding it whole (with the added tokens spliced in).
+_PROBE = "{0}user\nHello there,  friend!\n\n{1}\n{0}assistant\n 12 apples{1}{0}"
+
+
+class EncodeCache:
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self._pieces: OrderedDict[str, list[int]] = OrderedDict()
+        self._num_tokens = 0
+        self._lock = threading.Lock()
+        self._added = _added_token_ids(tokenizer)
+        self._split = None
+        if max_tokens > 0 and self._added:
+            names = sorted(self._added, key=len, reverse=True)  # the longest match first
+            self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")")
+            if not self._agrees_with_whole_encoding():
+                log.warning("encoding pieces between added tokens differs here: no cache")
+                self._split = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """As `Tokenizer.encode`."""
+        if self._split is None or add_special_tokens:
+            return self.tokenizer.encode(text, add_special_tokens)
+        parts = self._split.split(text)  # text, added token, text, ..., text
+        pieces = [p for p in parts[::2] if p]
+        with self._lock:
+            known = {p: self._pieces[p] for p in pieces if p in self._pieces}
+            for piece in known:
+                self._pieces.move_to_end(piece)
+        missing = list(dict.fromkeys(p for p in pieces if p not in known))
+        if missing:
+            encodings = self.tokenizer.backend.encode_batch(missing, add_special_tokens=False)
+            new = {p: e.ids for p, e in zip(missing, encodings, strict=True)}
+            self._remember(new)
+            known.update(new)
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self._added[part])
+            elif part:
+                ids += known[part]
+        return ids
+
+    def _remember(self, new: dict[str, list[int]]) -> None:
+        with self._lock:
+            for piece, ids in new.items():
+                if len(ids) > self.max_tokens or piece in self._pieces:
+                    continue
+                self._pieces[piece] = ids
+                self._num_tokens += len(ids)
+            while self._num_tokens > self.max_tokens:
+                _, ids = self._pieces.popitem(last=False)
+                self._num_tokens -= len(ids)
+
+    def _agrees_with_whole_encoding(self) -> bool:
+        names = list(self._added)
+        start, end = names[0], names[-1]
+        text = _PROBE.format(start, end)
+        return self.encode(text) == self.tokenizer.encode(text)
+
+
+def _added_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The added tokens by content, when the text between them encodes independently of
+    what surrounds it; else none."""
+    backend = tokenizer.backend
+    if not tokenizer.is_byte_level or backend.normalizer is not None:
+        return {}
+    added = backend.get_added_tokens_decoder()
+    if any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
+        return {}
+    return {t.content: i for i, t in sorted(added.items())}

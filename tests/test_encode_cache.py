@@ -1,0 +1,102 @@
+"""The tokenizer service's encoding cache: the ids of whole-text encoding, with repeated
+messages taken from the cache."""
+
+import copy
+import random
+
+import pytest
+
+from services.engine.config import DEFAULT_MODEL
+from services.engine.loader import load_tokenizer
+from services.engine.tokenizer import Tokenizer
+from services.tokenizer.encode_cache import EncodeCache
+from tests.test_tokenizer import STRINGS, _metaspace_words
+
+
+class CountingBackend:
+    """A tokenizer backend that records the texts encoded piece by piece."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.encoded: list[str] = []
+
+    def encode_batch(self, texts, add_special_tokens):
+        self.encoded += texts
+        return self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+
+def counting(tokenizer: Tokenizer) -> tuple[Tokenizer, CountingBackend]:
+    counted = copy.copy(tokenizer)
+    counted.backend = backend = CountingBackend(tokenizer.backend)
+    return counted, backend
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+def test_texts_with_added_tokens_encode_as_whole_texts(tokenizer: Tokenizer) -> None:
+    cache = EncodeCache(tokenizer, 1 << 16)
+    added = [t.content for t in tokenizer.backend.get_added_tokens_decoder().values()]
+    rng = random.Random(0)
+    texts = list(STRINGS)
+    for _ in range(2000):
+        parts = [rng.choice(STRINGS)[: rng.randint(0, 12)] for _ in range(rng.randint(0, 6))]
+        texts.append("".join(p + (rng.choice(added) if rng.random() < 0.5 else "") for p in parts))
+    for text in texts + texts:  # the second time from the cache
+        assert cache.encode(text) == tokenizer.encode(text), repr(text)
+
+
+def test_the_next_turn_encodes_only_its_new_messages(tokenizer: Tokenizer) -> None:
+    counted, backend = counting(tokenizer)
+    cache = EncodeCache(counted, 1 << 16)
+    backend.encoded.clear()  # the start-up check
+    chat = [{"role": "user", "content": "Name three rivers."}]
+    first = tokenizer.render_chat(chat, add_generation_prompt=True)
+    assert cache.encode(first) == tokenizer.encode(first)
+    chat += [
+        {"role": "assistant", "content": "Nile, Amazon, Danube."},
+        {"role": "user", "content": "Which is longest?"},
+    ]
+    backend.encoded.clear()
+    second = tokenizer.render_chat(chat, add_generation_prompt=True)
+    assert cache.encode(second) == tokenizer.encode(second)
+    assert backend.encoded == ["assistant\nNile, Amazon, Danube.", "user\nWhich is longest?"]
+    backend.encoded.clear()
+    assert cache.encode(second) == tokenizer.encode(second)
+    assert backend.encoded == []
+
+
+def test_the_least_recently_used_text_leaves_first(tokenizer: Tokenizer) -> None:
+    counted, backend = counting(tokenizer)
+    cache = EncodeCache(counted, 8)  # tokens
+    texts = ["one two three", "four five six", "seven eight nine"]  # 3 tokens each
+    for text in texts[:2] + texts[:1] + texts[2:]:  # uses the first again, then a third
+        cache.encode(text)
+    backend.encoded.clear()
+    for text in texts[::2] + texts[1:2]:  # the two kept, then the one that left
+        cache.encode(text)
+    assert backend.encoded == ["four five six"]
+
+
+def test_special_tokens_added_around_a_text_bypass_the_cache(tokenizer: Tokenizer) -> None:
+    counted, backend = counting(tokenizer)
+    cache = EncodeCache(counted, 1 << 16)
+    backend.encoded.clear()
+    assert cache.encode("hi there", add_special_tokens=True) == tokenizer.encode(
+        "hi there", add_special_tokens=True
+    )
+    assert backend.encoded == []
+
+
+def test_a_tokenizer_whose_pieces_depend_on_their_place_encodes_whole() -> None:
+    # Metaspace with prepend_scheme "first" marks only the text's first word.
+    tok, backend = counting(_metaspace_words())
+    cache = EncodeCache(tok, 1 << 16)
+    text = "The capital</s>of France<s>is Paris."
+    assert cache.encode(text) == tok.encode(text)
+    assert backend.encoded == []
