@@ -71,6 +71,18 @@ def test_the_next_turn_encodes_only_its_new_messages(tokenizer: Tokenizer) -> No
     assert backend.encoded == []
 
 
+def test_cached_answers_only_what_needs_no_tokenizer(tokenizer: Tokenizer) -> None:
+    counted, backend = counting(tokenizer)
+    cache = EncodeCache(counted, 1 << 16)
+    text = "<|im_start|>user\nNew words here<|im_end|>\n"
+    assert cache.cached(text) is None
+    cache.encode(text)
+    backend.encoded.clear()
+    assert cache.cached(text) == tokenizer.encode(text)
+    assert cache.cached(text + "and more") is None
+    assert backend.encoded == []
+
+
 def test_the_least_recently_used_text_leaves_first(tokenizer: Tokenizer) -> None:
     counted, backend = counting(tokenizer)
     cache = EncodeCache(counted, 8)  # tokens

@@ -47,17 +47,34 @@ class EncodeCache:
         if self._split is None or add_special_tokens:
             return self.tokenizer.encode(text, add_special_tokens)
         parts = self._split.split(text)  # text, added token, text, ..., text
-        pieces = [p for p in parts[::2] if p]
-        with self._lock:
-            known = {p: self._pieces[p] for p in pieces if p in self._pieces}
-            for piece in known:
-                self._pieces.move_to_end(piece)
-        missing = list(dict.fromkeys(p for p in pieces if p not in known))
+        known = self._lookup(parts)
+        missing = list(dict.fromkeys(p for p in parts[::2] if p and p not in known))
         if missing:
             encodings = self.tokenizer.backend.encode_batch(missing, add_special_tokens=False)
             new = {p: e.ids for p, e in zip(missing, encodings, strict=True)}
             self._remember(new)
             known.update(new)
+        return self._join(parts, known)
+
+    def cached(self, text: str) -> list[int] | None:
+        """`encode(text)` when the cache holds every piece of it (no tokenizer work at all);
+        else None."""
+        if self._split is None:
+            return None
+        parts = self._split.split(text)
+        known = self._lookup(parts)
+        if any(p and p not in known for p in parts[::2]):
+            return None
+        return self._join(parts, known)
+
+    def _lookup(self, parts: list[str]) -> dict[str, list[int]]:
+        with self._lock:
+            known = {p: self._pieces[p] for p in parts[::2] if p in self._pieces}
+            for piece in known:
+                self._pieces.move_to_end(piece)
+        return known
+
+    def _join(self, parts: list[str], known: dict[str, list[int]]) -> list[int]:
         ids: list[int] = []
         for i, part in enumerate(parts):
             if i % 2:
