@@ -5,6 +5,8 @@ import copy
 import random
 
 import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import processors
 
 from services.engine.config import DEFAULT_MODEL
 from services.engine.loader import load_tokenizer
@@ -95,14 +97,21 @@ def test_the_least_recently_used_text_leaves_first(tokenizer: Tokenizer) -> None
     assert backend.encoded == ["four five six"]
 
 
-def test_special_tokens_added_around_a_text_bypass_the_cache(tokenizer: Tokenizer) -> None:
-    counted, backend = counting(tokenizer)
-    cache = EncodeCache(counted, 1 << 16)
-    backend.encoded.clear()
-    assert cache.encode("hi there", add_special_tokens=True) == tokenizer.encode(
-        "hi there", add_special_tokens=True
+def test_special_tokens_added_around_a_text_come_with_the_cached_ids(
+    tokenizer: Tokenizer,
+) -> None:
+    framed = copy.copy(tokenizer)  # a BOS before every text, an EOS after it
+    framed.backend = BackendTokenizer.from_str(tokenizer.backend.to_str())
+    framed.backend.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A <|im_end|>",
+        special_tokens=[("<|im_start|>", 1), ("<|im_end|>", 2)],
     )
-    assert backend.encoded == []
+    cache = EncodeCache(framed, 1 << 16)
+    for text in ["Once upon a time", "<|im_start|>user\nHi<|im_end|>", ""]:
+        expected = framed.encode(text, add_special_tokens=True)
+        assert expected[0] == 1 and expected[-1] == 2
+        assert cache.encode(text, add_special_tokens=True) == expected
+        assert cache.cached(text, add_special_tokens=True) == expected
 
 
 def test_a_tokenizer_whose_pieces_depend_on_their_place_encodes_whole() -> None:

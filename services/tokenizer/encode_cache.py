@@ -10,7 +10,7 @@ tokens (least recently used first out). The ids are exactly those of encoding th
 That holds where a piece's encoding cannot depend on where it sits: byte-level tokenizers
 without a normalizer whose added tokens strip no whitespace (GPT-2, Llama 3, Qwen, SmolLM
 and the like). For any other tokenizer, or if a check at start-up disagrees, every text is
-encoded whole.
+encoded whole. The ids that add_special_tokens adds around a text (a BOS) are found once.
 """
 
 import logging
@@ -34,6 +34,7 @@ class EncodeCache:
         self._num_tokens = 0
         self._lock = threading.Lock()
         self._added = _added_token_ids(tokenizer)
+        self._around = _special_tokens_around(tokenizer)
         self._split = None
         if max_tokens > 0 and self._added:
             names = sorted(self._added, key=len, reverse=True)  # the longest match first
@@ -44,7 +45,7 @@ class EncodeCache:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """As `Tokenizer.encode`."""
-        if self._split is None or add_special_tokens:
+        if self._split is None or (add_special_tokens and self._around is None):
             return self.tokenizer.encode(text, add_special_tokens)
         parts = self._split.split(text)  # text, added token, text, ..., text
         known = self._lookup(parts)
@@ -54,18 +55,18 @@ class EncodeCache:
             new = {p: e.ids for p, e in zip(missing, encodings, strict=True)}
             self._remember(new)
             known.update(new)
-        return self._join(parts, known)
+        return self._join(parts, known, add_special_tokens)
 
-    def cached(self, text: str) -> list[int] | None:
-        """`encode(text)` when the cache holds every piece of it (no tokenizer work at all);
-        else None."""
-        if self._split is None:
+    def cached(self, text: str, add_special_tokens: bool = False) -> list[int] | None:
+        """`encode(text, add_special_tokens)` when the cache holds every piece of the text (no
+        tokenizer work at all); else None."""
+        if self._split is None or (add_special_tokens and self._around is None):
             return None
         parts = self._split.split(text)
         known = self._lookup(parts)
         if any(p and p not in known for p in parts[::2]):
             return None
-        return self._join(parts, known)
+        return self._join(parts, known, add_special_tokens)
 
     def _lookup(self, parts: list[str]) -> dict[str, list[int]]:
         with self._lock:
@@ -74,14 +75,17 @@ class EncodeCache:
                 self._pieces.move_to_end(piece)
         return known
 
-    def _join(self, parts: list[str], known: dict[str, list[int]]) -> list[int]:
-        ids: list[int] = []
+    def _join(
+        self, parts: list[str], known: dict[str, list[int]], add_special_tokens: bool
+    ) -> list[int]:
+        before, after = self._around if add_special_tokens and self._around else ((), ())
+        ids = list(before)
         for i, part in enumerate(parts):
             if i % 2:
                 ids.append(self._added[part])
             elif part:
                 ids += known[part]
-        return ids
+        return ids + list(after)
 
     def _remember(self, new: dict[str, list[int]]) -> None:
         with self._lock:
@@ -98,7 +102,23 @@ class EncodeCache:
         names = list(self._added)
         start, end = names[0], names[-1]
         text = _PROBE.format(start, end)
-        return self.encode(text) == self.tokenizer.encode(text)
+        return all(
+            self.encode(text, special) == self.tokenizer.encode(text, special)
+            for special in (False, True)
+        )
+
+
+def _special_tokens_around(tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...] | None:
+    """The ids that add_special_tokens puts before and after a text (a BOS, an EOS), the same
+    for every text probed; None if they are not."""
+    found = set()
+    for text in ("Hello", " 12 x\n"):
+        bare, full = tokenizer.encode(text), tokenizer.encode(text, add_special_tokens=True)
+        starts = [i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare]
+        if len(starts) != 1:
+            return None
+        found.add((tuple(full[: starts[0]]), tuple(full[starts[0] + len(bare) :])))
+    return found.pop() if len(found) == 1 else None
 
 
 def _added_token_ids(tokenizer: Tokenizer) -> dict[str, int]:

@@ -88,7 +88,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         """(ids, queue_ns, duration_ns): from the cache, here, when it holds all of the text;
         else encoded in a thread, so that other calls go on meanwhile."""
         started = time.monotonic_ns()
-        ids = None if add_special_tokens else self.encoder.cached(text)
+        ids = self.encoder.cached(text, add_special_tokens)
         if ids is not None:
             return ids, 0, time.monotonic_ns() - started
         return await self._run(self.encoder.encode, text, add_special_tokens)
