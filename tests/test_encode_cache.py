@@ -26,6 +26,10 @@ class CountingBackend:
         self.encoded += texts
         return self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
 
+    def encode(self, text, add_special_tokens):
+        self.encoded.append(text)
+        return self.backend.encode(text, add_special_tokens=add_special_tokens)
+
     def __getattr__(self, name: str):
         return getattr(self.backend, name)
 
@@ -49,6 +53,11 @@ def test_texts_with_added_tokens_encode_as_whole_texts(tokenizer: Tokenizer) -> 
     for _ in range(2000):
         parts = [rng.choice(STRINGS)[: rng.randint(0, 12)] for _ in range(rng.randint(0, 6))]
         texts.append("".join(p + (rng.choice(added) if rng.random() < 0.5 else "") for p in parts))
+    # New pieces long enough to be encoded in parallel.
+    texts += [
+        f"{rng.choice(STRINGS) * 80}{rng.choice(added)}{rng.choice(STRINGS) * 60}"
+        for _ in range(20)
+    ]
     for text in texts + texts:  # the second time from the cache
         assert cache.encode(text) == tokenizer.encode(text), repr(text)
 
@@ -116,8 +125,10 @@ def test_special_tokens_added_around_a_text_come_with_the_cached_ids(
 
 def test_a_tokenizer_whose_pieces_depend_on_their_place_encodes_whole() -> None:
     # Metaspace with prepend_scheme "first" marks only the text's first word.
-    tok, backend = counting(_metaspace_words())
+    metaspace = _metaspace_words()
+    tok, backend = counting(metaspace)
     cache = EncodeCache(tok, 1 << 16)
     text = "The capital</s>of France<s>is Paris."
-    assert cache.encode(text) == tok.encode(text)
-    assert backend.encoded == []
+    backend.encoded.clear()
+    assert cache.encode(text) == metaspace.encode(text)
+    assert backend.encoded == [text]
