@@ -53,11 +53,11 @@ def test_texts_with_added_tokens_encode_as_whole_texts(tokenizer: Tokenizer) -> 
     for _ in range(2000):
         parts = [rng.choice(STRINGS)[: rng.randint(0, 12)] for _ in range(rng.randint(0, 6))]
         texts.append("".join(p + (rng.choice(added) if rng.random() < 0.5 else "") for p in parts))
-    # New pieces long enough to be encoded in parallel.
-    texts += [
-        f"{rng.choice(STRINGS) * 80}{rng.choice(added)}{rng.choice(STRINGS) * 60}"
-        for _ in range(20)
-    ]
+    # Two new pieces long enough to be encoded in parallel.
+    for _ in range(20):
+        long_pieces = [" ".join(rng.choices(STRINGS, k=200)) for _ in range(2)]
+        assert min(map(len, long_pieces)) >= 2048
+        texts.append(rng.choice(added).join(long_pieces))
     for text in texts + texts:  # the second time from the cache
         assert cache.encode(text) == tokenizer.encode(text), repr(text)
 
