@@ -50,7 +50,7 @@ class Scheduler:
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
-        self.max_chunk_tokens = max_chunk_tokens or max_step_tokens
+        self.max_chunk_tokens = max_step_tokens if max_chunk_tokens is None else max_chunk_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0

@@ -355,6 +355,8 @@ def main() -> None:
         "last tokens where they occur earlier in the prompt or output (n-gram lookup)",
     )
     args = parser.parse_args()
+    if args.max_chunk_tokens < 1:  # no prompt could ever join the batch
+        parser.error("--max-chunk-tokens must be at least 1")
     engine_service.run(
         "decode",
         args,

@@ -51,7 +51,7 @@ class EncodeCache:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """As `Tokenizer.encode`."""
-        if self._split is None or (add_special_tokens and self._around is None):
+        if self._bypassed(add_special_tokens):
             return self.tokenizer.encode(text, add_special_tokens)
         parts = self._split.split(text)  # text, added token, text, ..., text
         known = self._lookup(parts)
@@ -65,13 +65,16 @@ class EncodeCache:
     def cached(self, text: str, add_special_tokens: bool = False) -> list[int] | None:
         """`encode(text, add_special_tokens)` when the cache holds every piece of the text (no
         tokenizer work at all); else None."""
-        if self._split is None or (add_special_tokens and self._around is None):
+        if self._bypassed(add_special_tokens):
             return None
         parts = self._split.split(text)
         known = self._lookup(parts)
         if any(p and p not in known for p in parts[::2]):
             return None
         return self._join(parts, known, add_special_tokens)
+
+    def _bypassed(self, add_special_tokens: bool) -> bool:
+        return self._split is None or (add_special_tokens and self._around is None)
 
     def _encode_pieces(self, pieces: list[str]) -> list[list[int]]:
         backend = self.tokenizer.backend
