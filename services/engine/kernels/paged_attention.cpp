@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -118,10 +119,44 @@ struct Queries {
   const int64_t* blocks;    // the sequence's block table
 };
 
-// Per query: scores (two partial sums over head_dim, even and odd dims, added in that
-// order), softmax over its own keys, and the weighted sum of V. Keys beyond a query's own
-// get weight exactly 0 (adding 0 * v changes no sum), so each query's arithmetic is the same
-// whatever else shares its item or its batch. DV: head_dim in vectors (sums in registers).
+constexpr int kPassChunks = 4;  // key chunks (of kW keys) scored per pass over head_dim
+
+// Scores of chunks [chunk, chunk + NC) of keys for GS queries, handed to finish(chunk, sums)
+// per chunk: per query and key one sum over head_dim in order of d, whatever NC or GS.
+template <int DV, int GS, int NC, typename KeysOf, typename Finish>
+inline void score_pass(const KeysOf& keys_of, const float* const (&q)[GS], int64_t bs,
+                       int64_t chunk, int64_t num_chunks, const Finish& finish) {
+  using T = std::remove_cv_t<std::remove_pointer_t<decltype(keys_of(chunk))>>;
+  // The next pass's keys, a cache line at a time (its chunks are blocks anywhere in the pool).
+  const bool line_per_row = bs * sizeof(T) >= 64;
+  const T* keys[NC];
+  const T* next[NC];
+  for (int j = 0; j < NC; ++j) {
+    keys[j] = keys_of(chunk + j);
+    next[j] = chunk + NC + j < num_chunks ? keys_of(chunk + NC + j) : keys[j];
+  }
+  W sums[NC][GS] = {};
+  for (int64_t d = 0; d < DV * kW; d += 2) {
+    for (int j = 0; j < NC; ++j) {
+      __builtin_prefetch(next[j] + d * bs);
+      if (line_per_row) __builtin_prefetch(next[j] + (d + 1) * bs);
+    }
+    for (int64_t e = d; e < d + 2; ++e) {
+      W k[NC];
+      for (int j = 0; j < NC; ++j) k[j] = load_kv(keys[j] + e * bs);
+      for (int g = 0; g < GS; ++g) {
+        const W qd = broadcast_w(q[g] + e);
+        for (int j = 0; j < NC; ++j) sums[j][g] = qd * k[j] + sums[j][g];
+      }
+    }
+  }
+  for (int j = 0; j < NC; ++j) finish(chunk + j, sums[j]);
+}
+
+// Per query: scores (one sum over head_dim, in order of d), softmax over its own keys, and the
+// weighted sum of V. Keys beyond a query's own get weight exactly 0 (adding 0 * v changes no
+// sum), so each query's arithmetic is the same whatever else shares its item or its batch.
+// DV: head_dim in vectors (sums in registers).
 template <int DV, int GS, typename T>
 void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float scale) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -131,13 +166,14 @@ void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float sc
   const int64_t num_blocks = (max_keys + bs - 1) / bs;
   W best[GS];
   for (int g = 0; g < GS; ++g) best[g] = splat_w(kNegInf);
-  // Keys in chunks of kW, two chunks per pass so that each q value loaded serves both.
+  // Keys in chunks of kW, up to kPassChunks chunks per pass so that each q value loaded
+  // serves them all.
   const int64_t num_chunks = (max_keys + kW - 1) / kW;
   auto keys_of = [&](int64_t chunk) {
     const int64_t key = chunk * kW;
     return c.k + c.head_offset(job.blocks[key / bs], kv_head) + key % bs;
   };
-  auto finish = [&](int64_t chunk, const W* even, const W* odd) {
+  auto finish = [&](int64_t chunk, const W* sums) {
     const int64_t first = chunk * kW;
     for (int g = 0; g < GS; ++g) {
       const int64_t valid = job.num_keys[g] - first;
@@ -145,7 +181,7 @@ void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float sc
         store_w(job.scores[g] + first, W{});
         continue;
       }
-      W score = (even[g] + odd[g]) * scale;
+      W score = sums[g] * scale;
       if (valid < kW) {
         float lanes[kW];
         store_w(lanes, score);
@@ -156,31 +192,13 @@ void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float sc
       best[g] = vmax(best[g], score);
     }
   };
-  for (int64_t chunk = 0; chunk < num_chunks; chunk += 2) {
-    const bool two = chunk + 1 < num_chunks;
-    const T* ka = keys_of(chunk);
-    const T* kb = two ? keys_of(chunk + 1) : ka;  // (a last single chunk: computed twice)
-    // The next pair's keys, a cache line per d (its chunks are blocks anywhere in the pool).
-    const T* next_a = chunk + 2 < num_chunks ? keys_of(chunk + 2) : ka;
-    const T* next_b = chunk + 3 < num_chunks ? keys_of(chunk + 3) : ka;
-    W even[2][GS] = {}, odd[2][GS] = {};
-    for (int64_t d = 0; d < DV * kW; d += 2) {
-      __builtin_prefetch(next_a + d * bs);
-      __builtin_prefetch(next_a + (d + 1) * bs);
-      __builtin_prefetch(next_b + d * bs);
-      __builtin_prefetch(next_b + (d + 1) * bs);
-      const W k0a = load_kv(ka + d * bs), k1a = load_kv(ka + (d + 1) * bs);
-      const W k0b = load_kv(kb + d * bs), k1b = load_kv(kb + (d + 1) * bs);
-      for (int g = 0; g < GS; ++g) {
-        const W qe = broadcast_w(job.q[g] + d), qo = broadcast_w(job.q[g] + d + 1);
-        even[0][g] = qe * k0a + even[0][g];
-        odd[0][g] = qo * k1a + odd[0][g];
-        even[1][g] = qe * k0b + even[1][g];
-        odd[1][g] = qo * k1b + odd[1][g];
-      }
-    }
-    finish(chunk, even[0], odd[0]);
-    if (two) finish(chunk + 1, even[1], odd[1]);
+  int64_t chunk = 0;
+  for (; chunk + kPassChunks <= num_chunks; chunk += kPassChunks)
+    score_pass<DV, GS, kPassChunks>(keys_of, job.q, bs, chunk, num_chunks, finish);
+  switch (num_chunks - chunk) {
+    case 1: score_pass<DV, GS, 1>(keys_of, job.q, bs, chunk, num_chunks, finish); break;
+    case 2: score_pass<DV, GS, 2>(keys_of, job.q, bs, chunk, num_chunks, finish); break;
+    case 3: score_pass<DV, GS, 3>(keys_of, job.q, bs, chunk, num_chunks, finish); break;
   }
   float inv_total[GS], max_scores[GS], totals[GS];
   for (int g = 0; g < GS; ++g) {
