@@ -166,17 +166,18 @@ class DecodeEngine:
                 item.seq.num_cached,
                 item.seq.block_table,
                 all_logits=bool(item.draft),
+                last_logits=item.samples,
             )
             for item in scheduled
         ]
         logits = self.worker.runner.forward(chunks)
-        # Logit rows: one per sequence, 1 + len(draft) for one verifying drafts.
+        # Logit rows: one per sampling sequence, 1 + len(draft) for one verifying drafts.
         rows, sampling = [], [item for item in scheduled if item.samples]
         row = 0
-        for item in scheduled:
+        for item, chunk in zip(scheduled, chunks, strict=True):
             if item.samples:
-                rows += range(row, row + 1 + len(item.draft))
-            row += 1 + len(item.draft)
+                rows += range(row, row + chunk.num_logits)
+            row += chunk.num_logits
         new_tokens: list[list[SampledToken]] = []
         if sampling:
             row_logits = logits[rows] if len(rows) < logits.shape[0] else logits

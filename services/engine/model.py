@@ -131,6 +131,8 @@ class LlamaModel(nn.Module):
         else:
             for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
                 x = layer(x, self.rotary, layer_cache, meta)
+        if logits_indices.numel() == 0:  # prompt chunks that sample nothing
+            return x.new_zeros((0, self.config.vocab_size), dtype=torch.float32)
         x = self.norm(x[logits_indices])
         logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
         return logits.float()  # [num_logits, vocab_size]

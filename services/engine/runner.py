@@ -20,10 +20,12 @@ class SeqChunk:
     block_table: list[int]
     # Logits for every token of the chunk (prompt logprobs), not only the last one.
     all_logits: bool = False
+    # The last token's logits; False for a prompt chunk whose next token nobody samples.
+    last_logits: bool = True
 
     @property
     def num_logits(self) -> int:
-        return len(self.token_ids) if self.all_logits else 1
+        return len(self.token_ids) if self.all_logits else int(self.last_logits)
 
 
 class ModelRunner:

@@ -192,6 +192,7 @@ class PrefillEngine:
                     job.num_computed,
                     job.block_table,
                     all_logits=job.wants_prompt_logprobs,
+                    last_logits=end == len(job.token_ids),
                 )
                 budget -= end - job.num_computed
                 batch.append((job, chunk))
