@@ -57,8 +57,11 @@ def _prefill(runner, prompts, tables, prefill_chunks):
         return runner.forward([SeqChunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
     first, table = prompts[0], tables[0]
     start = 0
-    for size in prefill_chunks:
-        runner.forward([SeqChunk(first[start : start + size], start, table)])
+    for size in prefill_chunks:  # as prefill runs them: no logits before the last chunk
+        skipped = runner.forward(
+            [SeqChunk(first[start : start + size], start, table, last_logits=False)]
+        )
+        assert skipped.shape[0] == 0
         start += size
     last = runner.forward([SeqChunk(first[start:], start, table)])
     if len(prompts) == 1:
@@ -80,6 +83,27 @@ def test_one_pass_equals_chunked_prefill(runner, tokenizer, chunks):
     target = tokenizer.encode(TARGET)
     assert sum(chunks) < len(target)
     assert torch.equal(greedy(runner, [target])[0], greedy(runner, [target], chunks)[0])
+
+
+def test_a_chunk_without_logits_leaves_the_others_rows_as_they_were(runner, tokenizer):
+    """A prompt chunk that samples nothing (not its prompt's last) gets no logits row; the
+    rows of the chunks beside it are the ones they get when it has one."""
+    prompts = [tokenizer.encode(TARGET), *others(tokenizer)[:3]]
+    blocks = runner.pool.blocks
+
+    def rows(last_logits: bool) -> torch.Tensor:
+        tables = [blocks.allocate(-(-len(p) // BLOCK)) for p in prompts]
+        try:
+            chunks = [SeqChunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)]
+            chunks[1].last_logits = last_logits
+            return runner.forward(chunks)
+        finally:
+            for table in tables:
+                blocks.free(table)
+
+    with_row, without = rows(True), rows(False)
+    assert without.shape[0] == len(prompts) - 1
+    assert torch.equal(without, with_row[[0, 2, 3]])
 
 
 def test_prefix_cache_hit_equals_computing_it(runner, tokenizer):
