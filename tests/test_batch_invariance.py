@@ -59,7 +59,7 @@ def _prefill(runner, prompts, tables, prefill_chunks):
     start = 0
     for size in prefill_chunks:  # as prefill runs them: no logits before the last chunk
         skipped = runner.forward(
-            [SeqChunk(first[start : start + size], start, table, last_logits=False)]
+            [SeqChunk(first[start : start + size], start, table, samples=False)]
         )
         assert skipped.shape[0] == 0
         start += size
@@ -91,11 +91,11 @@ def test_a_chunk_without_logits_leaves_the_others_rows_as_they_were(runner, toke
     prompts = [tokenizer.encode(TARGET), *others(tokenizer)[:3]]
     blocks = runner.pool.blocks
 
-    def rows(last_logits: bool) -> torch.Tensor:
+    def rows(samples: bool) -> torch.Tensor:
         tables = [blocks.allocate(-(-len(p) // BLOCK)) for p in prompts]
         try:
             chunks = [SeqChunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)]
-            chunks[1].last_logits = last_logits
+            chunks[1].samples = samples
             return runner.forward(chunks)
         finally:
             for table in tables:

@@ -166,22 +166,16 @@ class DecodeEngine:
                 item.seq.num_cached,
                 item.seq.block_table,
                 all_logits=bool(item.draft),
-                last_logits=item.samples,
+                samples=item.samples,
             )
             for item in scheduled
         ]
-        logits = self.worker.runner.forward(chunks)
         # Logit rows: one per sampling sequence, 1 + len(draft) for one verifying drafts.
-        rows, sampling = [], [item for item in scheduled if item.samples]
-        row = 0
-        for item, chunk in zip(scheduled, chunks, strict=True):
-            if item.samples:
-                rows += range(row, row + chunk.num_logits)
-            row += chunk.num_logits
+        logits = self.worker.runner.forward(chunks)
+        sampling = [item for item in scheduled if item.samples]
         new_tokens: list[list[SampledToken]] = []
         if sampling:
-            row_logits = logits[rows] if len(rows) < logits.shape[0] else logits
-            new_tokens = self._sample(row_logits, sampling)
+            new_tokens = self._sample(logits, sampling)
         self.num_steps += 1
         self.num_tokens += sum(len(tokens) for tokens in new_tokens)
         self.step_time_ns += time.perf_counter_ns() - started_ns

@@ -20,12 +20,13 @@ class SeqChunk:
     block_table: list[int]
     # Logits for every token of the chunk (prompt logprobs), not only the last one.
     all_logits: bool = False
-    # The last token's logits; False for a prompt chunk whose next token nobody samples.
-    last_logits: bool = True
+    # The token after the chunk is sampled (its last token's logits are wanted); False for a
+    # prompt chunk that the rest of its prompt follows.
+    samples: bool = True
 
     @property
     def num_logits(self) -> int:
-        return len(self.token_ids) if self.all_logits else int(self.last_logits)
+        return len(self.token_ids) if self.all_logits else int(self.samples)
 
 
 class ModelRunner:

@@ -192,7 +192,7 @@ class PrefillEngine:
                     job.num_computed,
                     job.block_table,
                     all_logits=job.wants_prompt_logprobs,
-                    last_logits=end == len(job.token_ids),
+                    samples=end == len(job.token_ids),
                 )
                 budget -= end - job.num_computed
                 batch.append((job, chunk))
@@ -264,7 +264,7 @@ class PrefillEngine:
             if chunk.all_logits:
                 job.add_prompt_logprobs(logits[offset : offset + chunk.num_logits], chunk.start_pos)
             offset += chunk.num_logits
-            if self._completes(job, chunk):
+            if chunk.samples:
                 done.append(job)
                 last_rows.append(offset - 1)
         first_tokens = []
@@ -291,10 +291,6 @@ class PrefillEngine:
                     self._register_computed_blocks(job)
         for job, token in zip(done, first_tokens, strict=True):
             self._finish(job, token)
-
-    @staticmethod
-    def _completes(job: PrefillJob, chunk: SeqChunk) -> bool:
-        return chunk.start_pos + len(chunk.token_ids) == len(job.token_ids)
 
     def _finish(self, job: PrefillJob, outcome: SampledToken | Exception) -> None:
         with self._lock:

@@ -24,7 +24,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -123,10 +122,9 @@ constexpr int kPassChunks = 4;  // key chunks (of kW keys) scored per pass over 
 
 // Scores of chunks [chunk, chunk + NC) of keys for GS queries, handed to finish(chunk, sums)
 // per chunk: per query and key one sum over head_dim in order of d, whatever NC or GS.
-template <int DV, int GS, int NC, typename KeysOf, typename Finish>
+template <int DV, int GS, int NC, typename T, typename KeysOf, typename Finish>
 inline void score_pass(const KeysOf& keys_of, const float* const (&q)[GS], int64_t bs,
                        int64_t chunk, int64_t num_chunks, const Finish& finish) {
-  using T = std::remove_cv_t<std::remove_pointer_t<decltype(keys_of(chunk))>>;
   // The next pass's keys, a cache line at a time (its chunks are blocks anywhere in the pool).
   const bool line_per_row = bs * sizeof(T) >= 64;
   const T* keys[NC];
@@ -194,11 +192,11 @@ void attend(const Cache<T>& c, const Queries<GS>& job, int64_t kv_head, float sc
   };
   int64_t chunk = 0;
   for (; chunk + kPassChunks <= num_chunks; chunk += kPassChunks)
-    score_pass<DV, GS, kPassChunks>(keys_of, job.q, bs, chunk, num_chunks, finish);
+    score_pass<DV, GS, kPassChunks, T>(keys_of, job.q, bs, chunk, num_chunks, finish);
   switch (num_chunks - chunk) {
-    case 1: score_pass<DV, GS, 1>(keys_of, job.q, bs, chunk, num_chunks, finish); break;
-    case 2: score_pass<DV, GS, 2>(keys_of, job.q, bs, chunk, num_chunks, finish); break;
-    case 3: score_pass<DV, GS, 3>(keys_of, job.q, bs, chunk, num_chunks, finish); break;
+    case 1: score_pass<DV, GS, 1, T>(keys_of, job.q, bs, chunk, num_chunks, finish); break;
+    case 2: score_pass<DV, GS, 2, T>(keys_of, job.q, bs, chunk, num_chunks, finish); break;
+    case 3: score_pass<DV, GS, 3, T>(keys_of, job.q, bs, chunk, num_chunks, finish); break;
   }
   float inv_total[GS], max_scores[GS], totals[GS];
   for (int g = 0; g < GS; ++g) {
