@@ -108,6 +108,16 @@ def engine_parser(
         metavar="PATH",
         help="a file shared by the engines on this host: their CPU forward passes take turns",
     )
+    parser.add_argument(
+        "--compute-nice",
+        type=int,
+        choices=range(20),
+        metavar="0..19",
+        default=10,
+        help="nice levels the compute threads (the engine's and the CPU kernels') run below "
+        "the process's others, so that streaming and new requests preempt a step (Linux; 0: "
+        "same priority)",
+    )
     return parser
 
 
@@ -126,6 +136,7 @@ def worker_options(args: argparse.Namespace, shared_kv: bool = False) -> WorkerO
         shared_kv=shared_kv,
         quantization=args.quantization,
         compute_lock=args.compute_lock,
+        compute_nice=args.compute_nice,
     )
 
 

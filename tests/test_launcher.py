@@ -69,3 +69,25 @@ def test_stopping_lets_open_streams_finish():
     finally:
         if stack.process.poll() is None:
             os.kill(stack.process.pid, signal.SIGKILL)
+
+
+def thread_nices(pid: int) -> dict[int, int]:
+    """Nice value of each thread of a process, by thread id."""
+    nices = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        nices[int(tid)] = int(fields[16])  # field 19 of stat, counting from the state
+    return nices
+
+
+def test_engines_compute_below_their_event_loops(stack):
+    """Prefill's and decode's engine thread and kernel threads run 10 nice levels below the
+    process's main thread, which runs the event loop that streams tokens."""
+    for stage in ("prefill", "decode"):
+        pid = stack.pids[stage]
+        nices = thread_nices(pid)
+        assert nices[pid] == 0
+        lowered = [tid for tid, nice in nices.items() if nice == 10]
+        assert len(lowered) >= min(2, os.cpu_count() or 1), (stage, nices)  # engine, kernels
+        assert set(nices.values()) == {0, 10}

@@ -72,7 +72,9 @@ class DecodeEngine:
         self._pending_aborts: list[str] = []
         self._deliver = deliver
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = EngineThread("decode-engine", self._poll, self._fail_all)
+        self._thread = EngineThread(
+            "decode-engine", self._poll, self._fail_all, on_start=worker.lower_compute_priority
+        )
 
     def start(self) -> None:
         """Starts the engine thread; call it on the event loop."""

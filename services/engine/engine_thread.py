@@ -28,9 +28,12 @@ class EngineThread:
         on_error: Callable[[Exception], None],
         idle_wait_s: float = 0.5,
         stall_s: float = STALL_S,
+        on_start: Callable[[], None] = lambda: None,
     ) -> None:
-        """`step` runs one step if there is work and returns whether there was any."""
+        """`step` runs one step if there is work and returns whether there was any;
+        `on_start` runs first, on the thread."""
         self._name = name
+        self._on_start = on_start
         self._step = step
         self._on_error = on_error
         self._idle_wait_s = idle_wait_s
@@ -59,6 +62,7 @@ class EngineThread:
         return not has_work or time.monotonic() - self._last_turn < self._stall_s
 
     def _loop(self) -> None:
+        self._on_start()
         while not self._stopped:
             try:
                 worked = self._step()

@@ -1,6 +1,8 @@
 """Everything a prefill or decode instance computes with: model, KV pool, runner, sampler."""
 
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -51,6 +53,8 @@ class WorkerOptions:
     shared_kv: bool = False  # pool in host shared memory (prefill, for same-host decode)
     quantization: str = "auto"  # services.engine.quantization.QUANTIZATIONS
     compute_lock: str | None = None  # a file shared with the host's other engines
+    # Nice levels the compute threads run below the process's others (lower_compute_priority).
+    compute_nice: int = 0
 
 
 def kv_cache_dtype(requested: str, compute: torch.dtype, device: torch.device) -> torch.dtype:
@@ -130,8 +134,10 @@ class Worker:
         self.model: LlamaModel = build_model(self.config, weights, self.device)
         del weights
         quantize(self.model, self.quantization)
+        self._kernel_threads = kernel_weights
         if kernel_weights:  # every op of a step is ours: give our kernels the CPU
             kernels.take_cpu_threads()
+        self._compute_nice = options.compute_nice
         self.kv_dtype = kv_cache_dtype(options.kv_cache_dtype, self.dtype, self.device)
         num_tokens = kv_pool_tokens(
             options, kv_bytes_per_token(self.config, self.kv_dtype), self.device
@@ -167,6 +173,21 @@ class Worker:
             options.block_size,
             self.kv_cache_bytes / 2**20,
         )
+
+    def lower_compute_priority(self) -> None:
+        """Called on the engine's thread: it and our kernels' threads run `compute_nice`
+        levels below the process's other threads, so that the event loop (streaming tokens,
+        taking requests) and the host's other services preempt a step instead of waiting for
+        a core until it ends. The work is the same; only who waits changes. Linux only."""
+        if not self._compute_nice or not hasattr(os, "setpriority"):
+            return
+        threads = [threading.get_native_id()]
+        if self._kernel_threads:
+            threads += kernels.worker_thread_ids()
+        nice = min(os.getpriority(os.PRIO_PROCESS, os.getpid()) + self._compute_nice, 19)
+        for thread in threads:
+            os.setpriority(os.PRIO_PROCESS, thread, nice)
+        log.info("compute threads %s run at nice +%d", threads, self._compute_nice)
 
     def _describe(self) -> EngineInfo:
         linears = [m for m in self.model.modules() if isinstance(m, BlockLinear | nn.Linear)]

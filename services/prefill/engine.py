@@ -45,7 +45,9 @@ class PrefillEngine:
         self._running: list[PrefillJob] = []  # admitted: blocks held, chunks left to run
         self._handles: dict[str, Handle] = {}
         self._lock = threading.Lock()
-        self._thread = EngineThread("prefill-engine", self._poll, self._fail_all)
+        self._thread = EngineThread(
+            "prefill-engine", self._poll, self._fail_all, on_start=worker.lower_compute_priority
+        )
 
     def start(self) -> None:
         self._thread.start()

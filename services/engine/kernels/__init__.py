@@ -84,6 +84,12 @@ def take_cpu_threads() -> int:
     return threads
 
 
+def worker_thread_ids() -> list[int]:
+    """The OS thread ids of our kernels' threads besides the calling one."""
+    load()
+    return list(torch.ops.llmserve.worker_thread_ids())
+
+
 @functools.cache
 def available() -> bool:
     """Whether the kernels load (building them if needed). If they cannot (no compiler, a

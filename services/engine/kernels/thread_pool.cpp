@@ -12,6 +12,11 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define LLMSERVE_PAUSE() _mm_pause()
@@ -24,6 +29,15 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The OS's id of the calling thread, which a priority can be set by (Linux); else -1.
+int64_t thread_id() {
+#if defined(__linux__)
+  return static_cast<int64_t>(syscall(SYS_gettid));
+#else
+  return -1;
+#endif
+}
+
 // Work is cut into chunks taken from a shared counter, so a thread the OS preempts holds up
 // at most the chunk it is in (a static split would stall the whole call until it runs again).
 class Team {
@@ -32,7 +46,11 @@ class Team {
   explicit Team(int num_threads) : num_threads_(std::max(1, num_threads)) {
     const char* spin = std::getenv("LLMSERVE_SPIN_US");
     spin_ = std::chrono::microseconds(spin ? std::atoll(spin) : 300);
-    for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { work(); });
+    ids_ = std::vector<std::atomic<int64_t>>(num_threads_ - 1);
+    for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this, i] {
+      ids_[i - 1].store(thread_id());
+      work();
+    });
   }
 
   ~Team() {
@@ -46,6 +64,16 @@ class Team {
   }
 
   int num_threads() const { return num_threads_; }
+
+  // The OS's ids of the worker threads (the caller is the team's other thread).
+  std::vector<int64_t> worker_ids() const {
+    std::vector<int64_t> ids;
+    for (const auto& id : ids_) {
+      while (id.load() == 0) std::this_thread::yield();  // a worker not yet started
+      ids.push_back(id.load());
+    }
+    return ids;
+  }
 
   void run(int64_t n, int64_t min_per_chunk, const std::function<void(int64_t, int64_t)>& fn) {
     const int64_t chunks = std::min<int64_t>(4 * num_threads_, (n + min_per_chunk - 1) / min_per_chunk);
@@ -108,6 +136,7 @@ class Team {
   const int num_threads_;
   std::chrono::microseconds spin_;
   std::vector<std::thread> workers_;
+  std::vector<std::atomic<int64_t>> ids_;
   std::mutex mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
@@ -137,6 +166,8 @@ void set_num_threads(int64_t num_threads) {
               "the kernels' threads were already started with ", team().num_threads());
 }
 
+std::vector<int64_t> worker_thread_ids() { return team().worker_ids(); }
+
 }  // namespace
 
 void parallel_for(int64_t n, int64_t min_per_chunk, const std::function<void(int64_t, int64_t)>& fn) {
@@ -145,6 +176,12 @@ void parallel_for(int64_t n, int64_t min_per_chunk, const std::function<void(int
 
 }  // namespace llmserve
 
-TORCH_LIBRARY_FRAGMENT(llmserve, m) { m.def("set_num_threads(int num_threads) -> ()"); }
+TORCH_LIBRARY_FRAGMENT(llmserve, m) {
+  m.def("set_num_threads(int num_threads) -> ()");
+  m.def("worker_thread_ids() -> int[]");
+}
 
-TORCH_LIBRARY_IMPL(llmserve, CatchAll, m) { m.impl("set_num_threads", &llmserve::set_num_threads); }
+TORCH_LIBRARY_IMPL(llmserve, CatchAll, m) {
+  m.impl("set_num_threads", &llmserve::set_num_threads);
+  m.impl("worker_thread_ids", &llmserve::worker_thread_ids);
+}
