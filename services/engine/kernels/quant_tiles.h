@@ -85,10 +85,21 @@ void over_rows(int64_t begin, int64_t end, Tile&& tile) {
 // The split of y = x @ W.T over threads by groups of 16 outputs, each group's rows in
 // register tiles. A kernel K gives its tile sizes (kDirectRows, kMaxTile: register tiles
 // of unpacked weights; kPanelRows, kPanelGroups: tiles over a panel of q unpacked once per
-// kRowChunk rows, for kPanelMinRows rows and more), its Panel type, and
-// direct_tile<R, G>(row, group), fill_panel(group, panel), panel_tile<R>(panel, row, group).
+// kRowChunk rows, for kPanelMinRows rows and more; kWideRows, kWideMinRows: below that, from
+// kWideMinRows rows, tiles of up to kWideRows rows x one group, 0 for none), its Panel type,
+// and direct_tile<R, G>(row, group), wide_tile<R>(row, group), fill_panel(group, panel),
+// panel_tile<R>(panel, row, group).
 template <class K, int G>
 void direct_groups(const K& k, int64_t num_rows, int64_t group_begin, int64_t group_end) {
+  if constexpr (K::kWideRows > 0) {
+    if (num_rows >= K::kWideMinRows) {
+      for (int64_t group = group_begin; group < group_end; ++group)
+        over_rows<K::kWideRows>(0, num_rows, [&](int64_t row, auto rows) {
+          k.template wide_tile<decltype(rows)::value>(row, group);
+        });
+      return;
+    }
+  }
   for (int64_t group = group_begin; group < group_end; group += G) {
     over_rows<K::kDirectRows>(0, num_rows, [&](int64_t row, auto rows) {
       constexpr int R = decltype(rows)::value;

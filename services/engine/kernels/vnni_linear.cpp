@@ -63,30 +63,35 @@ struct Q8_0 : Q8_0Tile {
   }
 };
 
-// Rows of x as the kernels read them: per row and block, 16 int32 of (a[p], a[p + 16]) pairs,
-// the scale s and the block's sum of s * a (for the minimums).
+// Rows of x as the kernels read them: per block and row, 16 int32 of (a[p], a[p + 16]) pairs,
+// the scale s and the block's sum of s * a (for the minimums). Block-major: a tile's rows of
+// one block lie together, at fixed offsets from one pointer.
 struct QuantizedRows {
-  std::vector<int32_t> pairs;  // [rows, blocks, 16]
-  std::vector<float> scale, xsum;  // [rows, blocks]
-  int64_t num_blocks;
+  std::vector<int32_t> pairs;  // [blocks, rows, 16]
+  std::vector<float> scale, xsum;  // [blocks, rows]
+  int64_t num_rows, num_blocks;
+
+  int64_t at(int64_t row, int64_t block) const { return block * num_rows + row; }
 };
 
 void quantize_rows(const float* x, int64_t num_rows, int64_t num_blocks, QuantizedRows& q) {
+  q.num_rows = num_rows;
   q.num_blocks = num_blocks;
   q.pairs.resize(num_rows * num_blocks * 16);
   q.scale.resize(num_rows * num_blocks);
   q.xsum.resize(num_rows * num_blocks);
   parallel_for(num_rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin * num_blocks; i < end * num_blocks; ++i) {
+      const int64_t at = q.at(i / num_blocks, i % num_blocks);
       W lo = load_w(x + i * kIn), hi = load_w(x + i * kIn + 16);
       const float absmax = hmax(vmax(vmax(lo, -lo), vmax(hi, -hi)));
       const float scale = absmax / 32767.0f, inv = absmax > 0.0f ? 32767.0f / absmax : 0.0f;
       V a = _mm512_cvtps_epi32(lo * inv), b = _mm512_cvtps_epi32(hi * inv);  // nearest even
-      q.scale[i] = scale;
-      q.xsum[i] = hsum(_mm512_cvtepi32_ps(_mm512_add_epi32(a, b))) * scale;  // exact sum of a
+      q.scale[at] = scale;
+      q.xsum[at] = hsum(_mm512_cvtepi32_ps(_mm512_add_epi32(a, b))) * scale;  // exact sum of a
       V pair = _mm512_ternarylogic_epi32(a, _mm512_slli_epi32(b, 16), _mm512_set1_epi32(0xffff),
                                          0xec);  // (a & 0xffff) | b << 16
-      _mm512_storeu_si512(q.pairs.data() + i * 16, pair);
+      _mm512_storeu_si512(q.pairs.data() + at * 16, pair);
     }
   });
 }
@@ -109,23 +114,23 @@ struct Accumulators {
       for (int g = 0; g < G; ++g) sum[r][g] = _mm512_setzero_si512();
   }
 
-  // Pair p of the block: a pairs of rows at ap (stride 16 * num_blocks), q pairs per group.
-  void add(const int32_t* ap, int64_t lda, const V* q) {
+  // Pair p of the block: a pairs of rows at ap (stride 16), q pairs per group.
+  void add(const int32_t* ap, const V* q) {
     for (int r = 0; r < R; ++r) {
-      const V a = _mm512_set1_epi32(ap[r * lda]);  // the row's pair, loaded once for G groups
+      const V a = _mm512_set1_epi32(ap[r * 16]);  // the row's pair, loaded once for G groups
       for (int g = 0; g < G; ++g) dot_pairs(sum[r][g], q[g], a);
     }
   }
 
-  // i: index of (first row, block) in the rows' scales and sums.
+  // i: x.at(first row, block), the index of its scale and sum.
   template <bool kHasMin>
   void end_block(const QuantizedRows& x, int64_t i, const W* d, const W* m) {
     for (int r = 0; r < R; ++r) {
-      const W s = broadcast_w(&x.scale[i + r * x.num_blocks]);
+      const W s = broadcast_w(&x.scale[i + r]);
       for (int g = 0; g < G; ++g) {
         total[r][g] = _mm512_cvtepi32_ps(sum[r][g]) * (d[g] * s) + total[r][g];
         if constexpr (kHasMin)
-          total[r][g] = broadcast_w(&x.xsum[i + r * x.num_blocks]) * m[g] + total[r][g];
+          total[r][g] = broadcast_w(&x.xsum[i + r]) * m[g] + total[r][g];
       }
     }
   }
@@ -142,6 +147,7 @@ struct Accumulators {
 template <class F>
 struct Kernel {
   static constexpr int kDirectRows = 6, kPanelRows = 6, kPanelGroups = 2, kMaxTile = 12;
+  static constexpr int kWideRows = 16, kWideMinRows = 8;
   // A panel holds kPanelGroups groups' q pairs unpacked, [blocks, 16 pairs, groups, 16
   // lanes], and their scales, [blocks, 2 (d, m), groups, 16]: formed once, read by every
   // row tile.
@@ -155,7 +161,6 @@ struct Kernel {
   template <int R, int G>
   void direct_tile(int64_t row, int64_t group) const {
     const QuantizedRows& x = *p.x;
-    const int64_t lda = 16 * x.num_blocks;
     Accumulators<R, G> acc;
     for (int64_t kb = 0; kb < x.num_blocks; ++kb) {
       const uint8_t* t[G];
@@ -164,19 +169,54 @@ struct Kernel {
         for (int64_t line = 0; line < F::kTileBytes; line += 64)
           __builtin_prefetch(t[g] + kPrefetchTiles * F::kTileBytes + line);
       }
-      const int32_t* ap = x.pairs.data() + (row * x.num_blocks + kb) * 16;
+      const int32_t* ap = x.pairs.data() + x.at(row, kb) * 16;
       acc.begin_block();
       for (int i = 0; i < 8; ++i) {
         V first[G], second[G];
         for (int g = 0; g < G; ++g) F::pairs(t[g], i, first[g], second[g]);
-        acc.add(ap + i, lda, first);
-        acc.add(ap + i + 8, lda, second);
+        acc.add(ap + i, first);
+        acc.add(ap + i + 8, second);
       }
       W d[G], m[G];
       for (int g = 0; g < G; ++g) F::scales(t[g], 0, d[g], m[g]);
-      acc.template end_block<F::kHasMin>(x, row * x.num_blocks + kb, d, m);
+      acc.template end_block<F::kHasMin>(x, x.at(row, kb), d, m);
     }
     acc.store(p, row, group);
+  }
+
+  // Rows [row, row + R) x one group: each q pair is unpacked once for up to kWideRows rows,
+  // whose block sums fill the registers; the float totals stay in memory (a load and a store
+  // per row and block), in direct_tile's arithmetic.
+  template <int R>
+  void wide_tile(int64_t row, int64_t group) const {
+    const QuantizedRows& x = *p.x;
+    alignas(64) float total[R][kOut] = {};
+    for (int64_t kb = 0; kb < x.num_blocks; ++kb) {
+      const uint8_t* t = p.w + (group * x.num_blocks + kb) * F::kTileBytes;
+      for (int64_t line = 0; line < F::kTileBytes; line += 64)
+        __builtin_prefetch(t + kPrefetchTiles * F::kTileBytes + line);
+      const int32_t* ap = x.pairs.data() + x.at(row, kb) * 16;
+      V sum[R];
+      for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
+      for (int i = 0; i < 8; ++i) {
+        V first, second;
+        F::pairs(t, i, first, second);
+        for (int r = 0; r < R; ++r) dot_pairs(sum[r], first, _mm512_set1_epi32(ap[r * 16 + i]));
+        for (int r = 0; r < R; ++r)
+          dot_pairs(sum[r], second, _mm512_set1_epi32(ap[r * 16 + i + 8]));
+      }
+      W d, m;
+      F::scales(t, 0, d, m);
+      const int64_t at = x.at(row, kb);
+      for (int r = 0; r < R; ++r) {
+        const W s = broadcast_w(&x.scale[at + r]);
+        W sum_r = load_w(total[r]);
+        sum_r = _mm512_cvtepi32_ps(sum[r]) * (d * s) + sum_r;
+        if constexpr (F::kHasMin) sum_r = broadcast_w(&x.xsum[at + r]) * m + sum_r;
+        store_w(total[r], sum_r);
+      }
+    }
+    for (int r = 0; r < R; ++r) store_w(p.y + (row + r) * p.ldy + group * kOut, load_w(total[r]));
   }
 
   void fill_panel(int64_t group, Panel& panel) const {
@@ -206,16 +246,15 @@ struct Kernel {
   void panel_tile(const Panel& panel, int64_t row, int64_t group) const {
     constexpr int G = kPanelGroups;
     const QuantizedRows& x = *p.x;
-    const int64_t lda = 16 * x.num_blocks;
     Accumulators<R, G> acc;
     for (int64_t kb = 0; kb < x.num_blocks; ++kb) {
       const int32_t* qk = panel.q.data() + kb * 16 * G * kOut;
-      const int32_t* ap = x.pairs.data() + (row * x.num_blocks + kb) * 16;
+      const int32_t* ap = x.pairs.data() + x.at(row, kb) * 16;
       acc.begin_block();
       for (int i = 0; i < 16; ++i) {
         V q[G];
         for (int g = 0; g < G; ++g) q[g] = _mm512_loadu_si512(qk + (i * G + g) * kOut);
-        acc.add(ap + i, lda, q);
+        acc.add(ap + i, q);
       }
       const float* sk = panel.scales.data() + kb * 2 * G * kOut;
       W d[G], m[G];
@@ -223,7 +262,7 @@ struct Kernel {
         d[g] = load_w(sk + g * kOut);
         m[g] = load_w(sk + (G + g) * kOut);
       }
-      acc.template end_block<F::kHasMin>(x, row * x.num_blocks + kb, d, m);
+      acc.template end_block<F::kHasMin>(x, x.at(row, kb), d, m);
     }
     acc.store(p, row, group);
   }
