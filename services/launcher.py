@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from services.engine.config import DEFAULT_MODEL
 from services.healthcheck import grpc_healthy, http_all_serving
@@ -97,7 +98,15 @@ class Child:
     def report_ready(self, now: float) -> None:
         self.ready = True
         self.policy.ready(now)
-        print(f"ready: {self.name} on {self.address} (pid {self.process.pid})", flush=True)
+        say(f"ready: {self.name} on {self.address} (pid {self.process.pid})")
+
+
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Writes one line in one write: the children log to the same output, and a line split
+    over two writes (print's text, then its newline, when unbuffered) lets theirs in between."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def free_port(host: str) -> int:
@@ -289,7 +298,7 @@ def supervise_child(child: Child, now: float) -> str | None:
         if delay is None:
             crashes = child.policy.crashes
             return f"{child.name} exited with code {code} after {crashes} restarts in a row"
-        print(f"restarting {child.name} in {delay:g} s: it exited with code {code}", flush=True)
+        say(f"restarting {child.name} in {delay:g} s: it exited with code {code}")
         child.restart_at = now + delay
     if now >= child.restart_at:
         child.restart()
@@ -310,13 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_healthy(children, args.startup_timeout)
         frontend = children[-1].address
-        print(f"serving the API on http://{frontend}/v1 (Ctrl-C stops)", flush=True)
-        print(f"stopping: {supervise(children)}", file=sys.stderr, flush=True)
+        say(f"serving the API on http://{frontend}/v1 (Ctrl-C stops)")
+        say(f"stopping: {supervise(children)}", sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {exc}", sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
