@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -178,15 +179,20 @@ class Worker:
         """Called on the engine's thread: it and our kernels' threads run `compute_nice`
         levels below the process's other threads, so that the event loop (streaming tokens,
         taking requests) and the host's other services preempt a step instead of waiting for
-        a core until it ends. The work is the same; only who waits changes. Linux only."""
-        if not self._compute_nice or not hasattr(os, "setpriority"):
+        a core until it ends. The work is the same; only who waits changes. Linux only (a
+        thread's id is a priority's target there); a refusal is logged, never fatal."""
+        if not self._compute_nice or not sys.platform.startswith("linux"):
             return
         threads = [threading.get_native_id()]
         if self._kernel_threads:
             threads += kernels.worker_thread_ids()
-        nice = min(os.getpriority(os.PRIO_PROCESS, os.getpid()) + self._compute_nice, 19)
-        for thread in threads:
-            os.setpriority(os.PRIO_PROCESS, thread, nice)
+        try:
+            nice = min(os.getpriority(os.PRIO_PROCESS, os.getpid()) + self._compute_nice, 19)
+            for thread in threads:
+                os.setpriority(os.PRIO_PROCESS, thread, nice)
+        except OSError as exc:
+            log.warning("could not lower the compute threads' priority: %s", exc)
+            return
         log.info("compute threads %s run at nice +%d", threads, self._compute_nice)
 
     def _describe(self) -> EngineInfo:
