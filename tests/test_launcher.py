@@ -87,7 +87,7 @@ def test_engines_compute_below_their_event_loops(stack):
     for stage in ("prefill", "decode"):
         pid = stack.pids[stage]
         nices = thread_nices(pid)
-        assert nices[pid] == 0
-        lowered = [tid for tid, nice in nices.items() if nice == 10]
+        base, lowered_nice = nices[pid], min(nices[pid] + 10, 19)
+        lowered = [tid for tid, nice in nices.items() if nice == lowered_nice]
         assert len(lowered) >= min(2, os.cpu_count() or 1), (stage, nices)  # engine, kernels
-        assert set(nices.values()) == {0, 10}
+        assert set(nices.values()) == {base, lowered_nice}

@@ -94,11 +94,10 @@ template <class F>
 struct Kernel {
 #if defined(__AVX512F__)
   static constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 2, kMaxTile = 8;
-  static constexpr int kWideRows = 0;  // no wide tiles
 #else
   static constexpr int kDirectRows = 4, kPanelRows = 4, kPanelGroups = 1, kMaxTile = 4;
-  static constexpr int kWideRows = 0;
 #endif
+  static constexpr int kWideRows = 0;  // no wide tiles
   // A panel holds kPanelGroups groups' q as floats, [num_blocks, 32, groups * 16] (inputs
   // i, i + 16 interleaved), and their scales, [num_blocks, 2 (d, m), groups * 16].
   struct Panel {

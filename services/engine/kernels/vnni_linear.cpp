@@ -96,6 +96,16 @@ void quantize_rows(const float* x, int64_t num_rows, int64_t num_blocks, Quantiz
   });
 }
 
+// total plus one block's products for one row and group: float(sum) * (d * s), then, for
+// formats with minimums, + m * (the block's sum of s * a). Every tile adds blocks through
+// this, so a row's outputs are the same whichever tile computes them.
+template <bool kHasMin>
+inline W add_block(W total, V sum, W d, W m, const QuantizedRows& x, int64_t i) {
+  total = _mm512_cvtepi32_ps(sum) * (d * broadcast_w(&x.scale[i])) + total;
+  if constexpr (kHasMin) total = broadcast_w(&x.xsum[i]) * m + total;
+  return total;
+}
+
 struct Problem {
   const QuantizedRows* x;
   const uint8_t* w;  // tile (group, block) at w + (group * num_blocks + block) * tile_bytes
@@ -125,14 +135,9 @@ struct Accumulators {
   // i: x.at(first row, block), the index of its scale and sum.
   template <bool kHasMin>
   void end_block(const QuantizedRows& x, int64_t i, const W* d, const W* m) {
-    for (int r = 0; r < R; ++r) {
-      const W s = broadcast_w(&x.scale[i + r]);
-      for (int g = 0; g < G; ++g) {
-        total[r][g] = _mm512_cvtepi32_ps(sum[r][g]) * (d[g] * s) + total[r][g];
-        if constexpr (kHasMin)
-          total[r][g] = broadcast_w(&x.xsum[i + r]) * m[g] + total[r][g];
-      }
-    }
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g)
+        total[r][g] = add_block<kHasMin>(total[r][g], sum[r][g], d[g], m[g], x, i + r);
   }
 
   void store(const Problem& p, int64_t row, int64_t group) const {
@@ -189,7 +194,7 @@ struct Kernel {
 
   // Rows [row, row + R) x one group: each q pair is unpacked once for up to kWideRows rows,
   // whose block sums fill the registers; the float totals stay in memory (a load and a store
-  // per row and block), in direct_tile's arithmetic.
+  // per row and block).
   template <int R>
   void wide_tile(int64_t row, int64_t group) const {
     const QuantizedRows& x = *p.x;
@@ -198,7 +203,8 @@ struct Kernel {
       const uint8_t* t = p.w + (group * x.num_blocks + kb) * F::kTileBytes;
       for (int64_t line = 0; line < F::kTileBytes; line += 64)
         __builtin_prefetch(t + kPrefetchTiles * F::kTileBytes + line);
-      const int32_t* ap = x.pairs.data() + x.at(row, kb) * 16;
+      const int64_t at = x.at(row, kb);
+      const int32_t* ap = x.pairs.data() + at * 16;
       V sum[R];
       for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
       for (int i = 0; i < 8; ++i) {
@@ -210,14 +216,8 @@ struct Kernel {
       }
       W d, m;
       F::scales(t, 0, d, m);
-      const int64_t at = x.at(row, kb);
-      for (int r = 0; r < R; ++r) {
-        const W s = broadcast_w(&x.scale[at + r]);
-        W sum_r = load_w(total[r]);
-        sum_r = _mm512_cvtepi32_ps(sum[r]) * (d * s) + sum_r;
-        if constexpr (F::kHasMin) sum_r = broadcast_w(&x.xsum[at + r]) * m + sum_r;
-        store_w(total[r], sum_r);
-      }
+      for (int r = 0; r < R; ++r)
+        store_w(total[r], add_block<F::kHasMin>(load_w(total[r]), sum[r], d, m, x, at + r));
     }
     for (int r = 0; r < R; ++r) store_w(p.y + (row + r) * p.ldy + group * kOut, load_w(total[r]));
   }
