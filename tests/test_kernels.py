@@ -1,6 +1,10 @@
 """Our CPU kernels against torch on the same numbers, and their batch invariance, on shapes
 beyond the default model's (GQA groups of 1, 3 and 4, head_dim 32 to 128)."""
 
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +118,31 @@ def test_argmax_rows_is_torch_argmax():
         logits[4, -1] = float("inf")
         logits[5, [0, vocab - 1]] = 50.0  # tied, far apart
         assert torch.equal(torch.ops.llmserve.argmax_rows(logits), logits.argmax(-1)), vocab
+
+
+def test_parallel_for_returns_only_once_every_chunk_is_done(tmp_path):
+    """Back-to-back calls, each cut into more chunks than the one before: a thread that looked
+    for work as one call ended must never take a chunk of the next (it once could, counting
+    that chunk twice, so the call returned while its last chunk was still being computed)."""
+    torch_dir = Path(torch.__file__).parent
+    program = tmp_path / "parallel_for_stress"
+    compile_command = [
+        os.environ.get("CXX", "c++"),
+        "-O2",
+        "-std=c++17",
+        f"-I{torch_dir / 'include'}",
+        str(Path(__file__).with_name("parallel_for_stress.cpp")),
+        str(kernels.library_path()),
+        f"-L{torch_dir / 'lib'}",
+        "-lc10",
+        "-ltorch_cpu",
+        "-o",
+        str(program),
+    ]
+    subprocess.run(compile_command, check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{torch_dir / 'lib'}"}
+    calls = 100_000
+    result = subprocess.run(
+        [program, "2", str(calls)], env=env, check=True, capture_output=True, text=True, timeout=300
+    )
+    assert int(result.stdout) == 0, f"{result.stdout.strip()} of {calls} calls returned early"

@@ -138,15 +138,20 @@ def _build_dir(variant: str) -> Path:
     return cache_root() / f"{variant}-{digest}"
 
 
+def library_path() -> Path:
+    """The shared library of this machine's variant of these sources (built or not)."""
+    variant = cpu_variant()
+    return _build_dir(variant) / f"llmserve_kernels_{variant}.so"
+
+
 @functools.cache
 def load() -> str:
     """Loads the kernels, building them first if this variant of these sources was never
     built; returns the variant loaded."""
     variant = cpu_variant()
-    build_dir = _build_dir(variant)
-    library = build_dir / f"llmserve_kernels_{variant}.so"
+    library = library_path()
     if not library.exists():
-        _build(variant, build_dir)
+        _build(variant, library.parent)
     torch.ops.load_library(str(library))
     return variant
 

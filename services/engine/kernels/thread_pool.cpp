@@ -76,7 +76,8 @@ class Team {
   }
 
   void run(int64_t n, int64_t min_per_chunk, const std::function<void(int64_t, int64_t)>& fn) {
-    const int64_t chunks = std::min<int64_t>(4 * num_threads_, (n + min_per_chunk - 1) / min_per_chunk);
+    const int64_t chunks = std::min<int64_t>({4 * num_threads_, kMaxChunks,
+                                              (n + min_per_chunk - 1) / min_per_chunk});
     // Small, or the team is busy with another thread's call: run on the calling thread.
     if (num_threads_ == 1 || chunks <= 1 || busy_.exchange(true)) {
       if (n > 0) fn(0, n);
@@ -84,10 +85,11 @@ class Team {
     }
     job_ = &fn;
     job_n_ = n;
-    num_chunks_ = chunks;
     done_.store(0);
-    const uint64_t generation = generation_.load() + 1;
-    next_.store(generation << 32);
+    const uint32_t generation = generation_.load() + 1;  // wraps: only equality matters
+    // Published with the job: a thread that claims one of these chunks sees job_ and job_n_.
+    next_.store(uint64_t{generation} << 32 | static_cast<uint64_t>(chunks) << 16,
+                std::memory_order_release);
     generation_.store(generation);
     if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -99,24 +101,31 @@ class Team {
   }
 
  private:
-  // Runs chunks of `generation`'s job until none is left (or a newer job has begun).
-  void take_chunks(uint64_t generation) {
+  static constexpr int64_t kMaxChunks = 0xffff;
+
+  // Runs chunks of `generation`'s job until none is left (or a newer job has begun). The
+  // generation, the chunk count and the next index are one word, so a claim is checked
+  // against the job it claims from: a thread that read the word as the previous job ended
+  // can never take a chunk number of the next one (which would run that chunk twice and
+  // count it twice, letting the call return while a chunk is still being computed).
+  void take_chunks(uint32_t generation) {
     while (true) {
-      uint64_t next = next_.load();
-      if ((next >> 32) != generation) return;
-      const int64_t index = static_cast<int64_t>(next & 0xffffffffu);
-      if (index >= num_chunks_) return;
-      if (!next_.compare_exchange_weak(next, next + 1)) continue;
-      // The chunk is ours: the job cannot change before it is marked done.
-      const int64_t begin = job_n_ * index / num_chunks_;
-      const int64_t end = job_n_ * (index + 1) / num_chunks_;
+      uint64_t next = next_.load(std::memory_order_acquire);
+      if (static_cast<uint32_t>(next >> 32) != generation) return;
+      const int64_t chunks = static_cast<int64_t>((next >> 16) & kMaxChunks);
+      const int64_t index = static_cast<int64_t>(next & kMaxChunks);
+      if (index >= chunks) return;
+      if (!next_.compare_exchange_weak(next, next + 1, std::memory_order_acq_rel)) continue;
+      // The chunk is ours, and its job cannot change before every chunk is marked done.
+      const int64_t begin = job_n_ * index / chunks;
+      const int64_t end = job_n_ * (index + 1) / chunks;
       if (begin < end) (*job_)(begin, end);
       done_.fetch_add(1, std::memory_order_release);
     }
   }
 
   void work() {
-    uint64_t seen = 0;  // the constructor returns before the first call
+    uint32_t seen = 0;  // the constructor returns before the first call
     while (true) {
       const auto spin_until = Clock::now() + spin_;
       while (generation_.load(std::memory_order_acquire) == seen && Clock::now() < spin_until)
@@ -139,15 +148,14 @@ class Team {
   std::vector<std::atomic<int64_t>> ids_;
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<uint64_t> next_{0};  // (generation << 32) | next chunk index
+  std::atomic<uint32_t> generation_{0};
+  std::atomic<uint64_t> next_{0};  // generation << 32 | chunks << 16 | next chunk index
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> busy_{false};
-  bool stopping_ = false;
+  std::atomic<bool> stopping_{false};
   const std::function<void(int64_t, int64_t)>* job_ = nullptr;
   int64_t job_n_ = 0;
-  int64_t num_chunks_ = 0;
 };
 
 std::atomic<int> requested_threads{0};
