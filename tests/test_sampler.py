@@ -150,3 +150,44 @@ def test_inverting_a_large_vocabulary_draws_each_token_with_its_probability():
     # The extremes of u land on the first and last tokens with mass.
     ends = invert_cdf(probs.repeat(2, 1), torch.tensor([1e-12, 1.0], dtype=torch.float64))
     assert ends.tolist() == [0, 999]
+
+
+def reference_leading_mass(probs: torch.Tensor, order_keys: torch.Tensor, mass: float) -> set:
+    """The tokens a full sort by `order_keys` keeps: taken in increasing order until the mass
+    before the next one reaches `mass` (the first always stays), summed in float64."""
+    kept, total = set(), 0.0
+    for token in order_keys.argsort(stable=True).tolist():
+        if kept and total >= mass:
+            break
+        kept.add(token)
+        total += probs[token].double().item()
+    return kept
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
+def test_top_p_and_typical_p_keep_what_a_full_sort_keeps_whatever_the_batch(scale):
+    """Flat to peaked rows over a real vocabulary size, some tokens already dropped: the same
+    tokens as sorting the whole vocabulary, and a row alone keeps what it keeps in a batch."""
+    generator = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(6, 49152, generator=generator) * scale
+    logits[1, 100:] = float("-inf")  # after top-k
+    logits[2, :3] = logits[2].max() + 1  # a tie at the top
+    masses = [0.1, 0.5, 0.9, 0.95, 0.99, 0.0]
+    top_p, typical = apply_top_p(logits, masses), apply_typical_p(logits, masses)
+    for row, mass in enumerate(masses):
+        expected = reference_leading_mass(logits[row].softmax(-1), -logits[row], mass)
+        assert set(kept(top_p[row])) == expected, (row, mass)
+        log_probs = logits[row].log_softmax(-1)
+        entropy = -(log_probs.exp() * log_probs).nansum()
+        distance = (-log_probs - entropy).abs()
+        expected = reference_leading_mass(log_probs.exp(), distance, mass)
+        assert set(kept(typical[row])) == expected, (row, mass)
+        alone = logits[row : row + 1]
+        assert torch.equal(apply_top_p(alone, [mass])[0], top_p[row])
+        assert torch.equal(apply_typical_p(alone, [mass])[0], typical[row])
+
+
+def test_top_p_on_a_row_of_nan_logits_does_not_fail():
+    logits = torch.stack([LOGITS, torch.full((5,), float("nan"))])
+    out = apply_top_p(logits, [0.6, 0.6])
+    assert kept(out[0]) == [0, 1]

@@ -18,9 +18,11 @@ def token_logprobs(
     rows = [i for i, p in enumerate(params) if p.wants_logprobs]
     if not rows:
         return result
-    index = torch.tensor(rows, device=raw_logits.device)
-    log_probs = raw_logits[index].float().log_softmax(dim=-1)  # [len(rows), vocab]
-    chosen = log_probs.gather(-1, token_ids[index][:, None]).squeeze(-1).tolist()
+    if len(rows) < len(params):  # (all rows: no copy of the logits)
+        index = torch.tensor(rows, device=raw_logits.device)
+        raw_logits, token_ids = raw_logits[index], token_ids[index]
+    log_probs = raw_logits.float().log_softmax(dim=-1)  # [len(rows), vocab]
+    chosen = log_probs.gather(-1, token_ids[:, None]).squeeze(-1).tolist()
     num_top = max(params[i].top_logprobs for i in rows)
     top_values: list[list[float]] = [[] for _ in rows]
     top_ids: list[list[int]] = [[] for _ in rows]

@@ -103,7 +103,7 @@ class Sampler:
         index = torch.tensor(rows, device=logits.device)
         chosen = [params[i] for i in rows]
         temps = torch.tensor([p.temperature for p in chosen], device=logits.device)
-        scaled = logits[index] / temps[:, None]
+        scaled = (logits if len(rows) == len(params) else logits[index]) / temps[:, None]
         miro = [j for j, p in enumerate(chosen) if p.mirostat_target is not None]
         probs = _probs(scaled, chosen, miro, [mirostat[rows[j]] for j in miro])
         uniform = self._uniform(chosen, [positions[i] for i in rows]).to(probs.device)

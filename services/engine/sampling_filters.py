@@ -47,13 +47,12 @@ def apply_top_k(logits: torch.Tensor, top_ks: Sequence[float]) -> torch.Tensor:
 
 
 def apply_top_p(logits: torch.Tensor, top_ps: Sequence[float]) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the mass before it already reaches top_p; the top token always stays.
-    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= _column(top_ps, logits)
-    drop[:, 0] = False  # top_p = 0 would otherwise drop everything
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    """Keeps the most likely tokens until their mass reaches top_p: a token is dropped when the
+    mass of the more likely ones already does (the most likely always stays)."""
+    probs = logits.softmax(dim=-1)
+    unlikeliness = logits.max(dim=-1, keepdim=True).values - logits  # -log(p / p_max)
+    kept = _leading_mass(unlikeliness, probs, _column(top_ps, probs))
+    return logits.masked_fill(~kept, float("-inf"))
 
 
 def apply_min_p(logits: torch.Tensor, min_ps: Sequence[float]) -> torch.Tensor:
@@ -70,12 +69,55 @@ def apply_typical_p(logits: torch.Tensor, typical_ps: Sequence[float]) -> torch.
     probs = log_probs.exp()
     # Dropped tokens have p = 0 and log p = -inf; their 0 * -inf terms are NaN, hence nansum.
     entropy = -(probs * log_probs).nansum(dim=-1, keepdim=True)
-    distance = (-log_probs - entropy).abs()  # inf for dropped tokens, which sort last
-    _, order = distance.sort(dim=-1)
-    sorted_probs = probs.gather(-1, order)
-    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= _column(typical_ps, logits)
-    drop[:, 0] = False  # typical_p = 0 keeps the most typical token alone
-    return logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
+    distance = (-log_probs - entropy).abs()  # inf for dropped tokens, which come last
+    kept = _leading_mass(distance, probs, _column(typical_ps, probs))
+    return logits.masked_fill(~kept, float("-inf"))
+
+
+# _leading_mass sorts only the tokens in the leading buckets of its key: quarter-nat wide,
+# the last one holding every larger key. The buckets' float32 sums are short of the exact
+# mass by far less than the margin, so the buckets chosen always hold it.
+_BUCKETS_PER_NAT = 4
+_NUM_BUCKETS = 256
+_MASS_MARGIN = 1e-4
+
+
+def _leading_mass(keys: torch.Tensor, probs: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
+    """Which tokens to keep, taking them in increasing `keys` order (>= 0; inf for dropped
+    tokens) until their probability mass reaches each row's `masses` [rows, 1]: a token is
+    dropped when the mass before it already does. The first token always stays, and so do
+    tokens tied with the last one kept.
+
+    A full sort of the vocabulary took 3.7 ms a row; this sorts only the tokens of the
+    leading buckets of `keys` that together reach the mass. Every sum runs within its row in
+    a fixed order, so a row's result does not depend on its batch.
+    """
+    num_rows, device = keys.shape[0], keys.device
+    offsets = torch.arange(num_rows, dtype=torch.int32, device=device)[:, None] * _NUM_BUCKETS
+    # (A NaN key, from a row of NaN logits, goes to the last bucket.)
+    scaled = (keys * _BUCKETS_PER_NAT).clamp_(max=_NUM_BUCKETS - 1).nan_to_num_(_NUM_BUCKETS - 1)
+    buckets = scaled.int().add_(offsets)
+    bucket_mass = torch.bincount(
+        buckets.flatten(), weights=probs.flatten(), minlength=num_rows * _NUM_BUCKETS
+    ).view(num_rows, _NUM_BUCKETS)
+    reached = bucket_mass.double().cumsum(dim=-1) >= masses + _MASS_MARGIN
+    reached[:, -1] = True
+    rows, columns = (buckets <= reached.int().argmax(dim=-1, keepdim=True) + offsets).nonzero(
+        as_tuple=True
+    )
+    # Each row's candidates side by side, padded with inf keys of no mass, then sorted.
+    counts = torch.bincount(rows, minlength=num_rows)
+    slots = torch.arange(len(rows), device=device) - (counts.cumsum(dim=0) - counts)[rows]
+    width = int(counts.max())
+    keys_of = torch.full((num_rows, width), float("inf"), dtype=keys.dtype, device=device)
+    keys_of[rows, slots] = keys[rows, columns]
+    mass_of = torch.zeros((num_rows, width), dtype=torch.float64, device=device)
+    mass_of[rows, slots] = probs[rows, columns].double()
+    sorted_keys, order = keys_of.sort(dim=-1, stable=True)
+    sorted_mass = mass_of.gather(-1, order)
+    before = sorted_mass.cumsum(dim=-1) - sorted_mass
+    num_kept = (before < masses).sum(dim=-1, keepdim=True).clamp(min=1).minimum(counts[:, None])
+    return keys <= sorted_keys.gather(-1, num_kept - 1)
 
 
 def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
