@@ -15,7 +15,7 @@ import torch
 from google.protobuf.descriptor import ServiceDescriptor
 
 from services import cli
-from services.engine import loader
+from services.engine import allocator, loader
 from services.engine.quantization import QUANTIZATIONS
 from services.engine.tokenizer import Tokenizer
 from services.engine.worker import PoolSizeError, Worker, WorkerOptions
@@ -160,6 +160,7 @@ def run(
         except PoolSizeError as exc:
             raise SystemExit(f"{name}: {exc}") from None
         tokenizer = loader.load_tokenizer(args.model)
+    allocator.keep_freed_memory()
     engine = make_engine(worker)
 
     servicers: list[Drainable] = []
