@@ -145,6 +145,7 @@ async def run_rate(
     max_tokens: int,
     seed: int = 0,
     label: str = "",
+    extra: dict | None = None,
 ) -> Run:
     """Open loop: `prompts` sent at Poisson arrivals of `rate` per second, whatever the server's
     pace; wall time runs from the first arrival to the last completion."""
@@ -154,7 +155,7 @@ async def run_rate(
     async def drive(run: Run, progress: _Progress) -> None:
         tasks = []
         for i, prompt in enumerate(prompts):
-            request = one_request(client, model, prompt, max_tokens, None)
+            request = one_request(client, model, prompt, max_tokens, extra)
             tasks.append(asyncio.create_task(_record(run, request, progress)))
             if i + 1 < len(prompts):
                 await asyncio.sleep(rng.expovariate(rate))

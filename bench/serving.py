@@ -8,9 +8,11 @@ Workloads, each run on every server in turn (interleaved, same requests):
   - closed-loop chat streams at each --concurrency level, and open-loop ones at each --rate
     (Poisson arrivals, requests per second; fixed seed): output tok/s, TTFT and ITL p50/p99,
     and the number of failed requests (a failure is counted, never fatal);
-  - a long prompt (--long-words words): TTFT cold (a prompt no cache has seen), then the same
-    prompt again 5 times in a row (prefix cache, KV handoff included; p50 of the 5), with
-    logprobs, so that the first token counts even when it has no text.
+  - a long prompt (--long-words words; 0 skips it): TTFT cold (a prompt no cache has seen),
+    then the same prompt again 5 times in a row (prefix cache, KV handoff included; p50 of
+    the 5), with logprobs, so that the first token counts even when it has no text.
+Chat requests are greedy unless --sampling gives other body fields, e.g.
+'{"temperature": 0.7, "top_p": 0.9}', sent to every server alike.
 A warm-up round is run and discarded. Prints progress and one line per result, and writes
 bench/results/serving.json and serving.png (output tok/s and ITL p50 against concurrency and
 against the offered rate).
@@ -171,16 +173,24 @@ async def measure(servers: dict[str, str], args: argparse.Namespace) -> list[Sum
         for name, url in servers.items():
             label = f"{name} chat c={concurrency}"
             run = await run_level(
-                url, models[name], concurrency, prompts, args.max_tokens, label=label
+                url,
+                models[name],
+                concurrency,
+                prompts,
+                args.max_tokens,
+                extra=args.sampling,
+                label=label,
             )
             report(summarize(name, "chat", concurrency, run), run)
     for rate in args.rate:
         prompts = story_prompts(args.requests)
         for name, url in servers.items():
             label = f"{name} chat r={rate:g}/s"
-            run = await run_rate(url, models[name], rate, prompts, args.max_tokens, label=label)
+            run = await run_rate(
+                url, models[name], rate, prompts, args.max_tokens, label=label, extra=args.sampling
+            )
             report(summarize(name, "chat", 0, run, rate_per_s=rate), run)
-    for name, url in servers.items():
+    for name, url in servers.items() if args.long_words else ():
         prompt = long_prompt(args.long_words)
         for workload, repeats in (("long-cold", 1), ("long-again", LONG_AGAIN_REPEATS)):
             label = f"{name} {workload} ({args.long_words} words)"
@@ -237,8 +247,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per level (>= c)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--long-words", type=int, default=1750, help="words of the long prompt")
+    parser.add_argument(
+        "--sampling",
+        type=json.loads,
+        default={},
+        help="JSON object of body fields for every chat request (default: greedy)",
+    )
     parser.add_argument("--out", default="bench/results/serving.json")
     args = parser.parse_args()
+    if not isinstance(args.sampling, dict):
+        parser.error("--sampling must be a JSON object")
     if args.concurrency is None:
         args.concurrency = [] if args.rate else [1, 16]
 
