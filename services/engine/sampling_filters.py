@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from services.engine import kernels
 from services.request_params import SamplingParams
 
 Filter = Callable[[torch.Tensor, Sequence[float]], torch.Tensor]
@@ -48,7 +49,11 @@ def apply_top_k(logits: torch.Tensor, top_ks: Sequence[float]) -> torch.Tensor:
 
 def apply_top_p(logits: torch.Tensor, top_ps: Sequence[float]) -> torch.Tensor:
     """Keeps the most likely tokens until their mass reaches top_p: a token is dropped when the
-    mass of the more likely ones already does (the most likely always stays)."""
+    mass of the more likely ones already does (the most likely always stays, and so do the
+    tokens tied with the last one kept). Our kernel's way on the CPU, torch ops elsewhere."""
+    if kernels.serves(logits):
+        masses = torch.tensor(top_ps, dtype=torch.float64)
+        return torch.ops.llmserve.top_p_filter(logits, masses)
     probs = logits.softmax(dim=-1)
     unlikeliness = logits.max(dim=-1, keepdim=True).values - logits  # -log(p / p_max)
     kept = _leading_mass(unlikeliness, probs, _column(top_ps, probs))
@@ -80,6 +85,9 @@ def apply_typical_p(logits: torch.Tensor, typical_ps: Sequence[float]) -> torch.
 _BUCKETS_PER_NAT = 4
 _NUM_BUCKETS = 256
 _MASS_MARGIN = 1e-4
+# Mass within this share of the target counts as reaching it: sums in floats cannot tell them
+# apart (0.5 + 0.25 + 0.15 reaches 0.9). top_p.cpp does the same.
+_REACHED_SHARE = 1 - 1e-6
 
 
 def _leading_mass(keys: torch.Tensor, probs: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
@@ -116,7 +124,12 @@ def _leading_mass(keys: torch.Tensor, probs: torch.Tensor, masses: torch.Tensor)
     sorted_keys, order = keys_of.sort(dim=-1, stable=True)
     sorted_mass = mass_of.gather(-1, order)
     before = sorted_mass.cumsum(dim=-1) - sorted_mass
-    num_kept = (before < masses).sum(dim=-1, keepdim=True).clamp(min=1).minimum(counts[:, None])
+    num_kept = (
+        (before < masses * _REACHED_SHARE)
+        .sum(dim=-1, keepdim=True)
+        .clamp(min=1)
+        .minimum(counts[:, None])
+    )
     return keys <= sorted_keys.gather(-1, num_kept - 1)
 
 

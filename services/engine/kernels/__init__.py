@@ -1,12 +1,13 @@
 """CPU kernels of our own (C++), built for this machine's instruction set on first use.
 
 `load()` compiles the kernels (`quant_linear.cpp`, `vnni_linear.cpp`, `paged_attention.cpp`,
-`layer_ops.cpp`, `decoder_layers.cpp`, split over the threads of `thread_pool.cpp`) with the
-machine's compiler for the widest vector extension the CPU has (AVX-512, else AVX2, else
-portable code) and registers them as `torch.ops.llmserve.*`. The build is cached beside this
-file (or under `LLMSERVE_KERNEL_DIR`), one library per variant, sources, flags and torch
-version; `scripts/setup.sh` builds this machine's variant (`python -m services.engine.kernels`),
-so services start without compiling. `LLMSERVE_KERNEL_VARIANT` forces a variant.
+`layer_ops.cpp`, `decoder_layers.cpp`, `top_p.cpp`, split over the threads of
+`thread_pool.cpp`) with the machine's compiler for the widest vector extension the CPU has
+(AVX-512, else AVX2, else portable code) and registers them as `torch.ops.llmserve.*`. The
+build is cached beside this file (or under `LLMSERVE_KERNEL_DIR`), one library per variant,
+sources, flags and torch version; `scripts/setup.sh` builds this machine's variant
+(`python -m services.engine.kernels`), so services start without compiling.
+`LLMSERVE_KERNEL_VARIANT` forces a variant.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _SOURCES = (
     "paged_attention.cpp",
     "layer_ops.cpp",
     "decoder_layers.cpp",
+    "top_p.cpp",
     "thread_pool.cpp",
 )
 _HEADERS = ("simd.h", "quant_tiles.h", "thread_pool.h")
