@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 
 #include "simd.h"
 #include "thread_pool.h"
@@ -80,21 +79,8 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   parallel_for(rows.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * n;
-      W best = splat_w(-std::numeric_limits<float>::infinity());
-      WI unordered = {};  // lanes that saw a NaN
-      int64_t i = 0;
-      for (; i + kW <= n; i += kW) {
-        const W v = load_w(row + i);
-        best = vmax(best, v);
-        unordered |= v != v;
-      }
-      float top = hmax(best);
-      bool nan = false;
-      for (int j = 0; j < kW; ++j) nan |= unordered[j] != 0;
-      for (; i < n; ++i) {
-        nan |= row[i] != row[i];
-        top = std::max(top, row[i]);
-      }
+      bool nan;
+      const float top = row_max(row, n, nan);
       int64_t index = 0;
       while (index < n && !(nan ? row[index] != row[index] : row[index] == top)) ++index;
       op[r] = index;

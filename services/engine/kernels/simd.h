@@ -131,6 +131,27 @@ inline float hmax(W v) {
   return reduce_lanes(v, [](float a, float b) { return a > b ? a : b; });
 }
 
+// The largest value of row[0, n); `nan` says whether the row holds a NaN (the largest of
+// the other values is returned then).
+inline float row_max(const float* row, int64_t n, bool& nan) {
+  W best = splat_w(-__builtin_inff());
+  WI unordered = {};  // lanes that saw a NaN
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const W v = load_w(row + i);
+    best = vmax(best, v);
+    unordered |= v != v;
+  }
+  float top = hmax(best);
+  nan = false;
+  for (int j = 0; j < kW; ++j) nan |= unordered[j] != 0;
+  for (; i < n; ++i) {
+    nan |= row[i] != row[i];
+    top = row[i] > top ? row[i] : top;
+  }
+  return top;
+}
+
 // A 16-lane value held in kParts registers, summed as one 16-lane pairwise tree: the same
 // order whatever kW is. The parts are summed in place.
 constexpr int kParts = kLanes / kW;

@@ -36,25 +36,12 @@ constexpr double kReachedShare = 1 - 1e-6;
 float top_p_floor(const float* row, int64_t n, double top_p, std::vector<float>& weights,
                   std::vector<std::pair<float, float>>& candidates) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  W best = splat_w(-kInf);
-  WI unordered = {};  // lanes that saw a NaN
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const W v = load_w(row + i);
-    best = vmax(best, v);
-    unordered |= v != v;
-  }
-  float top = hmax(best);
-  bool nan = false;
-  for (int j = 0; j < kW; ++j) nan |= unordered[j] != 0;
-  for (; i < n; ++i) {
-    nan |= row[i] != row[i];
-    top = std::max(top, row[i]);
-  }
+  bool nan;
+  const float top = row_max(row, n, nan);
   if (nan) return std::numeric_limits<float>::quiet_NaN();  // nothing to rank
   if (top == -kInf || top == kInf) return top;
   W total_w = {};
-  i = 0;
+  int64_t i = 0;
   for (; i + kW <= n; i += kW) {
     const W w = vexp(load_w(row + i) - top);
     store_w(weights.data() + i, w);
