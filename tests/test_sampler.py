@@ -7,13 +7,7 @@ import torch
 
 from services.engine import kernels, sampling_filters
 from services.engine.sampler import Sampler, invert_cdf
-from services.engine.sampling_filters import (
-    apply_filters,
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    apply_typical_p,
-)
+from services.engine.sampling_filters import apply_filters, apply_typical_p
 from services.request_params import SamplingParams
 
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
@@ -24,15 +18,35 @@ def kept(logits: torch.Tensor) -> list[int]:
     return torch.isfinite(logits).nonzero().flatten().tolist()
 
 
-def test_top_k_keeps_exactly_the_k_most_likely():
+@pytest.fixture(params=["kernel", "torch"])
+def filters_path(request, monkeypatch):
+    """Top-k, top-p and min-p by our CPU kernel, or by the torch ops other devices use."""
+    if request.param == "kernel" and not kernels.available():
+        pytest.skip("CPU kernels did not build")
+    if request.param == "torch":
+        monkeypatch.setattr(sampling_filters.kernels, "serves", lambda tensor: False)
+    return request.param
+
+
+def filtered(logits: torch.Tensor, **values: list) -> torch.Tensor:
+    """apply_filters with one SamplingParams per row from `values` (e.g. top_p=[0.5, 0.9])."""
+    names = list(values)
+    params = [
+        SamplingParams(**dict(zip(names, row, strict=True)))
+        for row in zip(*values.values(), strict=True)
+    ]
+    return apply_filters(logits, params)
+
+
+def test_top_k_keeps_exactly_the_k_most_likely(filters_path):
     rows = LOGITS.repeat(3, 1)
-    out = apply_top_k(rows, [1, 3, 0])
+    out = filtered(rows, top_k=[1, 3, 0])
     assert [kept(r) for r in out] == [[0], [0, 1, 2], [0, 1, 2, 3, 4]]
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p_and_renormalises(top_p_path):
+def test_top_p_keeps_the_smallest_set_reaching_p_and_renormalises(filters_path):
     rows = LOGITS.repeat(4, 1)
-    out = apply_top_p(rows, [0.5, 0.6, 0.9, 1.0])
+    out = filtered(rows, top_p=[0.5, 0.6, 0.9, 1.0])
     assert [kept(r) for r in out] == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3, 4]]
     renormalised = out[2].softmax(-1)[:3]
     assert torch.allclose(renormalised, PROBS[:3] / PROBS[:3].sum())
@@ -80,10 +94,10 @@ def test_seeded_rows_do_not_depend_on_their_batch():
     assert len(set(alone)) > 1  # positions draw differently
 
 
-def test_min_p_keeps_tokens_at_least_min_p_times_the_top_and_renormalises():
+def test_min_p_keeps_tokens_at_least_min_p_times_the_top_and_renormalises(filters_path):
     rows = LOGITS.repeat(3, 1)
     # Thresholds 0.1, 0.175 and 0.5 * p_max = 0.5.
-    out = apply_min_p(rows, [0.2, 0.35, 1.0])
+    out = filtered(rows, min_p=[0.2, 0.35, 1.0])
     assert [kept(r) for r in out] == [[0, 1, 2], [0, 1], [0]]
     assert torch.allclose(out[0].softmax(-1)[:3], PROBS[:3] / PROBS[:3].sum())
     assert torch.allclose(out[1].softmax(-1)[:2], torch.tensor([2 / 3, 1 / 3]))
@@ -173,18 +187,8 @@ def between_sorts(kept_tokens: list[int], probs, order_keys, mass: float) -> boo
     return fewest <= set(kept_tokens) <= most
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def top_p_path(request, monkeypatch):
-    """Top-p by our CPU kernel, or by the torch ops other devices use."""
-    if request.param == "kernel" and not kernels.available():
-        pytest.skip("CPU kernels did not build")
-    if request.param == "torch":
-        monkeypatch.setattr(sampling_filters.kernels, "serves", lambda tensor: False)
-    return request.param
-
-
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
-def test_top_p_and_typical_p_keep_what_a_full_sort_keeps_whatever_the_batch(scale, top_p_path):
+def test_top_p_and_typical_p_keep_what_a_full_sort_keeps_whatever_the_batch(scale, filters_path):
     """Flat to peaked rows over a real vocabulary size, some tokens already dropped: the same
     tokens as sorting the whole vocabulary, and a row alone keeps what it keeps in a batch."""
     generator = torch.Generator().manual_seed(int(scale * 10))
@@ -192,7 +196,7 @@ def test_top_p_and_typical_p_keep_what_a_full_sort_keeps_whatever_the_batch(scal
     logits[1, 100:] = float("-inf")  # after top-k
     logits[2, :3] = logits[2].max() + 1  # a tie at the top
     masses = [0.1, 0.5, 0.9, 0.95, 0.99, 0.0]
-    top_p, typical = apply_top_p(logits, masses), apply_typical_p(logits, masses)
+    top_p, typical = filtered(logits, top_p=masses), apply_typical_p(logits, masses)
     for row, mass in enumerate(masses):
         probs = logits[row].softmax(-1)
         assert between_sorts(kept(top_p[row]), probs, -logits[row], mass), (row, mass)
@@ -201,11 +205,34 @@ def test_top_p_and_typical_p_keep_what_a_full_sort_keeps_whatever_the_batch(scal
         distance = (-log_probs - entropy).abs()
         assert between_sorts(kept(typical[row]), log_probs.exp(), distance, mass), (row, mass)
         alone = logits[row : row + 1]
-        assert torch.equal(apply_top_p(alone, [mass])[0], top_p[row])
+        assert torch.equal(filtered(alone, top_p=[mass])[0], top_p[row])
         assert torch.equal(apply_typical_p(alone, [mass])[0], typical[row])
 
 
-def test_top_p_on_a_row_of_nan_logits_does_not_fail(top_p_path):
+def test_filters_on_a_row_of_nan_logits_do_not_fail(filters_path):
     logits = torch.stack([LOGITS, torch.full((5,), float("nan"))])
-    out = apply_top_p(logits, [0.6, 0.6])
+    out = filtered(logits, top_k=[3, 3], top_p=[0.6, 0.6], min_p=[0.1, 0.1])
     assert kept(out[0]) == [0, 1]
+
+
+def test_the_kernel_filters_as_torch_does_in_combination(monkeypatch):
+    """top-k, then top-p on what top-k left, then min-p: the same tokens both ways (top-p
+    within its sums' rounding), each row alone as in its batch."""
+    if not kernels.available():
+        pytest.skip("CPU kernels did not build")
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(8, 49152, generator=generator) * torch.linspace(0.5, 12, 8)[:, None]
+    values = {
+        "top_k": [0, 40, 1, 49152, 5, 100, 0, 50],
+        "top_p": [1.0, 1.0, 0.9, 0.95, 1.0, 0.5, 0.8, 0.95],
+        "min_p": [0.05, 0.0, 0.0, 0.1, 0.5, 0.01, 0.0, 0.05],
+    }
+    ours = filtered(logits, **values)
+    for row in range(8):
+        alone = filtered(logits[row : row + 1], **{k: [v[row]] for k, v in values.items()})
+        assert torch.equal(alone[0], ours[row])
+    monkeypatch.setattr(sampling_filters.kernels, "serves", lambda tensor: False)
+    theirs = filtered(logits, **values)
+    for row in range(8):
+        difference = set(kept(ours[row])) ^ set(kept(theirs[row]))
+        assert len(difference) <= (1 if values["top_p"][row] < 1 else 0), (row, difference)

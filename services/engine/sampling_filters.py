@@ -16,10 +16,23 @@ Filter = Callable[[torch.Tensor, Sequence[float]], torch.Tensor]
 
 
 def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """logits: [num_rows, vocab] after temperature; returns them with filtered tokens at -inf."""
-    logits = _where_needed(logits, [p.top_k for p in params], lambda k: k > 0, apply_top_k)
-    logits = _where_needed(logits, [p.top_p for p in params], lambda p: p < 1.0, apply_top_p)
-    logits = _where_needed(logits, [p.min_p for p in params], lambda p: p > 0.0, apply_min_p)
+    """logits: [num_rows, vocab] after temperature; returns them with filtered tokens at -inf.
+    On the CPU our kernel (logit_filters.cpp) runs top-k, top-p and min-p in one pass per
+    row; elsewhere each is torch ops over the rows that ask for it."""
+    top_ks, top_ps = [p.top_k for p in params], [p.top_p for p in params]
+    min_ps = [p.min_p for p in params]
+    if kernels.serves(logits):
+        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps) or any(min_ps):
+            logits = torch.ops.llmserve.filter_logits(
+                logits,
+                torch.tensor(top_ks, dtype=torch.long),
+                torch.tensor(top_ps, dtype=torch.float64),
+                torch.tensor(min_ps, dtype=torch.float64),
+            )
+    else:
+        logits = _where_needed(logits, top_ks, lambda k: k > 0, apply_top_k)
+        logits = _where_needed(logits, top_ps, lambda p: p < 1.0, apply_top_p)
+        logits = _where_needed(logits, min_ps, lambda p: p > 0.0, apply_min_p)
     typical = [p.typical_p for p in params]
     return _where_needed(logits, typical, lambda p: p < 1.0, apply_typical_p)
 
@@ -50,10 +63,7 @@ def apply_top_k(logits: torch.Tensor, top_ks: Sequence[float]) -> torch.Tensor:
 def apply_top_p(logits: torch.Tensor, top_ps: Sequence[float]) -> torch.Tensor:
     """Keeps the most likely tokens until their mass reaches top_p: a token is dropped when the
     mass of the more likely ones already does (the most likely always stays, and so do the
-    tokens tied with the last one kept). Our kernel's way on the CPU, torch ops elsewhere."""
-    if kernels.serves(logits):
-        masses = torch.tensor(top_ps, dtype=torch.float64)
-        return torch.ops.llmserve.top_p_filter(logits, masses)
+    tokens tied with the last one kept)."""
     probs = logits.softmax(dim=-1)
     unlikeliness = logits.max(dim=-1, keepdim=True).values - logits  # -log(p / p_max)
     kept = _leading_mass(unlikeliness, probs, _column(top_ps, probs))
@@ -86,7 +96,7 @@ _BUCKETS_PER_NAT = 4
 _NUM_BUCKETS = 256
 _MASS_MARGIN = 1e-4
 # Mass within this share of the target counts as reaching it: sums in floats cannot tell them
-# apart (0.5 + 0.25 + 0.15 reaches 0.9). top_p.cpp does the same.
+# apart (0.5 + 0.25 + 0.15 reaches 0.9). logit_filters.cpp does the same.
 _REACHED_SHARE = 1 - 1e-6
 
 

@@ -1,7 +1,7 @@
 """CPU kernels of our own (C++), built for this machine's instruction set on first use.
 
 `load()` compiles the kernels (`quant_linear.cpp`, `vnni_linear.cpp`, `paged_attention.cpp`,
-`layer_ops.cpp`, `decoder_layers.cpp`, `top_p.cpp`, split over the threads of
+`layer_ops.cpp`, `decoder_layers.cpp`, `logit_filters.cpp`, split over the threads of
 `thread_pool.cpp`) with the machine's compiler for the widest vector extension the CPU has
 (AVX-512, else AVX2, else portable code) and registers them as `torch.ops.llmserve.*`. The
 build is cached beside this file (or under `LLMSERVE_KERNEL_DIR`), one library per variant,
@@ -32,7 +32,7 @@ _SOURCES = (
     "paged_attention.cpp",
     "layer_ops.cpp",
     "decoder_layers.cpp",
-    "top_p.cpp",
+    "logit_filters.cpp",
     "thread_pool.cpp",
 )
 _HEADERS = ("simd.h", "quant_tiles.h", "thread_pool.h")
