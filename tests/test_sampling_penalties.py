@@ -104,3 +104,35 @@ def test_logit_bias_moves_a_greedy_rows_argmax():
 def test_logit_bias_outside_the_vocabulary_is_skipped():
     out = apply_logit_bias(ROW[None], [SamplingParams(logit_bias={5: 10.0, 0: 1.0})])
     assert out[0].tolist() == [3.0, -1.0, 0.5, 3.0, -2.0]
+
+
+def test_penalties_over_a_real_vocabulary_match_the_dense_formulas():
+    """Long histories with repeats, a row with no output yet, rows without penalties: the
+    tokens seen are penalised as the whole-vocabulary formulas say, bitwise, the rest kept."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 49152, generator=generator) * 4
+    histories = [
+        TokenHistory(torch.randint(0, 49152, (900,), generator=generator).tolist(), [7, 7, 9]),
+        TokenHistory([5, 6], []),
+        TokenHistory([1], torch.randint(0, 300, (500,), generator=generator).tolist()),
+        TokenHistory([2, 3], [4]),
+    ]
+    params = [
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2),
+        SamplingParams(repetition_penalty=0.8, frequency_penalty=1.0),
+        SamplingParams(frequency_penalty=-0.5, presence_penalty=1.5),
+        SamplingParams(),
+    ]
+    assert torch.equal(apply_penalties(logits, params, [NO_HISTORY] * 4), logits)
+    expected = logits.clone()
+    for row, (p, history) in enumerate(zip(params, histories, strict=True)):
+        x = expected[row]
+        if p.needs_repetition_penalty:
+            seen = token_counts([[*history.prompt_ids, *history.output_ids]], logits[:1])[0] > 0
+            penalty = torch.tensor(p.repetition_penalty)  # float32, as the sampler's
+            x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+        counts = token_counts([history.output_ids], logits[:1])[0]
+        frequency, presence = torch.tensor(p.frequency_penalty), torch.tensor(p.presence_penalty)
+        penalised = x - frequency * counts - presence * (counts > 0).float()
+        expected[row] = torch.where(counts > 0, penalised, x)
+    assert torch.equal(apply_penalties(logits, params, histories), expected)

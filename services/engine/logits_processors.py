@@ -5,14 +5,12 @@ from the raw logits after these have run. Rows that do not ask for a feature are
 and the count tensors are built only for the rows that do.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from services.engine.sampling_state import TokenHistory
 from services.request_params import SamplingParams
-
-Penalty = Callable[[torch.Tensor, list[SamplingParams], list[TokenHistory]], torch.Tensor]
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -45,47 +43,53 @@ def apply_penalties(
 ) -> torch.Tensor:
     """logits: [num_rows, vocab]. Repetition penalty over prompt and output tokens (divides
     positive logits, multiplies negative ones, once per distinct token), then frequency and
-    presence penalties over output tokens only (subtracted, OpenAI's definition)."""
-    rep_rows = [i for i, p in enumerate(params) if p.needs_repetition_penalty]
+    presence penalties over output tokens only (subtracted, OpenAI's definition). Only the
+    logits of the tokens seen are read and written (a pass over the whole vocabulary per
+    penalty took 5 ms for 16 rows on a CPU core)."""
+    rep_rows = [
+        i
+        for i, p in enumerate(params)
+        if p.needs_repetition_penalty and (histories[i].prompt_ids or histories[i].output_ids)
+    ]
+    out_rows = [
+        i for i, p in enumerate(params) if p.needs_output_penalties and histories[i].output_ids
+    ]
+    if not rep_rows and not out_rows:
+        return logits
+    logits = logits.clone()
+    device, dtype = logits.device, logits.dtype
     if rep_rows:
-        logits = _on_rows(logits, rep_rows, params, histories, _repetition)
-    out_rows = [i for i, p in enumerate(params) if p.needs_output_penalties]
+        seqs = [(*histories[i].prompt_ids, *histories[i].output_ids) for i in rep_rows]
+        rows, ids = _seen(rep_rows, seqs, device)
+        penalty = torch.tensor([params[i].repetition_penalty for i in rep_rows], device=device)
+        penalty = penalty.to(dtype)[:, None]
+        seen = logits[rows, ids]
+        logits[rows, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
     if out_rows:
-        logits = _on_rows(logits, out_rows, params, histories, _frequency_presence)
+        seqs = [histories[i].output_ids for i in out_rows]
+        rows, ids = _seen(out_rows, seqs, device)
+        counts = token_counts(seqs, logits[: len(out_rows)]).gather(1, ids)
+        frequency = [params[i].frequency_penalty for i in out_rows]
+        presence = [params[i].presence_penalty for i in out_rows]
+        frequency = torch.tensor(frequency, device=device, dtype=dtype)[:, None]
+        presence = torch.tensor(presence, device=device, dtype=dtype)[:, None]
+        seen = logits[rows, ids]
+        logits[rows, ids] = seen - frequency * counts - presence * (counts > 0).to(dtype)
     return logits
 
 
-def _on_rows(
-    logits: torch.Tensor,
-    rows: list[int],
-    params: list[SamplingParams],
-    histories: list[TokenHistory],
-    penalty: Penalty,
-) -> torch.Tensor:
-    index = torch.tensor(rows, device=logits.device)
-    penalised = penalty(logits[index], [params[i] for i in rows], [histories[i] for i in rows])
-    return logits.index_copy(0, index, penalised)
-
-
-def _repetition(
-    logits: torch.Tensor, params: list[SamplingParams], histories: list[TokenHistory]
-) -> torch.Tensor:
-    counts = token_counts([h.prompt_ids for h in histories], logits)
-    counts += token_counts([h.output_ids for h in histories], logits)
-    penalty = torch.tensor([p.repetition_penalty for p in params], device=logits.device)
-    penalty = penalty.to(logits.dtype)[:, None]
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(counts > 0, penalised, logits)
-
-
-def _frequency_presence(
-    logits: torch.Tensor, params: list[SamplingParams], histories: list[TokenHistory]
-) -> torch.Tensor:
-    counts = token_counts([h.output_ids for h in histories], logits)
-    device, dtype = logits.device, logits.dtype
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=device, dtype=dtype)
-    presence = torch.tensor([p.presence_penalty for p in params], device=device, dtype=dtype)
-    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(dtype)
+def _seen(
+    rows: list[int], seqs: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs for each row's tokens: rows [n, 1] and ids [n, width], a row's ids padded
+    with its first one (no sequence is empty): a padded entry reads and writes the same token
+    as a real one, with the same value."""
+    width = max(len(s) for s in seqs)
+    ids = torch.empty((len(seqs), width), dtype=torch.long)  # on host
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        ids[row, len(seq) :] = seq[0]
+    return torch.tensor(rows, device=device)[:, None], ids.to(device, non_blocking=True)
 
 
 def token_counts(seqs: Sequence[Sequence[int]], like: torch.Tensor) -> torch.Tensor:
