@@ -18,13 +18,16 @@ def kept(logits: torch.Tensor) -> list[int]:
     return torch.isfinite(logits).nonzero().flatten().tolist()
 
 
-@pytest.fixture(params=["kernel", "torch"])
+@pytest.fixture(params=["kernel", "torch", "torch-whole-rows"])
 def filters_path(request, monkeypatch):
-    """Top-k, top-p and min-p by our CPU kernel, or by the torch ops other devices use."""
+    """Top-k, top-p and min-p by our CPU kernel, or by torch ops: bucketed as on a CPU without
+    the kernels, or sorting whole rows as on a GPU (typical-p too)."""
     if request.param == "kernel" and not kernels.available():
         pytest.skip("CPU kernels did not build")
-    if request.param == "torch":
+    if request.param.startswith("torch"):
         monkeypatch.setattr(sampling_filters.kernels, "serves", lambda tensor: False)
+    if request.param == "torch-whole-rows":
+        monkeypatch.setattr(sampling_filters, "_sorts_whole_rows", lambda device: True)
     return request.param
 
 

@@ -89,9 +89,9 @@ def apply_typical_p(logits: torch.Tensor, typical_ps: Sequence[float]) -> torch.
     return logits.masked_fill(~kept, float("-inf"))
 
 
-# _leading_mass sorts only the tokens in the leading buckets of its key: quarter-nat wide,
-# the last one holding every larger key. The buckets' float32 sums are short of the exact
-# mass by far less than the margin, so the buckets chosen always hold it.
+# On the CPU _leading_mass sorts only the tokens in the leading buckets of its key:
+# quarter-nat wide, the last one holding every larger key. The buckets' float32 sums are
+# short of the exact mass by far less than the margin, so the buckets chosen always hold it.
 _BUCKETS_PER_NAT = 4
 _NUM_BUCKETS = 256
 _MASS_MARGIN = 1e-4
@@ -106,10 +106,33 @@ def _leading_mass(keys: torch.Tensor, probs: torch.Tensor, masses: torch.Tensor)
     dropped when the mass before it already does. The first token always stays, and so do
     tokens tied with the last one kept.
 
-    A full sort of the vocabulary took 3.7 ms a row; this sorts only the tokens of the
-    leading buckets of `keys` that together reach the mass. Every sum runs within its row in
-    a fixed order, so a row's result does not depend on its batch.
+    On the CPU a full sort of the vocabulary took 3.7 ms a row, so only the tokens of the
+    leading buckets of `keys` that together reach the mass are sorted. A GPU sorts a row in
+    microseconds, and finding the buckets' sizes would stop it for the host, so there every
+    row is sorted whole. Every sum runs within its row in a fixed order, so a row's result
+    does not depend on its batch.
     """
+    if _sorts_whole_rows(keys.device):
+        sorted_keys, order = keys.sort(dim=-1, stable=True)
+        sorted_mass, counts = probs.gather(-1, order).double(), None
+    else:
+        sorted_keys, sorted_mass, counts = _sorted_candidates(keys, probs, masses)
+    before = sorted_mass.cumsum(dim=-1) - sorted_mass
+    num_kept = (before < masses * _REACHED_SHARE).sum(dim=-1, keepdim=True).clamp(min=1)
+    if counts is not None:
+        num_kept = num_kept.minimum(counts[:, None])
+    return keys <= sorted_keys.gather(-1, num_kept - 1)
+
+
+def _sorts_whole_rows(device: torch.device) -> bool:
+    return device.type != "cpu"
+
+
+def _sorted_candidates(
+    keys: torch.Tensor, probs: torch.Tensor, masses: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The keys and masses (float64) of each row's tokens in the leading buckets that hold
+    its mass, sorted by key and padded with inf keys of no mass, and how many each row has."""
     num_rows, device = keys.shape[0], keys.device
     offsets = torch.arange(num_rows, dtype=torch.int32, device=device)[:, None] * _NUM_BUCKETS
     # (A NaN key, from a row of NaN logits, goes to the last bucket.)
@@ -123,7 +146,6 @@ def _leading_mass(keys: torch.Tensor, probs: torch.Tensor, masses: torch.Tensor)
     rows, columns = (buckets <= reached.int().argmax(dim=-1, keepdim=True) + offsets).nonzero(
         as_tuple=True
     )
-    # Each row's candidates side by side, padded with inf keys of no mass, then sorted.
     counts = torch.bincount(rows, minlength=num_rows)
     slots = torch.arange(len(rows), device=device) - (counts.cumsum(dim=0) - counts)[rows]
     width = int(counts.max())
@@ -132,15 +154,7 @@ def _leading_mass(keys: torch.Tensor, probs: torch.Tensor, masses: torch.Tensor)
     mass_of = torch.zeros((num_rows, width), dtype=torch.float64, device=device)
     mass_of[rows, slots] = probs[rows, columns].double()
     sorted_keys, order = keys_of.sort(dim=-1, stable=True)
-    sorted_mass = mass_of.gather(-1, order)
-    before = sorted_mass.cumsum(dim=-1) - sorted_mass
-    num_kept = (
-        (before < masses * _REACHED_SHARE)
-        .sum(dim=-1, keepdim=True)
-        .clamp(min=1)
-        .minimum(counts[:, None])
-    )
-    return keys <= sorted_keys.gather(-1, num_kept - 1)
+    return sorted_keys, mass_of.gather(-1, order), counts
 
 
 def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
