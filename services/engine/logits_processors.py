@@ -60,15 +60,16 @@ def apply_penalties(
     device, dtype = logits.device, logits.dtype
     if rep_rows:
         seqs = [(*histories[i].prompt_ids, *histories[i].output_ids) for i in rep_rows]
-        rows, ids = _seen(rep_rows, seqs, device)
+        ids, _ = _padded_ids(seqs, device)
+        rows = torch.tensor(rep_rows, device=device)[:, None]
         penalty = torch.tensor([params[i].repetition_penalty for i in rep_rows], device=device)
         penalty = penalty.to(dtype)[:, None]
         seen = logits[rows, ids]
         logits[rows, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
     if out_rows:
-        seqs = [histories[i].output_ids for i in out_rows]
-        rows, ids = _seen(out_rows, seqs, device)
-        counts = token_counts(seqs, logits[: len(out_rows)]).gather(1, ids)
+        ids, real = _padded_ids([histories[i].output_ids for i in out_rows], device)
+        rows = torch.tensor(out_rows, device=device)[:, None]
+        counts = _counts(ids, real, len(out_rows), logits.shape[-1], dtype).gather(1, ids)
         frequency = [params[i].frequency_penalty for i in out_rows]
         presence = [params[i].presence_penalty for i in out_rows]
         frequency = torch.tensor(frequency, device=device, dtype=dtype)[:, None]
@@ -78,30 +79,34 @@ def apply_penalties(
     return logits
 
 
-def _seen(
-    rows: list[int], seqs: Sequence[Sequence[int]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs for each row's tokens: rows [n, 1] and ids [n, width], a row's ids padded
-    with its first one (no sequence is empty): a padded entry reads and writes the same token
-    as a real one, with the same value."""
-    width = max(len(s) for s in seqs)
-    ids = torch.empty((len(seqs), width), dtype=torch.long)  # on host
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        ids[row, len(seq) :] = seq[0]
-    return torch.tensor(rows, device=device)[:, None], ids.to(device, non_blocking=True)
-
-
 def token_counts(seqs: Sequence[Sequence[int]], like: torch.Tensor) -> torch.Tensor:
     """How often each token occurs in each row's sequence: [num_rows, vocab], like's dtype and
-    device. One scatter_add over ids padded with an extra column that is dropped afterwards."""
+    device."""
     num_rows, vocab = like.shape
+    ids, real = _padded_ids(seqs, like.device)
+    return _counts(ids, real, num_rows, vocab, like.dtype)
+
+
+def _padded_ids(
+    seqs: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token ids side by side, [num_rows, width], padded with the row's first id
+    (0 for an empty row), and which entries are real: a padded entry reads and writes the
+    same token as a real one, with the same value, and counts for nothing."""
     width = max(1, max(len(s) for s in seqs))
-    ids = torch.full((num_rows, width), vocab, dtype=torch.long)  # [num_rows, width], on host
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)  # on host
     for row, seq in enumerate(seqs):
         if len(seq):
             ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-    ids = ids.to(like.device, non_blocking=True)
-    counts = torch.zeros(num_rows, vocab + 1, dtype=like.dtype, device=like.device)
-    counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=like.dtype, device=like.device))
-    return counts[:, :vocab]
+            ids[row, len(seq) :] = seq[0]
+    lengths = torch.tensor([len(s) for s in seqs])
+    real = torch.arange(width)[None, :] < lengths[:, None]
+    return ids.to(device, non_blocking=True), real.to(device, non_blocking=True)
+
+
+def _counts(
+    ids: torch.Tensor, real: torch.Tensor, num_rows: int, vocab: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """[num_rows, vocab]: how often each token is among a row's real `ids`."""
+    counts = torch.zeros(num_rows, vocab, dtype=dtype, device=ids.device)
+    return counts.scatter_add_(1, ids, real.to(dtype))
