@@ -14,17 +14,19 @@ import pytest
 from fastapi.testclient import TestClient
 
 from frontend.app import create_app
-from services.engine.device import choose_device, choose_dtype
+from services.engine.device import choose_device
 from services.engine.grammar import GrammarCompiler
 from services.engine.loader import load_tokenizer
+from services.engine.quantization import compute_dtype, resolve_quantization
 from services.engine.tokenizer import Tokenizer
 from tests.test_frontend_fake_stages import FakeStages, fake_config, start_fake_stages
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240
-# What the launcher's engines compute in on this machine (--dtype auto): bfloat16 where the CPU
-# has AMX or there is a GPU, else float32.
-STACK_DTYPE = choose_dtype(choose_device())
+# What the launcher's engines compute in on this machine (--dtype auto): float32 on our CPU
+# kernels (the default GGUF), else bfloat16 where the CPU has AMX or there is a GPU.
+_DEVICE = choose_device()
+STACK_DTYPE = compute_dtype(resolve_quantization("auto", "gguf", _DEVICE), _DEVICE)
 # The default model's vocabulary (its embedding rows).
 VOCAB_SIZE = 49152
 

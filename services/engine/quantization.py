@@ -23,6 +23,7 @@ from torch import nn
 
 from services.engine import kernels
 from services.engine.block_linear import BlockLinear, BlockQuantized
+from services.engine.device import choose_dtype
 from services.engine.kernels.packing import Q4_1, Q8_0, can_pack
 from services.engine.model import LlamaModel
 
@@ -49,8 +50,12 @@ def resolve_quantization(requested: str, model_kind: str, device: torch.device) 
     return requested
 
 
-def compute_dtype(quantization: str, dtype: torch.dtype) -> torch.dtype:
-    """Our block kernels take float32 activations; other dtypes need dense weights."""
+def compute_dtype(quantization: str, device: torch.device, requested: str = "auto") -> torch.dtype:
+    """What an engine computes in: our block kernels take float32 activations (the choice
+    for --dtype auto), other dtypes need dense weights; without the kernels, choose_dtype's."""
+    if quantization in KERNEL_FORMATS and requested == "auto":
+        return torch.float32
+    dtype = choose_dtype(device, requested)
     if quantization in KERNEL_FORMATS and dtype != torch.float32:
         raise ValueError(
             f"--quantization {quantization} computes in float32, not {dtype}; "

@@ -126,10 +126,7 @@ class Worker:
             options.quantization, loader.resolve(options.model).kind, self.device
         )
         kernel_weights = self.quantization in KERNEL_FORMATS
-        auto_dtype = "float32" if kernel_weights and options.dtype == "auto" else None
-        self.dtype = compute_dtype(
-            self.quantization, choose_dtype(self.device, auto_dtype or options.dtype)
-        )
+        self.dtype = compute_dtype(self.quantization, self.device, options.dtype)
         self.config: ModelConfig = loader.load_config(options.model)
         weights = load_weights(options.model, self.dtype, keep_blocks=self.quantization == "gguf")
         self.model: LlamaModel = build_model(self.config, weights, self.device)
