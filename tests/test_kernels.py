@@ -90,7 +90,7 @@ def test_block_matmuls_match_float64_and_do_not_depend_on_the_rows(to_blocks):
     generator = torch.Generator().manual_seed(0)
     weight = to_blocks(torch.randn(160, 1536, generator=generator))
     layer = BlockLinear(weight)
-    x = torch.randn(130, 1536, generator=generator)
+    x = torch.randn(300, 1536, generator=generator)
     x[3] *= 1e-30  # tiny and zero blocks round too
     x[4, :64] = 0
     w = weight.dequantize().double()
@@ -100,8 +100,9 @@ def test_block_matmuls_match_float64_and_do_not_depend_on_the_rows(to_blocks):
     # int16 inputs: within 2^-16 of each block's largest value, so close to float32 inputs.
     exact = x.double() @ w.T
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-4
-    # Row 0 and row 129, computed with 1 to 130 rows (register tiles, panels, threads).
-    for rows in (1, 2, 3, 5, 16, 17, 63, 64, 65, 130):
+    # Row 0 and the last row, computed with 1 to 300 rows (register tiles, panels, threads,
+    # and where the CPU has AMX, tiles of 16 rows from 32 rows on, in chunks of 256).
+    for rows in (1, 2, 3, 5, 16, 17, 31, 32, 33, 63, 64, 65, 130, 256, 257, 300):
         part = layer(x[:rows])
         assert torch.equal(part[0], got[0]) and torch.equal(part[-1], got[rows - 1])
     assert np.isfinite(got.numpy()).all()

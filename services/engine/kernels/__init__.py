@@ -35,24 +35,28 @@ _SOURCES = (
     "logit_filters.cpp",
     "thread_pool.cpp",
 )
-_HEADERS = ("simd.h", "quant_tiles.h", "thread_pool.h")
+_HEADERS = ("simd.h", "quant_tiles.h", "amx_tiles.h", "thread_pool.h")
 _HERE = Path(__file__).resolve().parent
 # Each variant's flags name exactly what its code may use, so a build runs on any CPU with them.
+_VNNI_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx2", "fma", "f16c")
+_VNNI_FLAGS = [
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512vnni",
+    "-mavx2",
+    "-mfma",
+    "-mf16c",
+]
 _VARIANTS = {
-    # Matmuls on int16 activations (vnni_linear.cpp); the others keep float32 activations.
-    "avx512vnni": (
-        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx2", "fma", "f16c"),
-        [
-            "-mavx512f",
-            "-mavx512bw",
-            "-mavx512vl",
-            "-mavx512dq",
-            "-mavx512vnni",
-            "-mavx2",
-            "-mfma",
-            "-mf16c",
-        ],
+    # Matmuls on int16 activations (vnni_linear.cpp; Q4_1 from 8 rows on AMX tiles,
+    # amx_tiles.h); the others keep float32 activations.
+    "amx": (
+        (*_VNNI_NEEDS, "avx512_bf16", "amx_tile", "amx_bf16"),
+        [*_VNNI_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
     ),
+    "avx512vnni": (_VNNI_NEEDS, _VNNI_FLAGS),
     "avx512": (
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -125,7 +129,7 @@ def serves_cache(cache: torch.Tensor) -> bool:
 def matmul_inputs() -> str:
     """What the quantized matmuls multiply the weights with: "int16" (activations rounded
     per row and 32-input block, vnni_linear.cpp) or "float32"."""
-    return "int16" if load() == "avx512vnni" else "float32"
+    return "int16" if load() in ("amx", "avx512vnni") else "float32"
 
 
 def cache_root() -> Path:
@@ -142,20 +146,45 @@ def _build_dir(variant: str) -> Path:
 
 def library_path() -> Path:
     """The shared library of this machine's variant of these sources (built or not)."""
-    variant = cpu_variant()
+    return _library(cpu_variant())
+
+
+def _library(variant: str) -> Path:
     return _build_dir(variant) / f"llmserve_kernels_{variant}.so"
 
 
 @functools.cache
 def load() -> str:
     """Loads the kernels, building them first if this variant of these sources was never
-    built; returns the variant loaded."""
+    built; returns the variant loaded. A compiler without AMX support builds `avx512vnni`
+    instead, with a warning."""
     variant = cpu_variant()
-    library = library_path()
+    try:
+        _load_variant(variant)
+    except Exception as exc:
+        if variant != "amx":
+            raise
+        log.warning(
+            "the CPU kernels' AMX build failed (%s); using avx512vnni instead (a compiler "
+            "with -mamx-bf16, such as GCC 11 or later, builds it)",
+            str(exc)[-2000:],
+        )
+        variant = "avx512vnni"
+        _load_variant(variant)
+    if variant == "amx" and not torch.ops.llmserve.amx_tiles_permitted():
+        log.warning(
+            "this CPU has AMX but the kernel refused this process its tile registers "
+            "(arch_prctl ARCH_REQ_XCOMP_PERM); Q4_1 matmuls run on AVX-512 VNNI instead "
+            "(slower prefill)"
+        )
+    return variant
+
+
+def _load_variant(variant: str) -> None:
+    library = _library(variant)
     if not library.exists():
         _build(variant, library.parent)
     torch.ops.load_library(str(library))
-    return variant
 
 
 def _build(variant: str, build_dir: Path) -> None:

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "quant_tiles.h"
 #include "simd.h"
 #include "thread_pool.h"
@@ -67,19 +68,42 @@ struct Q8_0 : Q8_0Tile {
 // the scale s and the block's sum of s * a (for the minimums). Block-major: a tile's rows of
 // one block lie together, at fixed offsets from one pointer.
 struct QuantizedRows {
-  std::vector<int32_t> pairs;  // [blocks, rows, 16]
-  std::vector<float> scale, xsum;  // [blocks, rows]
+  std::vector<int32_t> pairs;  // [blocks, rows, 16], unless the rows are in halves
+  std::vector<float> scale, xsum;  // [blocks, rows], then kTileRows zeros
   int64_t num_rows, num_blocks;
+#if defined(__AMX_BF16__)
+  // For AMX tiles: a as bfloat16 halves (amx_tiles.h), [row tiles, blocks, 16, kBlockHalves],
+  // so a row tile reads its blocks from consecutive memory; rows past num_rows are zeros.
+  std::vector<uint16_t> halves;
+
+  int64_t halves_at(int64_t row, int64_t block) const {
+    return ((row / kTileRows * num_blocks + block) * kTileRows + row % kTileRows) * kBlockHalves;
+  }
+#endif
 
   int64_t at(int64_t row, int64_t block) const { return block * num_rows + row; }
 };
 
-void quantize_rows(const float* x, int64_t num_rows, int64_t num_blocks, QuantizedRows& q) {
+constexpr int kTailRows = 16;  // rows of zeros after scale and xsum: a tile's padding rows
+
+void quantize_rows(const float* x, int64_t num_rows, int64_t num_blocks,
+                   [[maybe_unused]] bool as_halves, QuantizedRows& q) {
   q.num_rows = num_rows;
   q.num_blocks = num_blocks;
-  q.pairs.resize(num_rows * num_blocks * 16);
-  q.scale.resize(num_rows * num_blocks);
-  q.xsum.resize(num_rows * num_blocks);
+  if (!as_halves) q.pairs.resize(num_rows * num_blocks * 16);
+  q.scale.resize(num_rows * num_blocks + kTailRows);
+  q.xsum.resize(num_rows * num_blocks + kTailRows);
+  std::fill(q.scale.end() - kTailRows, q.scale.end(), 0.0f);
+  std::fill(q.xsum.end() - kTailRows, q.xsum.end(), 0.0f);
+#if defined(__AMX_BF16__)
+  if (as_halves) {
+    const int64_t tiles = (num_rows + kTileRows - 1) / kTileRows;
+    q.halves.resize(tiles * num_blocks * kTileRows * kBlockHalves);
+    for (int64_t row = num_rows; row < tiles * kTileRows; ++row)  // the last tile's padding
+      for (int64_t block = 0; block < num_blocks; ++block)
+        std::fill_n(q.halves.data() + q.halves_at(row, block), kBlockHalves, 0);
+  }
+#endif
   parallel_for(num_rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin * num_blocks; i < end * num_blocks; ++i) {
       const int64_t at = q.at(i / num_blocks, i % num_blocks);
@@ -89,6 +113,12 @@ void quantize_rows(const float* x, int64_t num_rows, int64_t num_blocks, Quantiz
       V a = _mm512_cvtps_epi32(lo * inv), b = _mm512_cvtps_epi32(hi * inv);  // nearest even
       q.scale[at] = scale;
       q.xsum[at] = hsum(_mm512_cvtepi32_ps(_mm512_add_epi32(a, b))) * scale;  // exact sum of a
+#if defined(__AMX_BF16__)
+      if (as_halves) {
+        store_block_halves(a, b, q.halves.data() + q.halves_at(i / num_blocks, i % num_blocks));
+        continue;
+      }
+#endif
       V pair = _mm512_ternarylogic_epi32(a, _mm512_slli_epi32(b, 16), _mm512_set1_epi32(0xffff),
                                          0xec);  // (a & 0xffff) | b << 16
       _mm512_storeu_si512(q.pairs.data() + at * 16, pair);
@@ -99,11 +129,17 @@ void quantize_rows(const float* x, int64_t num_rows, int64_t num_blocks, Quantiz
 // total plus one block's products for one row and group: float(sum) * (d * s), then, for
 // formats with minimums, + m * (the block's sum of s * a). Every tile adds blocks through
 // this, so a row's outputs are the same whichever tile computes them.
+// The sum as float (exact), the row's scale at *s and its block's sum of s * a at *xsum.
+template <bool kHasMin>
+inline W add_block(W total, W sum, W d, W m, const float* s, const float* xsum) {
+  total = sum * (d * broadcast_w(s)) + total;
+  if constexpr (kHasMin) total = broadcast_w(xsum) * m + total;
+  return total;
+}
+
 template <bool kHasMin>
 inline W add_block(W total, V sum, W d, W m, const QuantizedRows& x, int64_t i) {
-  total = _mm512_cvtepi32_ps(sum) * (d * broadcast_w(&x.scale[i])) + total;
-  if constexpr (kHasMin) total = broadcast_w(&x.xsum[i]) * m + total;
-  return total;
+  return add_block<kHasMin>(total, _mm512_cvtepi32_ps(sum), d, m, &x.scale[i], &x.xsum[i]);
 }
 
 struct Problem {
@@ -271,14 +307,96 @@ struct Kernel {
   }
 };
 
+#if defined(__AMX_BF16__)
+// Q4_1 on AMX tiles (amx_tiles.h), from kMinRows rows: per group of 16 outputs, its B tiles
+// formed once per kRowChunk rows, then tiles of 16 rows, their totals in registers. Below
+// kMinRows rows, forming B tiles costs what the tiles save.
+struct AmxQ4_1 {
+  static constexpr int64_t kMinRows = 32, kRowChunk = 256;
+  struct Panel {
+    std::vector<uint16_t> b;  // [blocks, kBTile]
+    std::vector<float> scales;  // [blocks, 2 (d, m), 16]
+  };
+  const Problem& p;
+
+  static bool serves(int64_t num_rows) { return num_rows >= kMinRows && tiles_permitted(); }
+
+  void fill_panel(int64_t group, Panel& panel) const {
+    const int64_t num_blocks = p.x->num_blocks;
+    panel.b.resize(num_blocks * kBTile);
+    panel.scales.resize(num_blocks * 2 * kOut);
+    for (int64_t kb = 0; kb < num_blocks; ++kb) {
+      const uint8_t* t = p.w + (group * num_blocks + kb) * Q4_1::kTileBytes;
+      W d, m;
+      Q4_1::scales(t, 0, d, m);
+      store_w(panel.scales.data() + kb * 2 * kOut, d);
+      store_w(panel.scales.data() + (kb * 2 + 1) * kOut, m);
+      store_q4_1_b_tile(t + Q4_1::kValues, panel.b.data() + kb * kBTile);
+    }
+  }
+
+  // Rows [row, row + 16) x the panel's group; rows past num_rows are computed, not stored.
+  void tile(const uint16_t* b, const float* scales, int64_t row, int64_t group) const {
+    const QuantizedRows& x = *p.x;
+    const uint16_t* a = x.halves.data() + x.halves_at(row, 0);
+    const float *row_scale = x.scale.data() + row, *row_xsum = x.xsum.data() + row;
+    const int64_t num_blocks = x.num_blocks, num_rows = x.num_rows;
+    alignas(64) float sums[2][kTileRows][16];
+    W total[kTileRows] = {};
+    for (int64_t kb = 0; kb < num_blocks; ++kb) {
+      const int set = kb % 2;
+      if (set == 0)
+        block_products<0>(a + kb * kTileRows * kBlockHalves, b + kb * kBTile, sums[0]);
+      else
+        block_products<1>(a + kb * kTileRows * kBlockHalves, b + kb * kBTile, sums[1]);
+      const W d = load_w(scales + kb * 2 * kOut), m = load_w(scales + (kb * 2 + 1) * kOut);
+      const float *s = row_scale + kb * num_rows, *xsum = row_xsum + kb * num_rows;
+#pragma GCC unroll 16
+      for (int r = 0; r < kTileRows; ++r)
+        total[r] = add_block<true>(total[r], load_w(sums[set][r]), d, m, s + r, xsum + r);
+    }
+    float* y = p.y + row * p.ldy + group * kOut;
+    const int64_t rows = std::min<int64_t>(kTileRows, num_rows - row);
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileRows; ++r)  // constant indices keep total in registers
+      if (r < rows) store_w(y + r * p.ldy, total[r]);
+  }
+
+  void run(int64_t num_rows, int64_t num_groups) const {
+    parallel_for(num_groups, 1, [&](int64_t begin, int64_t end) {
+      configure_tiles();
+      thread_local Panel panel;
+      for (int64_t chunk = 0; chunk < num_rows; chunk += kRowChunk) {
+        const int64_t chunk_end = std::min(num_rows, chunk + kRowChunk);
+        for (int64_t group = begin; group < end; ++group) {
+          fill_panel(group, panel);
+          for (int64_t row = chunk; row < chunk_end; row += kTileRows)
+            tile(panel.b.data(), panel.scales.data(), row, group);
+        }
+      }
+    });
+  }
+};
+#endif
+
 template <class F>
 at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t in_features) {
   at::Tensor x2 = check_linear_args(x, tiles, in_features, F::kTileBytes);
   const int64_t num_rows = x2.size(0), num_groups = tiles.size(0), num_blocks = tiles.size(1);
   at::Tensor y = at::empty({num_rows, num_groups * kOut}, x.options());
   thread_local QuantizedRows rows;
-  quantize_rows(x2.data_ptr<float>(), num_rows, num_blocks, rows);
+  bool amx = false;
+#if defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<F, Q4_1>) amx = AmxQ4_1::serves(num_rows);
+#endif
+  quantize_rows(x2.data_ptr<float>(), num_rows, num_blocks, amx, rows);
   Problem p{&rows, tiles.data_ptr<uint8_t>(), y.data_ptr<float>(), num_groups * kOut};
+#if defined(__AMX_BF16__)
+  if (amx) {
+    AmxQ4_1{p}.run(num_rows, num_groups);
+    return y.view(linear_out_shape(x, num_groups));
+  }
+#endif
   run_tiles(Kernel<F>{p}, num_rows, num_groups);
   return y.view(linear_out_shape(x, num_groups));
 }
@@ -290,4 +408,10 @@ TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
   m.impl("q4_1_linear", &llmserve::vnni_linear<llmserve::Q4_1>);
   m.impl("q8_0_linear", &llmserve::vnni_linear<llmserve::Q8_0>);
 }
+
+#if defined(__AMX_BF16__)
+TORCH_LIBRARY_FRAGMENT(llmserve, m) {
+  m.def("amx_tiles_permitted() -> bool", &llmserve::tiles_permitted);
+}
+#endif
 #endif  // __AVX512VNNI__
