@@ -342,13 +342,18 @@ struct AmxQ4_1 {
     const float *row_scale = x.scale.data() + row, *row_xsum = x.xsum.data() + row;
     const int64_t num_blocks = x.num_blocks, num_rows = x.num_rows;
     alignas(64) float sums[2][kTileRows][16];
-    W total[kTileRows] = {};
-    for (int64_t kb = 0; kb < num_blocks; ++kb) {
-      const int set = kb % 2;
-      if (set == 0)
+    auto products = [&](int64_t kb) {
+      if (kb % 2 == 0)
         block_products<0>(a + kb * kTileRows * kBlockHalves, b + kb * kBTile, sums[0]);
       else
         block_products<1>(a + kb * kTileRows * kBlockHalves, b + kb * kBTile, sums[1]);
+    };
+    W total[kTileRows] = {};
+    products(0);
+    for (int64_t kb = 0; kb < num_blocks; ++kb) {
+      const int set = kb % 2;
+      if (kb + 1 < num_blocks) products(kb + 1);  // the tile unit's work while this block's
+                                                  // sums are rescaled
       const W d = load_w(scales + kb * 2 * kOut), m = load_w(scales + (kb * 2 + 1) * kOut);
       const float *s = row_scale + kb * num_rows, *xsum = row_xsum + kb * num_rows;
 #pragma GCC unroll 16
