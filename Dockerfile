@@ -77,7 +77,7 @@ RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
     && python -m services.rpc.generate \
     && pip install --no-deps --force-reinstall . \
     && python -P -c "import frontend.app, services.rpc.decode_pb2_grpc" \
-    && python -P -m services.engine.kernels avx512vnni avx512 avx2 portable \
+    && python -P -m services.engine.kernels amx avx512vnni avx512 avx2 portable \
     && if [ "$VARIANT" = cpu ]; then pip uninstall -y -q triton; fi
 
 FROM base AS runtime

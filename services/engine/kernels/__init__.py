@@ -171,7 +171,8 @@ def load() -> str:
         )
         variant = "avx512vnni"
         _load_variant(variant)
-    if variant == "amx" and not torch.ops.llmserve.amx_tiles_permitted():
+    has_tiles = {"amx_tile", "amx_bf16"} <= cpu_flags()
+    if variant == "amx" and has_tiles and not torch.ops.llmserve.amx_tiles_permitted():
         log.warning(
             "this CPU has AMX but the kernel refused this process its tile registers "
             "(arch_prctl ARCH_REQ_XCOMP_PERM); Q4_1 matmuls run on AVX-512 VNNI instead "

@@ -1,5 +1,6 @@
 """Builds the CPU kernels ahead of time: this machine's variant, or those named
-(`python -m services.engine.kernels avx512vnni avx512 avx2 portable`, as an image build does).
+(`python -m services.engine.kernels amx avx512vnni avx512 avx2 portable`, as an image build
+does).
 
 Building loads the library, and a process can hold only one variant's operators, so each
 named variant builds in a process of its own."""
