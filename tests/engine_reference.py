@@ -31,7 +31,7 @@ def default_runner(num_tokens: int, block_size: int = 16) -> ModelRunner:
     weights = load_weights("default", torch.float32, keep_blocks=True)
     cpu = torch.device("cpu")
     model = build_model(config, weights, cpu)
-    kv_dtype = kv_cache_dtype("auto", torch.float32, cpu)
+    kv_dtype = kv_cache_dtype("auto", torch.float32, cpu, config.head_dim)
     return ModelRunner(model, KVPool(config, num_tokens, block_size, kv_dtype, cpu), cpu)
 
 

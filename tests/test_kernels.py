@@ -147,3 +147,18 @@ def test_parallel_for_returns_only_once_every_chunk_is_done(tmp_path):
         [program, "2", str(calls)], env=env, check=True, capture_output=True, text=True, timeout=300
     )
     assert int(result.stdout) == 0, f"{result.stdout.strip()} of {calls} calls returned early"
+
+
+def test_attention_rejects_a_head_size_it_has_no_code_for():
+    """An error in the calling thread, not in a worker thread (which would end the process);
+    the engine sends such heads to the gathering backend (kernels.serves_cache)."""
+    heads, kv_heads, head_dim = 2, 1, 16
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * head_dim)
+    cos, sin = torch.ones(8, head_dim // 2), torch.zeros(8, head_dim // 2)
+    cache = torch.zeros(2, 1, kv_heads, BLOCK * head_dim)
+    index = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="head_dim 16 is not one of"):
+        torch.ops.llmserve.rope_attention(
+            qkv, cos, sin, cache, index, index[None], index, index, heads, kv_heads, 0.25
+        )
+    assert not kernels.serves_cache(cache, head_dim) and kernels.serves_cache(cache, 64)

@@ -29,7 +29,10 @@ BLOCK = 16
 FLOAT16_KV_LOGITS_ATOL = 5e-2
 LOGITS_ATOL = (
     FLOAT16_KV_LOGITS_ATOL
-    if kv_cache_dtype("auto", torch.float32, torch.device("cpu")) == torch.float16
+    if kv_cache_dtype(
+        "auto", torch.float32, torch.device("cpu"), loader.load_config("default").head_dim
+    )
+    == torch.float16
     else {"float32": 2e-3, "int16": 1.5e-2}[kernels.matmul_inputs()]
 )
 # Positions where the reference's greedy choice is ours. Summation order alone can flip a

@@ -34,9 +34,9 @@ class AttentionMetadata:
     angles: RotaryAngles | None = None  # the tokens' rotary rows, looked up once per pass
 
 
-def in_place(cache: torch.Tensor) -> bool:
+def in_place(cache: torch.Tensor, head_dim: int) -> bool:
     """Whether our kernels serve this cache (else the gathering backend, which needs masks)."""
-    return kernels.serves_cache(cache)
+    return kernels.serves_cache(cache, head_dim)
 
 
 def cache_shape(
@@ -98,7 +98,7 @@ def rope_attention(
     returns [num_tokens, num_heads * head_dim]."""
     num_tokens = qkv.shape[0]
     head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
-    if in_place(kv_cache):
+    if in_place(kv_cache, head_dim):
         return torch.ops.llmserve.rope_attention(
             qkv, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping, meta.block_tables,
             meta.token_seq, meta.positions, num_heads, num_kv_heads, head_dim**-0.5,

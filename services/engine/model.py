@@ -120,7 +120,8 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,  # [num_logits] tokens whose next-token logits are wanted
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        weights = self._kernel_weights if kernels.serves(x) and in_place(kv_cache) else None
+        on_kernels = kernels.serves(x) and in_place(kv_cache, self.config.head_dim)
+        weights = self._kernel_weights if on_kernels else None
         if weights is not None:  # every layer in one call of our kernels: same values
             config = self.config
             x = torch.ops.llmserve.decoder_layers(

@@ -70,7 +70,7 @@ class ModelRunner:
             token_seq=self._tensor(token_seq),
             positions=self._tensor(positions),
         )
-        if not in_place(self.pool.cache):
+        if not in_place(self.pool.cache, self.model.config.head_dim):
             self._add_masks(meta, chunks, max_blocks)
         with self._turns():
             return self.model(

@@ -58,12 +58,19 @@ class WorkerOptions:
     compute_nice: int = 0
 
 
-def kv_cache_dtype(requested: str, compute: torch.dtype, device: torch.device) -> torch.dtype:
+def kv_cache_dtype(
+    requested: str, compute: torch.dtype, device: torch.device, head_dim: int
+) -> torch.dtype:
     """What the KV pool stores. auto: float16 where our CPU attention computes in float32 (it
     widens each value exactly; half the memory and bandwidth of float32), else the compute
     dtype."""
     if requested == "auto":
-        on_kernels = device.type == "cpu" and compute == torch.float32 and kernels.available()
+        on_kernels = (
+            device.type == "cpu"
+            and compute == torch.float32
+            and head_dim in kernels.ATTENTION_HEAD_DIMS
+            and kernels.available()
+        )
         return torch.float16 if on_kernels else compute
     dtype = choose_dtype(device, requested)
     if device.type == "cpu" and dtype != compute and compute != torch.float32:
@@ -136,7 +143,9 @@ class Worker:
         if kernel_weights:  # every op of a step is ours: give our kernels the CPU
             kernels.take_cpu_threads()
         self._compute_nice = options.compute_nice
-        self.kv_dtype = kv_cache_dtype(options.kv_cache_dtype, self.dtype, self.device)
+        self.kv_dtype = kv_cache_dtype(
+            options.kv_cache_dtype, self.dtype, self.device, self.config.head_dim
+        )
         num_tokens = kv_pool_tokens(
             options, kv_bytes_per_token(self.config, self.kv_dtype), self.device
         )
@@ -201,7 +210,7 @@ class Worker:
             weight_format = self.quantization
         else:
             weight_format = self.dtype_name
-        kernels_used = in_place(self.pool.cache)
+        kernels_used = in_place(self.pool.cache, self.config.head_dim)
         return EngineInfo(
             dtype=self.dtype_name,
             device=str(self.device),

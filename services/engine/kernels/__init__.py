@@ -119,10 +119,18 @@ def serves(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and available()
 
 
-def serves_cache(cache: torch.Tensor) -> bool:
-    """Our attention reads a float32 or float16 KV cache on the CPU (computing in float32)."""
+# The head sizes our attention is compiled for (paged_attention.cpp).
+ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
+
+
+def serves_cache(cache: torch.Tensor, head_dim: int) -> bool:
+    """Our attention reads a float32 or float16 KV cache on the CPU (computing in float32), for
+    heads of ATTENTION_HEAD_DIMS."""
     return (
-        cache.device.type == "cpu" and cache.dtype in (torch.float32, torch.float16) and available()
+        cache.device.type == "cpu"
+        and cache.dtype in (torch.float32, torch.float16)
+        and head_dim in ATTENTION_HEAD_DIMS
+        and available()
     )
 
 

@@ -385,7 +385,11 @@ at::Tensor rope_attention_on(const at::Tensor& qkv, const at::Tensor& cos, const
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 2 && qkv.stride(1) == 1);
   const int64_t num_tokens = qkv.size(0);
   const Layout l{num_heads, num_kv_heads, qkv.size(1) / (num_heads + 2 * num_kv_heads)};
-  TORCH_CHECK(l.head_dim <= 512 && l.head_dim % 2 == 0 && num_heads % num_kv_heads == 0);
+  // Checked here, not where the threads pick their code: an error there would end the process.
+  const int64_t d = l.head_dim;
+  TORCH_CHECK(d == 32 || d == 64 || d == 128 || d == 256, "head_dim ", d,
+              " is not one of 32, 64, 128, 256");
+  TORCH_CHECK(num_heads % num_kv_heads == 0);
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) * 2 == l.head_dim);
   Cache<T> c = cache_of<T>(kv_cache, num_kv_heads, l.head_dim);
   auto tables = block_tables.contiguous();
