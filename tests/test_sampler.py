@@ -7,7 +7,7 @@ import torch
 
 from services.engine import kernels, sampling_filters
 from services.engine.sampler import Sampler, invert_cdf
-from services.engine.sampling_filters import apply_filters, apply_typical_p
+from services.engine.sampling_filters import apply_filters
 from services.request_params import SamplingParams
 
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
@@ -106,12 +106,12 @@ def test_min_p_keeps_tokens_at_least_min_p_times_the_top_and_renormalises(filter
     assert torch.allclose(out[1].softmax(-1)[:2], torch.tensor([2 / 3, 1 / 3]))
 
 
-def test_typical_p_keeps_the_tokens_whose_surprise_is_closest_to_the_entropy():
+def test_typical_p_keeps_the_tokens_whose_surprise_is_closest_to_the_entropy(filters_path):
     # Entropy of PROBS is 1.2691 nats; |-ln p - H| per token is
     # 0.5760, 0.1172, 0.6280, 1.3902, 2.2375, so the typical order is 1, 0, 2, 3, 4 with
     # cumulative mass 0.25, 0.75, 0.90, 0.97, 1.0. The most likely token is not the most typical.
     rows = LOGITS.repeat(4, 1)
-    out = apply_typical_p(rows, [0.2, 0.5, 0.8, 0.95])
+    out = filtered(rows, typical_p=[0.2, 0.5, 0.8, 0.95])
     assert [kept(r) for r in out] == [[1], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
     assert torch.allclose(out[1].softmax(-1)[:2], torch.tensor([2 / 3, 1 / 3]))
 
@@ -199,17 +199,28 @@ def test_top_p_and_typical_p_keep_what_a_full_sort_keeps_whatever_the_batch(scal
     logits[1, 100:] = float("-inf")  # after top-k
     logits[2, :3] = logits[2].max() + 1  # a tie at the top
     masses = [0.1, 0.5, 0.9, 0.95, 0.99, 0.0]
-    top_p, typical = filtered(logits, top_p=masses), apply_typical_p(logits, masses)
+    top_p, typical = filtered(logits, top_p=masses), filtered(logits, typical_p=masses)
     for row, mass in enumerate(masses):
         probs = logits[row].softmax(-1)
         assert between_sorts(kept(top_p[row]), probs, -logits[row], mass), (row, mass)
-        log_probs = logits[row].log_softmax(-1)
-        entropy = -(log_probs.exp() * log_probs).nansum()
-        distance = (-log_probs - entropy).abs()
-        assert between_sorts(kept(typical[row]), log_probs.exp(), distance, mass), (row, mass)
+        distance = typical_distance(logits[row], filters_path)
+        assert between_sorts(kept(typical[row]), probs, distance, mass), (row, mass)
         alone = logits[row : row + 1]
         assert torch.equal(filtered(alone, top_p=[mass])[0], top_p[row])
-        assert torch.equal(apply_typical_p(alone, [mass])[0], typical[row])
+        assert torch.equal(filtered(alone, typical_p=[mass])[0], typical[row])
+
+
+def typical_distance(logits: torch.Tensor, filters_path: str) -> torch.Tensor:
+    """How far each token's surprise -log p lies from the entropy, as each path computes it:
+    torch from log_softmax in float32; the kernel as |E_p[logit] - logit| in float64 (the same
+    quantity: -log p = lse - logit and H = lse - E_p[logit])."""
+    if filters_path == "kernel":
+        logits = logits.double()
+        center = (logits.softmax(-1) * logits).nansum()
+        return (center - logits).abs()
+    log_probs = logits.log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).nansum()
+    return (-log_probs - entropy).abs()
 
 
 def test_filters_on_a_row_of_nan_logits_do_not_fail(filters_path):
@@ -219,8 +230,8 @@ def test_filters_on_a_row_of_nan_logits_do_not_fail(filters_path):
 
 
 def test_the_kernel_filters_as_torch_does_in_combination(monkeypatch):
-    """top-k, then top-p on what top-k left, then min-p: the same tokens both ways (top-p
-    within its sums' rounding), each row alone as in its batch."""
+    """top-k, then top-p on what top-k left, then min-p, then typical-p: the same tokens both
+    ways (top-p and typical-p within their sums' rounding), each row alone as in its batch."""
     if not kernels.available():
         pytest.skip("CPU kernels did not build")
     generator = torch.Generator().manual_seed(5)
@@ -229,6 +240,7 @@ def test_the_kernel_filters_as_torch_does_in_combination(monkeypatch):
         "top_k": [0, 40, 1, 49152, 5, 100, 0, 50],
         "top_p": [1.0, 1.0, 0.9, 0.95, 1.0, 0.5, 0.8, 0.95],
         "min_p": [0.05, 0.0, 0.0, 0.1, 0.5, 0.01, 0.0, 0.05],
+        "typical_p": [1.0, 0.9, 1.0, 0.95, 0.5, 1.0, 0.2, 0.99],
     }
     ours = filtered(logits, **values)
     for row in range(8):
@@ -238,4 +250,5 @@ def test_the_kernel_filters_as_torch_does_in_combination(monkeypatch):
     theirs = filtered(logits, **values)
     for row in range(8):
         difference = set(kept(ours[row])) ^ set(kept(theirs[row]))
-        assert len(difference) <= (1 if values["top_p"][row] < 1 else 0), (row, difference)
+        ranked = values["top_p"][row] < 1 or values["typical_p"][row] < 1
+        assert len(difference) <= (1 if ranked else 0), (row, difference)

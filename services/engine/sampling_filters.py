@@ -17,24 +17,24 @@ Filter = Callable[[torch.Tensor, Sequence[float]], torch.Tensor]
 
 def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits: [num_rows, vocab] after temperature; returns them with filtered tokens at -inf.
-    On the CPU our kernel (logit_filters.cpp) runs top-k, top-p and min-p in one pass per
-    row; elsewhere each is torch ops over the rows that ask for it."""
+    On the CPU our kernel (logit_filters.cpp) runs all four in one pass per row; elsewhere
+    each is torch ops over the rows that ask for it."""
     top_ks, top_ps = [p.top_k for p in params], [p.top_p for p in params]
-    min_ps = [p.min_p for p in params]
+    min_ps, typical_ps = [p.min_p for p in params], [p.typical_p for p in params]
     if kernels.serves(logits):
-        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps) or any(min_ps):
+        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps + typical_ps) or any(min_ps):
             logits = torch.ops.llmserve.filter_logits(
                 logits,
                 torch.tensor(top_ks, dtype=torch.long),
                 torch.tensor(top_ps, dtype=torch.float64),
                 torch.tensor(min_ps, dtype=torch.float64),
+                torch.tensor(typical_ps, dtype=torch.float64),
             )
-    else:
-        logits = _where_needed(logits, top_ks, lambda k: k > 0, apply_top_k)
-        logits = _where_needed(logits, top_ps, lambda p: p < 1.0, apply_top_p)
-        logits = _where_needed(logits, min_ps, lambda p: p > 0.0, apply_min_p)
-    typical = [p.typical_p for p in params]
-    return _where_needed(logits, typical, lambda p: p < 1.0, apply_typical_p)
+        return logits
+    logits = _where_needed(logits, top_ks, lambda k: k > 0, apply_top_k)
+    logits = _where_needed(logits, top_ps, lambda p: p < 1.0, apply_top_p)
+    logits = _where_needed(logits, min_ps, lambda p: p > 0.0, apply_min_p)
+    return _where_needed(logits, typical_ps, lambda p: p < 1.0, apply_typical_p)
 
 
 def _where_needed(
