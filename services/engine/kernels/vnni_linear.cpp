@@ -127,9 +127,9 @@ void quantize_rows(const float* x, int64_t num_rows, int64_t num_blocks,
 }
 
 // total plus one block's products for one row and group: float(sum) * (d * s), then, for
-// formats with minimums, + m * (the block's sum of s * a). Every tile adds blocks through
-// this, so a row's outputs are the same whichever tile computes them.
-// The sum as float (exact), the row's scale at *s and its block's sum of s * a at *xsum.
+// formats with minimums, + m * (the block's sum of s * a), with s at *s and that sum at *xsum.
+// Every tile adds blocks through this (the int16 kernels give the sum as int32, the AMX tiles
+// as its exact float), so a row's outputs are the same whichever tile computes them.
 template <bool kHasMin>
 inline W add_block(W total, W sum, W d, W m, const float* s, const float* xsum) {
   total = sum * (d * broadcast_w(s)) + total;
@@ -352,8 +352,8 @@ struct AmxQ4_1 {
     products(0);
     for (int64_t kb = 0; kb < num_blocks; ++kb) {
       const int set = kb % 2;
-      if (kb + 1 < num_blocks) products(kb + 1);  // the tile unit's work while this block's
-                                                  // sums are rescaled
+      // The tile unit's work while this block's sums are rescaled.
+      if (kb + 1 < num_blocks) products(kb + 1);
       const W d = load_w(scales + kb * 2 * kOut), m = load_w(scales + (kb * 2 + 1) * kOut);
       const float *s = row_scale + kb * num_rows, *xsum = row_xsum + kb * num_rows;
 #pragma GCC unroll 16
