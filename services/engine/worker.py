@@ -65,12 +65,7 @@ def kv_cache_dtype(
     widens each value exactly; half the memory and bandwidth of float32), else the compute
     dtype."""
     if requested == "auto":
-        on_kernels = (
-            device.type == "cpu"
-            and compute == torch.float32
-            and head_dim in kernels.ATTENTION_HEAD_DIMS
-            and kernels.available()
-        )
+        on_kernels = compute == torch.float32 and kernels.serves_attention(device, head_dim)
         return torch.float16 if on_kernels else compute
     dtype = choose_dtype(device, requested)
     if device.type == "cpu" and dtype != compute and compute != torch.float32:

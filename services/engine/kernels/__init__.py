@@ -2,12 +2,12 @@
 
 `load()` compiles the kernels (`quant_linear.cpp`, `vnni_linear.cpp`, `paged_attention.cpp`,
 `layer_ops.cpp`, `decoder_layers.cpp`, `logit_filters.cpp`, split over the threads of
-`thread_pool.cpp`) with the machine's compiler for the widest vector extension the CPU has
-(AVX-512, else AVX2, else portable code) and registers them as `torch.ops.llmserve.*`. The
-build is cached beside this file (or under `LLMSERVE_KERNEL_DIR`), one library per variant,
-sources, flags and torch version; `scripts/setup.sh` builds this machine's variant
-(`python -m services.engine.kernels`), so services start without compiling.
-`LLMSERVE_KERNEL_VARIANT` forces a variant.
+`thread_pool.cpp`) with the machine's compiler for the widest extensions the CPU has (AMX,
+else AVX-512 with or without VNNI, else AVX2, else portable code) and registers them as
+`torch.ops.llmserve.*`. The build is cached beside this file (or under
+`LLMSERVE_KERNEL_DIR`), one library per variant, sources, flags and torch version;
+`scripts/setup.sh` builds this machine's variant (`python -m services.engine.kernels`), so
+services start without compiling. `LLMSERVE_KERNEL_VARIANT` forces a variant.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ _VNNI_FLAGS = [
     "-mf16c",
 ]
 _VARIANTS = {
-    # Matmuls on int16 activations (vnni_linear.cpp; Q4_1 from 8 rows on AMX tiles,
+    # Matmuls on int16 activations (vnni_linear.cpp; Q4_1 from 32 rows on AMX tiles,
     # amx_tiles.h); the others keep float32 activations.
     "amx": (
         (*_VNNI_NEEDS, "avx512_bf16", "amx_tile", "amx_bf16"),
@@ -123,14 +123,15 @@ def serves(tensor: torch.Tensor) -> bool:
 ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
 
 
+def serves_attention(device: torch.device, head_dim: int) -> bool:
+    """Our attention runs on the CPU, for heads of ATTENTION_HEAD_DIMS."""
+    return device.type == "cpu" and head_dim in ATTENTION_HEAD_DIMS and available()
+
+
 def serves_cache(cache: torch.Tensor, head_dim: int) -> bool:
-    """Our attention reads a float32 or float16 KV cache on the CPU (computing in float32), for
-    heads of ATTENTION_HEAD_DIMS."""
-    return (
-        cache.device.type == "cpu"
-        and cache.dtype in (torch.float32, torch.float16)
-        and head_dim in ATTENTION_HEAD_DIMS
-        and available()
+    """Our attention reads a float32 or float16 KV cache (computing in float32)."""
+    return cache.dtype in (torch.float32, torch.float16) and serves_attention(
+        cache.device, head_dim
     )
 
 

@@ -325,6 +325,11 @@ AttendFn<T> attend_for_queries(int64_t num_queries) {
   TORCH_CHECK(false, "unsupported queries per item ", num_queries);
 }
 
+// The head sizes attend_for has code for (kernels.ATTENTION_HEAD_DIMS in Python).
+bool known_head_dim(int64_t head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256;
+}
+
 template <typename T>
 AttendFn<T> attend_for(int64_t head_dim, int64_t num_queries) {
   switch (head_dim) {
@@ -333,7 +338,7 @@ AttendFn<T> attend_for(int64_t head_dim, int64_t num_queries) {
     case 128: return attend_for_queries<128 / kW, T>(num_queries);
     case 256: return attend_for_queries<256 / kW, T>(num_queries);
   }
-  TORCH_CHECK(false, "head_dim ", head_dim, " is not one of 32, 64, 128, 256");
+  TORCH_CHECK(false, "no attention code for head_dim ", head_dim);  // see known_head_dim
 }
 
 // Queries per item, by head_dim: as many as the output sums leave registers for.
@@ -386,8 +391,7 @@ at::Tensor rope_attention_on(const at::Tensor& qkv, const at::Tensor& cos, const
   const int64_t num_tokens = qkv.size(0);
   const Layout l{num_heads, num_kv_heads, qkv.size(1) / (num_heads + 2 * num_kv_heads)};
   // Checked here, not where the threads pick their code: an error there would end the process.
-  const int64_t d = l.head_dim;
-  TORCH_CHECK(d == 32 || d == 64 || d == 128 || d == 256, "head_dim ", d,
+  TORCH_CHECK(known_head_dim(l.head_dim), "head_dim ", l.head_dim,
               " is not one of 32, 64, 128, 256");
   TORCH_CHECK(num_heads % num_kv_heads == 0);
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) * 2 == l.head_dim);

@@ -390,18 +390,17 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t in_
   const int64_t num_rows = x2.size(0), num_groups = tiles.size(0), num_blocks = tiles.size(1);
   at::Tensor y = at::empty({num_rows, num_groups * kOut}, x.options());
   thread_local QuantizedRows rows;
-  bool amx = false;
+  const Problem p{&rows, tiles.data_ptr<uint8_t>(), y.data_ptr<float>(), num_groups * kOut};
 #if defined(__AMX_BF16__)
-  if constexpr (std::is_same_v<F, Q4_1>) amx = AmxQ4_1::serves(num_rows);
-#endif
-  quantize_rows(x2.data_ptr<float>(), num_rows, num_blocks, amx, rows);
-  Problem p{&rows, tiles.data_ptr<uint8_t>(), y.data_ptr<float>(), num_groups * kOut};
-#if defined(__AMX_BF16__)
-  if (amx) {
-    AmxQ4_1{p}.run(num_rows, num_groups);
-    return y.view(linear_out_shape(x, num_groups));
+  if constexpr (std::is_same_v<F, Q4_1>) {
+    if (AmxQ4_1::serves(num_rows)) {
+      quantize_rows(x2.data_ptr<float>(), num_rows, num_blocks, /*as_halves=*/true, rows);
+      AmxQ4_1{p}.run(num_rows, num_groups);
+      return y.view(linear_out_shape(x, num_groups));
+    }
   }
 #endif
+  quantize_rows(x2.data_ptr<float>(), num_rows, num_blocks, /*as_halves=*/false, rows);
   run_tiles(Kernel<F>{p}, num_rows, num_groups);
   return y.view(linear_out_shape(x, num_groups));
 }
